@@ -1,0 +1,78 @@
+// compact/backend/backend.hpp: what a backend must provide, and the types its primitives share.
+//
+// The algorithms (nn/, optim/) are written once against this interface; a backend is a tag type with
+// static member functions, and adding one (backend/cuda/, ...) adds a folder and edits no algorithm.
+//
+//   struct my_backend {
+//     static constexpr const char* name;
+//     struct context;                               // stream, handles, thread count: passed to every call
+//     template <class T> using buffer;              // owning storage for the convenience wrappers
+//
+//     // C (M, N) = alpha op(A) op(B) + beta C; beta == 0 never reads C (it may hold NaN).
+//     template <class T> static void gemm(const context&, op ta, op tb, T alpha,
+//                                         const_matrix_view<T> A, const_matrix_view<T> B, T beta,
+//                                         matrix_view<T> C);
+//     // out(i, j) = P(row0 + i, col0 + j) of `spec`, rounded to T (core/projection.hpp).
+//     template <class T> static void generate_projection(const context&, const projection_spec& spec,
+//                                                        index_t row0, index_t col0, matrix_view<T> out);
+//     // out[j] = sum_i A(i, j) + beta out[j] (sums in row order: deterministic); out holds A.cols.
+//     template <class T> static void column_sums(const context&, const_matrix_view<T> A, T beta, T* out);
+//     // Y(i, j) += b[j]
+//     template <class T> static void add_row_vector(const context&, const T* b, matrix_view<T> Y);
+//     // Y(i, j) = value
+//     template <class T> static void fill(const context&, matrix_view<T> y, T value);
+//     // Y = alpha X + beta Y, elementwise (beta == 0 never reads Y); X and Y may have different types.
+//     template <class X, class Y> static void axpby(const context&, double alpha, const_matrix_view<X> x,
+//                                                   double beta, matrix_view<Y> y);
+//     // M, V updated with g as in adam_coefficients; then, elementwise,
+//     //   adam_direction: D = M / (sqrt(V) + eps)
+//     //   adamw_update:   W = decay (W - step_size D)          (D not stored)
+//     template <class G, class S, class D> static void adam_direction(const context&,
+//         const adam_coefficients&, const_matrix_view<G> g, matrix_view<S> m, matrix_view<S> v,
+//         matrix_view<D> direction);
+//     template <class W, class S> static void adamw_update(const context&, const adam_coefficients&,
+//         const_matrix_view<W> g, matrix_view<S> m, matrix_view<S> v, matrix_view<W> w);
+//   };
+//
+// Every primitive may assume its arguments were validated by the algorithm that calls it (shapes agree,
+// data non-null when non-empty); it must produce bit-identical results for the same inputs regardless
+// of its thread count.
+#pragma once
+
+#include "compact/core/config.hpp"
+#include "compact/core/matrix_view.hpp"
+#include "compact/core/projection.hpp"
+
+#include <type_traits>
+
+COMPACT_NAMESPACE_BEGIN
+
+/// Operand transposition for gemm.
+enum class op : unsigned char { none, transpose };
+
+/// The per-step scalars of one (subspace) AdamW update, computed once on the host.
+struct adam_coefficients {
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-6;
+    double step_size = 0; ///< eta_t * alpha, with eta_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)
+    double decay = 1;     ///< 1 - lr * weight_decay
+};
+
+namespace detail {
+template <class B, class = void>
+struct has_backend_basics : std::false_type {};
+template <class B>
+struct has_backend_basics<B, std::void_t<typename B::context, decltype(B::name)>> : std::true_type {};
+} // namespace detail
+
+/// Compile-time check of the parts of the interface that do not depend on the scalar type.
+template <class B>
+inline constexpr bool is_backend = detail::has_backend_basics<B>::value;
+
+#define COMPACT_CHECK_BACKEND(B)                                                                           \
+    static_assert(::compact::is_backend<B>,                                                               \
+                  "compact: a backend needs a nested `context` type and a static `name` "                  \
+                  "(see compact/backend/backend.hpp)")
+
+COMPACT_NAMESPACE_END

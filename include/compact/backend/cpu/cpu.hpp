@@ -1,0 +1,316 @@
+// compact/backend/cpu/cpu.hpp: the CPU backend (Eigen kernels, OpenMP threads).
+//
+// GEMMs run Eigen's packed, vectorised general_matrix_matrix_product kernel directly (the routine behind
+// Eigen's own products and its BLAS), one call per fixed part of the output. The parts depend on the
+// shape only, never on the thread count, and each part runs single-threaded, so every result is
+// bit-identical for 1, 2 or any number of threads. Elementwise primitives are plain loops the compiler
+// vectorises. Build with OpenMP (the compact::compact CMake target does when it is found) for threads;
+// without it every call runs on the calling thread.
+#pragma once
+
+#include "compact/backend/backend.hpp"
+#include "compact/core/config.hpp"
+#include "compact/core/error.hpp"
+#include "compact/core/matrix_view.hpp"
+#include "compact/core/projection.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdlib>
+#include <memory>
+#include <new>
+#include <vector>
+
+#if COMPACT_HAS_OPENMP
+#include <omp.h>
+#endif
+
+COMPACT_NAMESPACE_BEGIN
+
+namespace detail {
+
+/// std::allocator with 64-byte alignment, so owning buffers start on a cache line.
+template <class T>
+struct aligned_allocator {
+    using value_type = T;
+    static constexpr std::align_val_t alignment{64};
+    aligned_allocator() noexcept = default;
+    template <class U>
+    aligned_allocator(const aligned_allocator<U>&) noexcept
+    {
+    }
+    T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
+    void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, alignment); }
+    template <class U>
+    bool operator==(const aligned_allocator<U>&) const noexcept
+    {
+        return true;
+    }
+    template <class U>
+    bool operator!=(const aligned_allocator<U>&) const noexcept
+    {
+        return false;
+    }
+};
+
+} // namespace detail
+
+struct cpu {
+    static constexpr const char* name = "cpu";
+
+    /// threads: how many OpenMP threads a call may use; 0 means omp_get_max_threads().
+    struct context {
+        int threads = 0;
+    };
+
+    template <class T>
+    using buffer = std::vector<T, detail::aligned_allocator<T>>;
+
+    static int thread_count(const context& ctx) noexcept
+    {
+#if COMPACT_HAS_OPENMP
+        return ctx.threads > 0 ? ctx.threads : omp_get_max_threads();
+#else
+        (void)ctx;
+        return 1;
+#endif
+    }
+
+    /// Runs f(0) ... f(parts - 1), spread over the context's threads; f must not throw.
+    template <class F>
+    static void parallel_for(const context& ctx, index_t parts, F&& f)
+    {
+#if COMPACT_HAS_OPENMP
+        const int threads = thread_count(ctx);
+        if (threads > 1 && parts > 1) {
+            COMPACT_PRAGMA(omp parallel for num_threads(threads) schedule(static))
+            for (index_t p = 0; p < parts; ++p) f(p);
+            return;
+        }
+#else
+        (void)ctx;
+#endif
+        for (index_t p = 0; p < parts; ++p) f(p);
+    }
+
+    // ---------------------------------------------------------------------------------------- GEMM
+
+    template <class T>
+    static void gemm(const context& ctx, op ta, op tb, T alpha, const_matrix_view<T> a, const_matrix_view<T> b,
+                     T beta, matrix_view<T> c)
+    {
+        const index_t m = c.rows, n = c.cols;
+        const index_t k = ta == op::none ? a.cols : a.rows;
+        COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == m && (tb == op::none ? b.rows : b.cols) == k &&
+                            (tb == op::none ? b.cols : b.rows) == n,
+                        "cpu::gemm", "op(A) ", shape_string(a), ", op(B) ", shape_string(b), " and C ",
+                        shape_string(c), " do not agree");
+        if (m == 0 || n == 0) return;
+        // Splitting the longer side of C keeps each part's product large enough for the packed kernel.
+        const bool split_rows = m >= n;
+        const index_t extent = split_rows ? m : n;
+        const index_t parts = std::clamp<index_t>(extent / 128, 1, 8);
+        const index_t step = (extent + parts - 1) / parts;
+        parallel_for(ctx, parts, [&](index_t p) {
+            const index_t begin = p * step, count = std::min(step, extent - begin);
+            if (count <= 0) return;
+            if (split_rows) {
+                auto a_part = ta == op::none ? a.block(begin, 0, count, a.cols) : a.block(0, begin, a.rows, count);
+                gemm_serial(ta, tb, alpha, a_part, b, beta, c.block(begin, 0, count, n));
+            } else {
+                auto b_part = tb == op::none ? b.block(0, begin, b.rows, count) : b.block(begin, 0, count, b.cols);
+                gemm_serial(ta, tb, alpha, a, b_part, beta, c.block(0, begin, m, count));
+            }
+        });
+    }
+
+    // ---------------------------------------------------------------------------------- projection
+
+    template <class T>
+    static void generate_projection(const context& ctx, const projection_spec& spec, index_t row0, index_t col0,
+                                    matrix_view<T> out)
+    {
+        if (out.empty()) return;
+        const index_t first_quad = col0 / 4, last_quad = (col0 + out.cols - 1) / 4;
+        parallel_for(ctx, row_parts(out.rows, out.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, out.rows, out.cols);
+            for (index_t i = begin; i < end; ++i) {
+                T* row = out.row(i);
+                if (spec.dist == distribution::identity) {
+                    std::fill(row, row + out.cols, T(0));
+                    const index_t diag = row0 + i - col0;
+                    if (diag >= 0 && diag < out.cols) row[diag] = T(1);
+                    continue;
+                }
+                for (index_t q = first_quad; q <= last_quad; ++q) {
+                    double v[4];
+                    projection_quad(spec, row0 + i, q, v);
+                    for (int c = 0; c < 4; ++c) {
+                        const index_t j = 4 * q + c - col0;
+                        if (j >= 0 && j < out.cols) row[j] = static_cast<T>(v[c]);
+                    }
+                }
+            }
+        });
+    }
+
+    // --------------------------------------------------------------------------------- elementwise
+
+    template <class T>
+    static void column_sums(const context& ctx, const_matrix_view<T> a, T beta, T* out)
+    {
+        if (a.cols == 0) return;
+        // Columns are split, rows are summed in order: the result does not depend on the split.
+        constexpr index_t width = 256;
+        const index_t parts = (a.cols + width - 1) / width;
+        parallel_for(ctx, parts, [&](index_t p) {
+            const index_t c0 = p * width, nc = std::min(width, a.cols - c0);
+            T acc[width];
+            for (index_t j = 0; j < nc; ++j) acc[j] = T(0);
+            for (index_t i = 0; i < a.rows; ++i) {
+                const T* row = a.row(i) + c0;
+                for (index_t j = 0; j < nc; ++j) acc[j] += row[j];
+            }
+            for (index_t j = 0; j < nc; ++j) out[c0 + j] = beta == T(0) ? acc[j] : acc[j] + beta * out[c0 + j];
+        });
+    }
+
+    template <class T>
+    static void add_row_vector(const context& ctx, const T* b, matrix_view<T> y)
+    {
+        parallel_for(ctx, row_parts(y.rows, y.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, y.rows, y.cols);
+            for (index_t i = begin; i < end; ++i) {
+                T* COMPACT_RESTRICT row = y.row(i);
+                for (index_t j = 0; j < y.cols; ++j) row[j] += b[j];
+            }
+        });
+    }
+
+    template <class T>
+    static void fill(const context& ctx, matrix_view<T> y, T value)
+    {
+        parallel_for(ctx, row_parts(y.rows, y.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, y.rows, y.cols);
+            for (index_t i = begin; i < end; ++i) std::fill(y.row(i), y.row(i) + y.cols, value);
+        });
+    }
+
+    template <class X, class Y>
+    static void axpby(const context& ctx, double alpha, const_matrix_view<X> x, double beta, matrix_view<Y> y)
+    {
+        using C = std::common_type_t<X, Y>;
+        const C a = static_cast<C>(alpha), bt = static_cast<C>(beta);
+        parallel_for(ctx, row_parts(y.rows, y.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, y.rows, y.cols);
+            for (index_t i = begin; i < end; ++i) {
+                const X* COMPACT_RESTRICT xr = x.row(i);
+                Y* COMPACT_RESTRICT yr = y.row(i);
+                if (beta == 0)
+                    for (index_t j = 0; j < y.cols; ++j) yr[j] = static_cast<Y>(a * static_cast<C>(xr[j]));
+                else
+                    for (index_t j = 0; j < y.cols; ++j)
+                        yr[j] = static_cast<Y>(a * static_cast<C>(xr[j]) + bt * static_cast<C>(yr[j]));
+            }
+        });
+    }
+
+    template <class G, class S, class D>
+    static void adam_direction(const context& ctx, const adam_coefficients& k, const_matrix_view<G> g,
+                               matrix_view<S> m, matrix_view<S> v, matrix_view<D> direction)
+    {
+        adam_rows(ctx, k, g, m, v, [&](index_t i, index_t j, S update) { direction(i, j) = static_cast<D>(update); });
+    }
+
+    template <class W, class S>
+    static void adamw_update(const context& ctx, const adam_coefficients& k, const_matrix_view<W> g,
+                             matrix_view<S> m, matrix_view<S> v, matrix_view<W> w)
+    {
+        using C = std::common_type_t<W, S>;
+        const C step = static_cast<C>(k.step_size), decay = static_cast<C>(k.decay);
+        adam_rows(ctx, k, g, m, v, [&](index_t i, index_t j, S update) {
+            W& x = w(i, j);
+            x = static_cast<W>(decay * (static_cast<C>(x) - step * static_cast<C>(update)));
+        });
+    }
+
+private:
+    /// Rows per elementwise part: about 32K elements, so a part amortises the thread hand-off.
+    static index_t rows_per_part(index_t cols) noexcept { return std::max<index_t>(1, 32768 / std::max<index_t>(1, cols)); }
+    static index_t row_parts(index_t rows, index_t cols) noexcept
+    {
+        const index_t per = rows_per_part(cols);
+        return (rows + per - 1) / per;
+    }
+    struct range {
+        index_t begin, end;
+    };
+    static range row_range(index_t part, index_t rows, index_t cols) noexcept
+    {
+        const index_t per = rows_per_part(cols);
+        return {part * per, std::min(rows, (part + 1) * per)};
+    }
+
+    /// The moment update shared by adam_direction and adamw_update; `emit(i, j, M/(sqrt(V)+eps))`.
+    template <class G, class S, class Emit>
+    static void adam_rows(const context& ctx, const adam_coefficients& k, const_matrix_view<G> g, matrix_view<S> m,
+                          matrix_view<S> v, Emit&& emit)
+    {
+        const S b1 = static_cast<S>(k.beta1), b2 = static_cast<S>(k.beta2), eps = static_cast<S>(k.eps);
+        const S c1 = static_cast<S>(1.0 - k.beta1), c2 = static_cast<S>(1.0 - k.beta2);
+        parallel_for(ctx, row_parts(g.rows, g.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, g.rows, g.cols);
+            for (index_t i = begin; i < end; ++i) {
+                const G* COMPACT_RESTRICT gr = g.row(i);
+                S* COMPACT_RESTRICT mr = m.row(i);
+                S* COMPACT_RESTRICT vr = v.row(i);
+                for (index_t j = 0; j < g.cols; ++j) {
+                    const S gj = static_cast<S>(gr[j]);
+                    mr[j] = b1 * mr[j] + c1 * gj;
+                    vr[j] = b2 * vr[j] + c2 * gj * gj;
+                    emit(i, j, mr[j] / (std::sqrt(vr[j]) + eps));
+                }
+            }
+        });
+    }
+
+    /// C = alpha op(A) op(B) + beta C on the calling thread, through Eigen's packed GEMM kernel.
+    template <class T>
+    static void gemm_serial(op ta, op tb, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta,
+                            matrix_view<T> c)
+    {
+        const index_t m = c.rows, n = c.cols;
+        const index_t k = ta == op::none ? a.cols : a.rows;
+        if (beta == T(0)) {
+            for (index_t i = 0; i < m; ++i) std::fill(c.row(i), c.row(i) + n, T(0));
+        } else if (beta != T(1)) {
+            for (index_t i = 0; i < m; ++i)
+                for (index_t j = 0; j < n; ++j) c(i, j) *= beta;
+        }
+        if (k == 0 || alpha == T(0)) return;
+        // Row-major C (m, n) is column-major C^T (n, m) with the same ld, and C^T = op(B)^T op(A)^T. A
+        // row-major operand that is not transposed reads as column-major after the transposition.
+        using namespace Eigen;
+        using Eigen::internal::general_matrix_matrix_product;
+        Eigen::internal::gemm_blocking_space<ColMajor, T, T, Dynamic, Dynamic, Dynamic> blocking(n, m, k, 1, true);
+        auto run = [&](auto lhs_order, auto rhs_order) {
+            general_matrix_matrix_product<Index, T, decltype(lhs_order)::value, false, T, decltype(rhs_order)::value,
+                                          false, ColMajor, 1>::run(n, m, k, b.data, b.ld, a.data, a.ld, c.data, 1,
+                                                                   c.ld, alpha, blocking);
+        };
+        using col = std::integral_constant<int, ColMajor>;
+        using row = std::integral_constant<int, RowMajor>;
+        if (tb == op::none) {
+            if (ta == op::none) run(col{}, col{});
+            else run(col{}, row{});
+        } else {
+            if (ta == op::none) run(row{}, col{});
+            else run(row{}, row{});
+        }
+    }
+};
+
+COMPACT_NAMESPACE_END

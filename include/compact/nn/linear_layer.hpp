@@ -1,0 +1,157 @@
+// compact/nn/linear_layer.hpp: an owning, trainable compressed linear layer for quick use.
+//
+// linear_layer bundles what a trainer needs for one compressed layer: the weight W (m, n) and bias (m),
+// the saved Z (max_rows, r), the subspace gradient G_sub (m, r) and db (m), the subspace-AdamW moments
+// (m, r) and the bias's AdamW moments (m), the update counter that selects P's epoch, and one
+// workspace. It allocates once, in the constructor, through Backend::buffer; forward, backward and step
+// never allocate. Everything it does is done by the caller-memory API (compressed_linear,
+// subspace_adamw, adamw), which is what to use for custom memory planning.
+//
+//   layer.forward(ctx, X, Y);     // Y = X W^T + b, keeps Z = X P
+//   layer.backward(ctx, dY, dX);  // dX = dY W (pass an empty view to skip); G_sub, db accumulate
+//   layer.step(ctx, hyper);       // subspace AdamW on W, AdamW on b; zero the gradients
+//
+// Micro-batches: call forward/backward once per micro-batch (each backward right after its forward, as
+// Z holds one micro-batch) and step once; gradients accumulate in between.
+#pragma once
+
+#include "compact/core/config.hpp"
+#include "compact/core/error.hpp"
+#include "compact/core/matrix_view.hpp"
+#include "compact/core/projection.hpp"
+#include "compact/core/workspace.hpp"
+#include "compact/nn/compressed_linear.hpp"
+#include "compact/optim/adamw.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+COMPACT_NAMESPACE_BEGIN
+
+struct linear_options {
+    std::uint64_t seed = 0;                        ///< the run's seed
+    std::uint64_t layer = 0;                       ///< unique id of this layer's projection
+    bool bias = true;
+    index_t max_rows = 0;                          ///< largest N passed to forward (sizes Z); required
+    distribution dist = distribution::gaussian;    ///< ignored when the policy forces the identity
+    resampling resample{};                         ///< T: updates between new projections (0: never)
+    moment_policy moments = moment_policy::keep;   ///< what the optimizer does when P changes
+};
+
+template <class Scalar, class RankPolicy, class Backend, class State = float>
+class linear_layer {
+public:
+    using layer_type = compressed_linear<Scalar, RankPolicy, Backend>;
+    using optimizer_type = subspace_adamw<Scalar, Backend, State>;
+    using context = typename Backend::context;
+    template <class T>
+    using buffer = typename Backend::template buffer<T>;
+
+    linear_layer(index_t in, index_t out, const linear_options& options, RankPolicy policy = {})
+        : options_(options),
+          layer_(in, out, options.seed, options.layer, policy, options.dist),
+          optimizer_(out, layer_.projection(), options.moments)
+    {
+        COMPACT_REQUIRE(options.max_rows >= 1, "linear_layer", "options.max_rows=", options.max_rows,
+                        " must be at least 1 (it sizes the saved activation)");
+        const index_t r = layer_.rank();
+        weight_.assign(static_cast<std::size_t>(out * in), Scalar(0));
+        z_.assign(static_cast<std::size_t>(options.max_rows * r), Scalar(0));
+        g_sub_.assign(static_cast<std::size_t>(out * r), Scalar(0));
+        m_.assign(static_cast<std::size_t>(out * r), State(0));
+        v_.assign(static_cast<std::size_t>(out * r), State(0));
+        if (options.bias) {
+            bias_.assign(static_cast<std::size_t>(out), Scalar(0));
+            db_.assign(static_cast<std::size_t>(out), Scalar(0));
+            bias_m_.assign(static_cast<std::size_t>(out), State(0));
+            bias_v_.assign(static_cast<std::size_t>(out), State(0));
+        }
+        workspace_.assign(std::max(layer_.workspace_bytes(), optimizer_.workspace_bytes()), std::byte{0});
+    }
+
+    index_t in() const noexcept { return layer_.in(); }
+    index_t out() const noexcept { return layer_.out(); }
+    index_t rank() const noexcept { return layer_.rank(); }
+    const layer_type& layer() const noexcept { return layer_; }
+    const optimizer_type& optimizer() const noexcept { return optimizer_; }
+
+    /// The weight W (m, n) and bias (m, or null without bias), for initialisation and inspection.
+    matrix_view<Scalar> weight() noexcept { return {weight_.data(), out(), in()}; }
+    const_matrix_view<Scalar> weight() const noexcept { return {weight_.data(), out(), in()}; }
+    Scalar* bias() noexcept { return options_.bias ? bias_.data() : nullptr; }
+    const Scalar* bias() const noexcept { return options_.bias ? bias_.data() : nullptr; }
+    /// The accumulated subspace gradient G_sub (m, r) and bias gradient since the last step.
+    const_matrix_view<Scalar> gradient() const noexcept { return {g_sub_.data(), out(), rank()}; }
+    const Scalar* bias_gradient() const noexcept { return options_.bias ? db_.data() : nullptr; }
+
+    /// Moments and counters, for checkpoints and tests.
+    matrix_view<State> first_moment() noexcept { return {m_.data(), out(), rank()}; }
+    matrix_view<State> second_moment() noexcept { return {v_.data(), out(), rank()}; }
+    const adam_counters& counters() const noexcept { return counters_; }
+
+    /// Completed optimizer updates, and the epoch of P that forward uses now.
+    std::uint64_t updates() const noexcept { return updates_; }
+    std::uint64_t epoch() const noexcept { return options_.resample.epoch(updates_); }
+
+    /// Bytes kept between forward and backward for N rows, and for max_rows.
+    std::size_t saved_bytes(index_t rows) const noexcept { return layer_.saved_bytes(rows); }
+    /// Bytes of optimizer state (moments of W and b).
+    std::size_t state_bytes() const noexcept
+    {
+        return optimizer_.state_bytes() + (options_.bias ? adamw<Backend>::template state_bytes<State>(1, out()) : 0);
+    }
+
+    /// Y (N, m) = X (N, n) W^T + b; keeps Z = X P for backward. N <= max_rows.
+    void forward(const context& ctx, const_matrix_view<Scalar> x, matrix_view<Scalar> y)
+    {
+        COMPACT_REQUIRE(x.rows <= options_.max_rows, "linear_layer::forward", "X has ", x.rows,
+                        " rows but the layer was built for max_rows=", options_.max_rows);
+        matrix_view<Scalar> z(z_.data(), x.rows, rank());
+        layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
+        rows_ = x.rows;
+    }
+
+    /// dX (N, n) = dY W, or skipped when dx is empty; G_sub and db accumulate until step().
+    void backward(const context& ctx, const_matrix_view<Scalar> dy, matrix_view<Scalar> dx)
+    {
+        COMPACT_REQUIRE(rows_ >= 0, "linear_layer::backward", "called without a preceding forward");
+        COMPACT_REQUIRE(dy.rows == rows_, "linear_layer::backward", "dY is ", shape_string(dy),
+                        " but the last forward saved ", rows_, " rows");
+        const_matrix_view<Scalar> z(z_.data(), rows_, rank());
+        layer_.backward(ctx, dy, weight(), z, dx, {g_sub_.data(), out(), rank()}, options_.bias ? db_.data() : nullptr,
+                        has_gradient_ ? write_mode::accumulate : write_mode::overwrite);
+        has_gradient_ = true;
+        rows_ = -1;
+    }
+
+    /// One optimizer update from the accumulated gradients; the next forward may use a new P.
+    void step(const context& ctx, const adamw_params& h)
+    {
+        COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
+        optimizer_.step(ctx, h, weight(), gradient(), first_moment(), second_moment(), counters_, epoch(), ws());
+        if (options_.bias)
+            adamw<Backend>::step(ctx, h, matrix_view<Scalar>(bias_.data(), 1, out()),
+                                 const_matrix_view<Scalar>(db_.data(), 1, out()),
+                                 matrix_view<State>(bias_m_.data(), 1, out()),
+                                 matrix_view<State>(bias_v_.data(), 1, out()), bias_counters_);
+        has_gradient_ = false;
+        ++updates_;
+    }
+
+private:
+    workspace ws() noexcept { return {workspace_.data(), workspace_.size()}; }
+
+    linear_options options_;
+    layer_type layer_;
+    optimizer_type optimizer_;
+    buffer<Scalar> weight_, bias_, z_, g_sub_, db_;
+    buffer<State> m_, v_, bias_m_, bias_v_;
+    buffer<std::byte> workspace_;
+    adam_counters counters_{}, bias_counters_{};
+    std::uint64_t updates_ = 0;
+    index_t rows_ = -1;
+    bool has_gradient_ = false;
+};
+
+COMPACT_NAMESPACE_END

@@ -1,0 +1,216 @@
+// compact/optim/adamw.hpp: AdamW in the projection subspace (SPEC section 3), and plain AdamW.
+//
+// Per step, with G_sub (m, r) the subspace gradient of the current P:
+//   t <- t + 1
+//   M <- b1 M + (1 - b1) G_sub            V <- b2 V + (1 - b2) G_sub^2         (M, V: (m, r))
+//   eta_t = lr sqrt(1 - b2^t) / (1 - b1^t)
+//   W <- (1 - lr wd) (W - eta_t alpha (M / (sqrt(V) + eps)) P^T)              (one GEMM, beta = 1 - lr wd)
+// which is transformers-style AdamW (eps outside the root, decoupled decay applied after the update)
+// acting on the subspace. When the epoch changes, the moments written under the old P meet gradients
+// of the new one; moment_policy says what happens: keep them (the paper, GaLore), reset them (and t),
+// or transfer M <- M P_old^T P_new (Flora's re-sketch; V is kept).
+//
+// Parameters that are not compressed (biases, norms, embeddings) use adamw::step: the same equations
+// with full-shape moments and alpha = 1. Moments have their own type `State` (float by default, whatever
+// the weights' type). Hyper-parameters are a plain struct passed to every step, so schedules are just
+// a different struct per step.
+#pragma once
+
+#include "compact/backend/backend.hpp"
+#include "compact/core/config.hpp"
+#include "compact/core/error.hpp"
+#include "compact/core/matrix_view.hpp"
+#include "compact/core/projection.hpp"
+#include "compact/core/workspace.hpp"
+#include "compact/nn/input_projection.hpp"
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+COMPACT_NAMESPACE_BEGIN
+
+struct adamw_params {
+    double lr = 1e-3;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-6;          ///< added outside the square root
+    double weight_decay = 0.0;  ///< decoupled: W <- W - lr wd W after the update
+    double alpha = 1.0;         ///< subspace scale (0.25 for the paper's pretraining); plain AdamW ignores it
+};
+
+enum class moment_policy : unsigned char {
+    keep,     ///< moments carry over to the new P unchanged (default)
+    reset,    ///< zero M and V and restart t
+    transfer, ///< M <- M P_old^T P_new; V kept
+};
+
+inline const char* to_string(moment_policy p) noexcept
+{
+    switch (p) {
+    case moment_policy::keep: return "keep";
+    case moment_policy::reset: return "reset";
+    case moment_policy::transfer: return "transfer";
+    }
+    return "unknown";
+}
+
+/// The scalar part of an optimizer state: the step count t and the epoch of P the moments were
+/// accumulated under. The caller stores it next to the moment buffers (and checkpoints it with them).
+struct adam_counters {
+    std::uint64_t step = 0;
+    std::uint64_t epoch = 0;
+};
+
+namespace detail {
+
+inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint64_t t, double alpha,
+                                                const char* where)
+{
+    COMPACT_REQUIRE(h.lr >= 0 && h.eps > 0 && h.beta1 >= 0 && h.beta1 < 1 && h.beta2 >= 0 && h.beta2 < 1 &&
+                        h.weight_decay >= 0 && alpha > 0,
+                    where, "hyper-parameters out of range: lr=", h.lr, " beta1=", h.beta1, " beta2=", h.beta2,
+                    " eps=", h.eps, " weight_decay=", h.weight_decay, " alpha=", alpha);
+    const double td = static_cast<double>(t);
+    adam_coefficients k;
+    k.beta1 = h.beta1;
+    k.beta2 = h.beta2;
+    k.eps = h.eps;
+    k.step_size = h.lr * std::sqrt(1.0 - std::pow(h.beta2, td)) / (1.0 - std::pow(h.beta1, td)) * alpha;
+    k.decay = 1.0 - h.lr * h.weight_decay;
+    return k;
+}
+
+} // namespace detail
+
+/// Plain AdamW for uncompressed parameters: W (rows, cols), G, M, V of the same shape.
+template <class Backend>
+struct adamw {
+    template <class W, class S>
+    static void step(const typename Backend::context& ctx, const adamw_params& h, matrix_view<W> w,
+                     const_matrix_view<W> g, matrix_view<S> m, matrix_view<S> v, adam_counters& counters)
+    {
+        constexpr const char* where = "adamw::step";
+        detail::check_view(w, where, "W");
+        detail::check_shape(g, w.rows, w.cols, where, "G");
+        detail::check_shape(m, w.rows, w.cols, where, "M");
+        detail::check_shape(v, w.rows, w.cols, where, "V");
+        const auto k = detail::adam_step_coefficients(h, counters.step + 1, 1.0, where);
+        ++counters.step;
+        Backend::template adamw_update<W, S>(ctx, k, g, m, v, w);
+    }
+
+    /// Bytes of M and V for a (rows, cols) parameter.
+    template <class S = float>
+    static constexpr std::size_t state_bytes(index_t rows, index_t cols) noexcept
+    {
+        return 2 * static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols) * sizeof(S);
+    }
+};
+
+/// AdamW in the subspace of one layer's projection. Holds no buffers: M and V (m, r) and the counters
+/// are passed to every step.
+template <class Scalar, class Backend, class State = float>
+class subspace_adamw {
+public:
+    using context = typename Backend::context;
+    using projection_type = input_projection<Scalar, Backend>;
+
+    subspace_adamw(index_t out, const projection_type& projection, moment_policy policy = moment_policy::keep)
+        : out_(out), projection_(projection), policy_(policy)
+    {
+        COMPACT_REQUIRE(out >= 1, "subspace_adamw", "out=", out, " must be positive");
+    }
+
+    moment_policy policy() const noexcept { return policy_; }
+    const projection_type& projection() const noexcept { return projection_; }
+
+    /// Bytes of M and V: 2 m r sizeof(State).
+    std::size_t state_bytes() const noexcept
+    {
+        return 2 * static_cast<std::size_t>(out_) * static_cast<std::size_t>(projection_.rank()) * sizeof(State);
+    }
+
+    /// Workspace for step(): P and the update direction, plus P_old, P_new, P_old^T P_new and M P for the
+    /// transfer policy.
+    std::size_t workspace_bytes() const noexcept
+    {
+        const index_t n = projection_.in(), r = projection_.rank();
+        std::size_t bytes = detail::workspace_slack + detail::buffer_bytes<Scalar>(out_ * r);
+        if (!projection_.is_identity()) bytes += detail::buffer_bytes<Scalar>(n * r);
+        if (policy_ == moment_policy::transfer)
+            bytes += 2 * detail::buffer_bytes<State>(n * r) + detail::buffer_bytes<State>(r * r) +
+                     detail::buffer_bytes<State>(out_ * r);
+        return bytes;
+    }
+
+    /// One update of W (m, n) from G_sub (m, r), computed under the projection of `epoch`.
+    /// M, V: (m, r) moments in State; counters: their step and epoch (updated here).
+    /// Cost: m r n multiply-adds (the projection back), plus elementwise work on m r and m n values.
+    void step(const context& ctx, const adamw_params& h, matrix_view<Scalar> w, const_matrix_view<Scalar> g_sub,
+              matrix_view<State> m, matrix_view<State> v, adam_counters& counters, std::uint64_t epoch,
+              workspace ws) const
+    {
+        constexpr const char* where = "subspace_adamw::step";
+        const index_t n = projection_.in(), r = projection_.rank();
+        detail::check_shape(w, out_, n, where, "W");
+        detail::check_shape(g_sub, out_, r, where, "G_sub");
+        detail::check_shape(m, out_, r, where, "M");
+        detail::check_shape(v, out_, r, where, "V");
+        detail::check_projection(projection_.spec(epoch), where);
+        detail::workspace_carver carve(ws, workspace_bytes(), where);
+        detail::adam_step_coefficients(h, counters.step + 1, h.alpha, where); // validates before any write
+
+        matrix_view<Scalar> direction(carve.take<Scalar>(out_ * r), out_, r);
+        matrix_view<Scalar> p;
+        if (!projection_.is_identity()) p = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
+
+        if (counters.step > 0 && counters.epoch != epoch) change_epoch(ctx, m, v, counters, epoch, carve);
+        counters.epoch = epoch;
+        ++counters.step;
+        const auto coefficients = detail::adam_step_coefficients(h, counters.step, h.alpha, where);
+
+        Backend::template adam_direction<Scalar, State, Scalar>(ctx, coefficients, g_sub, m, v, direction);
+        const double scale = -coefficients.decay * coefficients.step_size;
+        if (projection_.is_identity()) {
+            Backend::template axpby<Scalar, Scalar>(ctx, scale, direction, coefficients.decay, w);
+        } else {
+            Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p);
+            Backend::template gemm<Scalar>(ctx, op::none, op::transpose, static_cast<Scalar>(scale), direction, p,
+                                            static_cast<Scalar>(coefficients.decay), w);
+        }
+    }
+
+private:
+    void change_epoch(const context& ctx, matrix_view<State> m, matrix_view<State> v, adam_counters& counters,
+                      std::uint64_t epoch, detail::workspace_carver& carve) const
+    {
+        switch (policy_) {
+        case moment_policy::keep: return;
+        case moment_policy::reset:
+            Backend::template fill<State>(ctx, m, State(0));
+            Backend::template fill<State>(ctx, v, State(0));
+            counters.step = 0;
+            return;
+        case moment_policy::transfer: {
+            const index_t n = projection_.in(), r = projection_.rank();
+            matrix_view<State> p_old(carve.take<State>(n * r), n, r);
+            matrix_view<State> p_new(carve.take<State>(n * r), n, r);
+            matrix_view<State> q(carve.take<State>(r * r), r, r);
+            matrix_view<State> moved(carve.take<State>(out_ * r), out_, r);
+            Backend::template generate_projection<State>(ctx, projection_.spec(counters.epoch), 0, 0, p_old);
+            Backend::template generate_projection<State>(ctx, projection_.spec(epoch), 0, 0, p_new);
+            Backend::template gemm<State>(ctx, op::transpose, op::none, State(1), p_old, p_new, State(0), q);
+            Backend::template gemm<State>(ctx, op::none, op::none, State(1), m, q, State(0), moved);
+            Backend::template axpby<State, State>(ctx, 1.0, moved, 0.0, m);
+            return;
+        }
+        }
+    }
+
+    index_t out_;
+    projection_type projection_;
+    moment_policy policy_;
+};
+
+COMPACT_NAMESPACE_END
