@@ -89,6 +89,14 @@ public:
         projection_.compress(ctx, x, epoch, z, ws);
     }
 
+    /// Y as above and Z = X P with a P (n, r) the caller keeps (see input_projection::generate).
+    void forward(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const Scalar* b,
+                 matrix_view<Scalar> y, matrix_view<Scalar> z, const_matrix_view<Scalar> p) const
+    {
+        forward(ctx, x, w, b, y);
+        projection_.compress(ctx, x, p, z);
+    }
+
     /// dX = dY W, G_sub = dY^T Z, db = column sums of dY.
     /// dY: (N, m); W: (m, n); Z: (N, r) from forward; dX: (N, n) or empty to skip; G_sub: (m, r);
     /// db: (m) or null to skip. `grads` applies to G_sub and db, `input_grad` to dX (accumulate dX when

@@ -89,6 +89,19 @@ public:
         Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), x, p, Scalar(0), z);
     }
 
+    /// Z = X P with P (n, r) supplied by the caller, who generated it with generate() for the current
+    /// epoch and keeps it (trading n r values of memory for not regenerating it).
+    void compress(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> p,
+                  matrix_view<Scalar> z) const
+    {
+        constexpr const char* where = "input_projection::compress";
+        detail::check_view(x, where, "X");
+        COMPACT_REQUIRE(x.cols == in_, where, "X is ", shape_string(x), " but the projection expects (N, ", in_, ")");
+        detail::check_shape(p, in_, rank_, where, "P");
+        detail::check_shape(z, x.rows, rank_, where, "Z");
+        Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), x, p, Scalar(0), z);
+    }
+
     /// G_hat = G_sub P^T (m, n): the unbiased full-shape estimate of the weight gradient, for callers that
     /// keep their own optimizer. G_sub: (m, r). Cost: m r n multiply-adds plus generating P.
     void expand(const context& ctx, const_matrix_view<Scalar> g_sub, std::uint64_t epoch, matrix_view<Scalar> g_hat,
@@ -107,8 +120,9 @@ public:
         Backend::template gemm<Scalar>(ctx, op::none, op::transpose, Scalar(1), g_sub, p, Scalar(0), g_hat);
     }
 
-    /// Generates P for `epoch` into the front of `ws` and returns it; for the optimizer and tests.
-    matrix_view<Scalar> generate(const context& ctx, std::uint64_t epoch, workspace ws, const char* where) const
+    /// Generates P (n, r) for `epoch` into the front of `ws` (workspace_bytes()) and returns it.
+    matrix_view<Scalar> generate(const context& ctx, std::uint64_t epoch, workspace ws,
+                                 const char* where = "input_projection::generate") const
     {
         const auto s = spec(epoch);
         detail::check_projection(s, where);

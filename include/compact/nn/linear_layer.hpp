@@ -37,6 +37,9 @@ struct linear_options {
     distribution dist = distribution::gaussian;    ///< ignored when the policy forces the identity
     resampling resample{};                         ///< T: updates between new projections (0: never)
     moment_policy moments = moment_policy::keep;   ///< what the optimizer does when P changes
+    /// Keep P (n, r) for as long as its epoch lasts instead of regenerating it in every forward and
+    /// step. Costs n r values of memory (independent of N); off by default, as in SPEC section 1.
+    bool keep_projection = false;
 };
 
 template <class Scalar, class RankPolicy, class Backend, class State = float>
@@ -67,6 +70,7 @@ public:
             bias_m_.assign(static_cast<std::size_t>(out), State(0));
             bias_v_.assign(static_cast<std::size_t>(out), State(0));
         }
+        if (options.keep_projection) projection_.assign(static_cast<std::size_t>(in * r), Scalar(0));
         workspace_.assign(std::max(layer_.workspace_bytes(), optimizer_.workspace_bytes()), std::byte{0});
     }
 
@@ -96,6 +100,8 @@ public:
 
     /// Bytes kept between forward and backward for N rows, and for max_rows.
     std::size_t saved_bytes(index_t rows) const noexcept { return layer_.saved_bytes(rows); }
+    /// Bytes of the kept projection (0 unless options.keep_projection).
+    std::size_t projection_bytes() const noexcept { return projection_.size() * sizeof(Scalar); }
     /// Bytes of optimizer state (moments of W and b).
     std::size_t state_bytes() const noexcept
     {
@@ -108,7 +114,10 @@ public:
         COMPACT_REQUIRE(x.rows <= options_.max_rows, "linear_layer::forward", "X has ", x.rows,
                         " rows but the layer was built for max_rows=", options_.max_rows);
         matrix_view<Scalar> z(z_.data(), x.rows, rank());
-        layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
+        if (options_.keep_projection)
+            layer_.forward(ctx, x, weight(), bias(), y, z, kept_projection(ctx));
+        else
+            layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
         rows_ = x.rows;
     }
 
@@ -129,7 +138,8 @@ public:
     void step(const context& ctx, const adamw_params& h)
     {
         COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
-        optimizer_.step(ctx, h, weight(), gradient(), first_moment(), second_moment(), counters_, epoch(), ws());
+        optimizer_.step(ctx, h, weight(), gradient(), first_moment(), second_moment(), counters_, epoch(), ws(),
+                        options_.keep_projection ? kept_projection(ctx) : const_matrix_view<Scalar>{});
         if (options_.bias)
             adamw<Backend>::step(ctx, h, matrix_view<Scalar>(bias_.data(), 1, out()),
                                  const_matrix_view<Scalar>(db_.data(), 1, out()),
@@ -142,16 +152,30 @@ public:
 private:
     workspace ws() noexcept { return {workspace_.data(), workspace_.size()}; }
 
+    /// The kept P of the current epoch, regenerated when the epoch has moved on.
+    const_matrix_view<Scalar> kept_projection(const context& ctx)
+    {
+        matrix_view<Scalar> p(projection_.data(), in(), rank());
+        if (!projection_valid_ || projection_epoch_ != epoch()) {
+            Backend::template generate_projection<Scalar>(ctx, layer_.projection().spec(epoch()), 0, 0, p);
+            projection_epoch_ = epoch();
+            projection_valid_ = true;
+        }
+        return p;
+    }
+
     linear_options options_;
     layer_type layer_;
     optimizer_type optimizer_;
-    buffer<Scalar> weight_, bias_, z_, g_sub_, db_;
+    buffer<Scalar> weight_, bias_, z_, g_sub_, db_, projection_;
     buffer<State> m_, v_, bias_m_, bias_v_;
     buffer<std::byte> workspace_;
     adam_counters counters_{}, bias_counters_{};
     std::uint64_t updates_ = 0;
     index_t rows_ = -1;
     bool has_gradient_ = false;
+    std::uint64_t projection_epoch_ = 0;
+    bool projection_valid_ = false;
 };
 
 COMPACT_NAMESPACE_END

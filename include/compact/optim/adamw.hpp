@@ -146,10 +146,11 @@ public:
 
     /// One update of W (m, n) from G_sub (m, r), computed under the projection of `epoch`.
     /// M, V: (m, r) moments in State; counters: their step and epoch (updated here).
+    /// p: P (n, r) of `epoch` if the caller keeps it, or empty to regenerate it in the workspace.
     /// Cost: m r n multiply-adds (the projection back), plus elementwise work on m r and m n values.
     void step(const context& ctx, const adamw_params& h, matrix_view<Scalar> w, const_matrix_view<Scalar> g_sub,
               matrix_view<State> m, matrix_view<State> v, adam_counters& counters, std::uint64_t epoch,
-              workspace ws) const
+              workspace ws, const_matrix_view<Scalar> p = {}) const
     {
         constexpr const char* where = "subspace_adamw::step";
         const index_t n = projection_.in(), r = projection_.rank();
@@ -161,9 +162,11 @@ public:
         detail::workspace_carver carve(ws, workspace_bytes(), where);
         detail::adam_step_coefficients(h, counters.step + 1, h.alpha, where); // validates before any write
 
+        const bool generate = !projection_.is_identity() && p.empty();
+        if (!p.empty()) detail::check_shape(p, n, r, where, "P");
         matrix_view<Scalar> direction(carve.take<Scalar>(out_ * r), out_, r);
-        matrix_view<Scalar> p;
-        if (!projection_.is_identity()) p = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
+        matrix_view<Scalar> p_buffer;
+        if (!projection_.is_identity()) p_buffer = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
 
         if (counters.step > 0 && counters.epoch != epoch) change_epoch(ctx, m, v, counters, epoch, carve);
         counters.epoch = epoch;
@@ -175,7 +178,10 @@ public:
         if (projection_.is_identity()) {
             Backend::template axpby<Scalar, Scalar>(ctx, scale, direction, coefficients.decay, w);
         } else {
-            Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p);
+            if (generate) {
+                Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
+                p = p_buffer;
+            }
             Backend::template gemm<Scalar>(ctx, op::none, op::transpose, static_cast<Scalar>(scale), direction, p,
                                             static_cast<Scalar>(coefficients.decay), w);
         }
