@@ -107,6 +107,45 @@ COMPACT_HD inline philox_key projection_philox_key(const projection_key& k)
                                                      static_cast<std::uint32_t>(k.layer >> 32)}};
 }
 
+/// The per-matrix constants of the generation scheme, computed once per fill.
+struct projection_stream {
+    philox_key key;
+    std::uint32_t epoch;
+    std::uint32_t layer;
+    double scale; // 1 / sqrt(r)
+};
+
+COMPACT_HD inline projection_stream make_projection_stream(const projection_spec& p)
+{
+    return {projection_philox_key(p.key), static_cast<std::uint32_t>(p.key.epoch),
+            static_cast<std::uint32_t>(p.key.layer), 1.0 / std::sqrt(static_cast<double>(p.r))};
+}
+
+COMPACT_HD inline philox_counter projection_words(const projection_stream& s, index_t i, index_t jb)
+{
+    return philox4x32({{static_cast<std::uint32_t>(jb), static_cast<std::uint32_t>(i), s.epoch, s.layer}}, s.key);
+}
+
+/// Gaussian P(i, 4 jb .. 4 jb + 3), before rounding. Straight-line code: loops over jb vectorise.
+COMPACT_HD inline void gaussian_quad(const projection_stream& s, index_t i, index_t jb, double (&out)[4])
+{
+    const philox_counter x = projection_words(s, i, jb);
+    double z0, z1, z2, z3;
+    box_muller(x.w[0], x.w[1], z0, z1);
+    box_muller(x.w[2], x.w[3], z2, z3);
+    out[0] = z0 * s.scale;
+    out[1] = z1 * s.scale;
+    out[2] = z2 * s.scale;
+    out[3] = z3 * s.scale;
+}
+
+/// Rademacher P(i, 4 jb .. 4 jb + 3): the low bit of each word picks the sign.
+COMPACT_HD inline void rademacher_quad(const projection_stream& s, index_t i, index_t jb, double (&out)[4])
+{
+    const philox_counter x = projection_words(s, i, jb);
+    for (int c = 0; c < 4; ++c) out[c] = (x.w[c] & 1u) ? s.scale : -s.scale;
+}
+
 } // namespace detail
 
 /// The four values P(i, 4*jb .. 4*jb+3) in double, before the final rounding to the storage type.
@@ -114,25 +153,13 @@ COMPACT_HD inline philox_key projection_philox_key(const projection_key& k)
 /// an element independent of the width of the block it is generated in.
 COMPACT_HD inline void projection_quad(const projection_spec& p, index_t i, index_t jb, double (&out)[4])
 {
-    if (p.dist == distribution::identity) {
+    switch (p.dist) {
+    case distribution::identity:
         for (int c = 0; c < 4; ++c) out[c] = (4 * jb + c == i) ? 1.0 : 0.0;
         return;
+    case distribution::rademacher: detail::rademacher_quad(detail::make_projection_stream(p), i, jb, out); return;
+    case distribution::gaussian: detail::gaussian_quad(detail::make_projection_stream(p), i, jb, out); return;
     }
-    const philox_counter ctr{{static_cast<std::uint32_t>(jb), static_cast<std::uint32_t>(i),
-                              static_cast<std::uint32_t>(p.key.epoch), static_cast<std::uint32_t>(p.key.layer)}};
-    const philox_counter x = philox4x32(ctr, detail::projection_philox_key(p.key));
-    const double scale = 1.0 / std::sqrt(static_cast<double>(p.r));
-    if (p.dist == distribution::rademacher) {
-        for (int c = 0; c < 4; ++c) out[c] = (x.w[c] & 1u) ? scale : -scale;
-        return;
-    }
-    double z0, z1, z2, z3;
-    box_muller(x.w[0], x.w[1], z0, z1);
-    box_muller(x.w[2], x.w[3], z2, z3);
-    out[0] = z0 * scale;
-    out[1] = z1 * scale;
-    out[2] = z2 * scale;
-    out[3] = z3 * scale;
 }
 
 /// One element P(i, j), for tests and reference code (generates its whole quad).

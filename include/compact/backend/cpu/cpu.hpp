@@ -134,20 +134,44 @@ struct cpu {
                                     matrix_view<T> out)
     {
         if (out.empty()) return;
+        const auto stream = detail::make_projection_stream(spec);
+        // Quads that lie wholly inside the block are written by a tight loop the compiler vectorises;
+        // the (at most two) partial quads at the edges go through projection_quad. Both evaluate the
+        // same expressions, so an element's value does not depend on the block it is generated in.
         const index_t first_quad = col0 / 4, last_quad = (col0 + out.cols - 1) / 4;
+        const index_t inner_begin = (col0 + 3) / 4, inner_end = (col0 + out.cols) / 4;
         parallel_for(ctx, row_parts(out.rows, out.cols), [&](index_t p) {
             const auto [begin, end] = row_range(p, out.rows, out.cols);
             for (index_t i = begin; i < end; ++i) {
                 T* row = out.row(i);
+                const index_t gi = row0 + i;
                 if (spec.dist == distribution::identity) {
                     std::fill(row, row + out.cols, T(0));
-                    const index_t diag = row0 + i - col0;
+                    const index_t diag = gi - col0;
                     if (diag >= 0 && diag < out.cols) row[diag] = T(1);
                     continue;
                 }
+                T* inner = row + (4 * inner_begin - col0);
+                if (spec.dist == distribution::gaussian)
+                    for (index_t q = inner_begin; q < inner_end; ++q) {
+                        double v[4];
+                        detail::gaussian_quad(stream, gi, q, v);
+                        T* o = inner + 4 * (q - inner_begin);
+                        o[0] = static_cast<T>(v[0]), o[1] = static_cast<T>(v[1]);
+                        o[2] = static_cast<T>(v[2]), o[3] = static_cast<T>(v[3]);
+                    }
+                else
+                    for (index_t q = inner_begin; q < inner_end; ++q) {
+                        double v[4];
+                        detail::rademacher_quad(stream, gi, q, v);
+                        T* o = inner + 4 * (q - inner_begin);
+                        o[0] = static_cast<T>(v[0]), o[1] = static_cast<T>(v[1]);
+                        o[2] = static_cast<T>(v[2]), o[3] = static_cast<T>(v[3]);
+                    }
                 for (index_t q = first_quad; q <= last_quad; ++q) {
+                    if (q >= inner_begin && q < inner_end) continue;
                     double v[4];
-                    projection_quad(spec, row0 + i, q, v);
+                    projection_quad(spec, gi, q, v);
                     for (int c = 0; c < 4; ++c) {
                         const index_t j = 4 * q + c - col0;
                         if (j >= 0 && j < out.cols) row[j] = static_cast<T>(v[c]);
