@@ -1,7 +1,8 @@
 // compact/backend/cpu/cpu.hpp: the CPU backend (Eigen kernels, OpenMP threads).
 //
 // GEMMs run Eigen's packed, vectorised general_matrix_matrix_product kernel directly (the routine behind
-// Eigen's own products and its BLAS), one call per fixed part of the output. The parts depend on the
+// Eigen's own products and its BLAS), one call per fixed part of the output, with packing buffers
+// from a per-thread pool (allocated on a thread's first, or first larger, GEMM; never in steady state). The parts depend on the
 // shape only, never on the thread count, and each part runs single-threaded, so every result is
 // bit-identical for 1, 2 or any number of threads. Elementwise primitives are plain loops the compiler
 // vectorises. Build with OpenMP (the compact::compact CMake target does when it is found) for threads;
@@ -53,6 +54,38 @@ struct aligned_allocator {
     bool operator!=(const aligned_allocator<U>&) const noexcept
     {
         return false;
+    }
+};
+
+/// Eigen's GEMM blocking with packing buffers from a per-thread pool, so that a GEMM allocates only
+/// the first time a thread sees a larger blocking, never in steady state.
+template <class T>
+class pooled_blocking : public Eigen::internal::level3_blocking<T, T> {
+public:
+    pooled_blocking(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth)
+    {
+        this->m_mc = rows;
+        this->m_nc = cols;
+        this->m_kc = depth;
+        Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc, Eigen::Index{1});
+        this->m_blockA = reserve(pool().a, this->m_mc * this->m_kc);
+        this->m_blockB = reserve(pool().b, this->m_kc * this->m_nc);
+    }
+
+private:
+    using storage = std::vector<T, aligned_allocator<T>>;
+    struct buffers {
+        storage a, b;
+    };
+    static buffers& pool()
+    {
+        thread_local buffers p;
+        return p;
+    }
+    static T* reserve(storage& s, Eigen::Index count)
+    {
+        if (s.size() < static_cast<std::size_t>(count)) s.resize(static_cast<std::size_t>(count));
+        return s.data();
     }
 };
 
@@ -319,7 +352,7 @@ private:
         // row-major operand that is not transposed reads as column-major after the transposition.
         using namespace Eigen;
         using Eigen::internal::general_matrix_matrix_product;
-        Eigen::internal::gemm_blocking_space<ColMajor, T, T, Dynamic, Dynamic, Dynamic> blocking(n, m, k, 1, true);
+        detail::pooled_blocking<T> blocking(n, m, k);
         auto run = [&](auto lhs_order, auto rhs_order) {
             general_matrix_matrix_product<Index, T, decltype(lhs_order)::value, false, T, decltype(rhs_order)::value,
                                           false, ColMajor, 1>::run(n, m, k, b.data, b.ld, a.data, a.ld, c.data, 1,
