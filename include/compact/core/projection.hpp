@@ -153,12 +153,12 @@ COMPACT_HD inline void rademacher_quad(const projection_stream& s, index_t i, in
 /// an element independent of the width of the block it is generated in.
 COMPACT_HD inline void projection_quad(const projection_spec& p, index_t i, index_t jb, double (&out)[4])
 {
-    switch (p.dist) {
-    case distribution::identity:
+    if (p.dist == distribution::identity) {
         for (int c = 0; c < 4; ++c) out[c] = (4 * jb + c == i) ? 1.0 : 0.0;
-        return;
-    case distribution::rademacher: detail::rademacher_quad(detail::make_projection_stream(p), i, jb, out); return;
-    case distribution::gaussian: detail::gaussian_quad(detail::make_projection_stream(p), i, jb, out); return;
+    } else if (p.dist == distribution::rademacher) {
+        detail::rademacher_quad(detail::make_projection_stream(p), i, jb, out);
+    } else {
+        detail::gaussian_quad(detail::make_projection_stream(p), i, jb, out);
     }
 }
 

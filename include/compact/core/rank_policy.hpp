@@ -118,8 +118,11 @@ struct budget_layer {
 /// Ranks that keep the saved activations within `byte_budget` while minimising sum_l a_l / r_l.
 ///
 /// Saving Z costs c_l = tokens * value_bytes per unit of rank, so the continuous optimum is
-/// r_l = mu * sqrt(a_l / c_l), clamped to [1, n_l] (water-filling on mu); it is rounded down and the
-/// remaining bytes go, one rank at a time, to the layer whose variance drops most per byte.
+/// r_l = mu * sqrt(a_l / c_l), clamped to [1, n_l] (water-filling on mu); it is rounded down, the
+/// remaining bytes go, one rank at a time, to the layer whose variance drops most per byte, and single
+/// ranks move between layers while that lowers the objective. With equal per-rank costs (one token
+/// count and dtype for all layers, the common case) the result is the exact integer optimum; with
+/// unequal costs the problem is a knapsack and the result is optimal under single-rank moves.
 /// (SPEC section 4 writes r_l ~ sqrt(a_l / n_l), the same rule with a cost proportional to n_l.)
 class budget {
 public:
@@ -172,19 +175,12 @@ public:
             e.r = static_cast<index_t>(std::floor(continuous(e.layer, lo)));
             used += cost(e.layer) * static_cast<double>(e.r);
         }
-        // Greedy rounding: each step buys the largest variance reduction per byte that still fits.
+        // Rounding: greedily buy the largest variance reduction per byte that still fits, then move
+        // single ranks between layers while that lowers the variance (a move can free bytes for more
+        // purchases). Each move strictly lowers the objective, so the loop ends.
         for (;;) {
-            entry* best = nullptr;
-            double best_gain = 0;
-            for (auto& e : entries_) {
-                if (e.r >= e.layer.in || used + cost(e.layer) > b) continue;
-                const double rr = static_cast<double>(e.r);
-                const double gain = e.layer.weight * (1.0 / rr - 1.0 / (rr + 1.0)) / cost(e.layer);
-                if (gain > best_gain) best_gain = gain, best = &e;
-            }
-            if (!best) break;
-            ++best->r;
-            used += cost(best->layer);
+            fill_greedily(used, b);
+            if (!move_one_rank(used, b)) break;
         }
     }
 
@@ -219,6 +215,54 @@ public:
     }
 
 private:
+    static double gain_up(const entry& e) noexcept // variance removed by one more rank
+    {
+        const double rr = static_cast<double>(e.r);
+        return e.layer.weight * (1.0 / rr - 1.0 / (rr + 1.0));
+    }
+    static double loss_down(const entry& e) noexcept // variance added by one rank less
+    {
+        const double rr = static_cast<double>(e.r);
+        return e.layer.weight * (1.0 / (rr - 1.0) - 1.0 / rr);
+    }
+
+    void fill_greedily(double& used, double b)
+    {
+        for (;;) {
+            entry* best = nullptr;
+            double best_gain = 0;
+            for (auto& e : entries_) {
+                if (e.r >= e.layer.in || used + cost(e.layer) > b) continue;
+                const double gain = gain_up(e) / cost(e.layer);
+                if (gain > best_gain) best_gain = gain, best = &e;
+            }
+            if (!best) return;
+            ++best->r;
+            used += cost(best->layer);
+        }
+    }
+
+    bool move_one_rank(double& used, double b)
+    {
+        entry* from = nullptr;
+        entry* to = nullptr;
+        double best = 0;
+        for (auto& down : entries_) {
+            if (down.r <= 1) continue;
+            for (auto& up : entries_) {
+                if (&up == &down || up.r >= up.layer.in) continue;
+                if (used - cost(down.layer) + cost(up.layer) > b) continue;
+                const double change = loss_down(down) - gain_up(up);
+                if (change < best - 1e-12 * variance()) best = change, from = &down, to = &up;
+            }
+        }
+        if (!from) return false;
+        --from->r;
+        ++to->r;
+        used += cost(to->layer) - cost(from->layer);
+        return true;
+    }
+
     static double cost(const budget_layer& l) noexcept
     {
         return static_cast<double>(l.tokens) * static_cast<double>(l.value_bytes);

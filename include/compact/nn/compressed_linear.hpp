@@ -73,19 +73,18 @@ public:
     void forward(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const Scalar* b,
                  matrix_view<Scalar> y) const
     {
-        constexpr const char* where = "compressed_linear::forward";
-        check_input(x, where);
-        detail::check_shape(w, out_, in(), where, "W");
-        detail::check_shape(y, x.rows, out_, where, "Y");
-        Backend::template gemm<Scalar>(ctx, op::none, op::transpose, Scalar(1), x, w, Scalar(0), y);
-        if (b) Backend::template add_row_vector<Scalar>(ctx, b, y);
+        check_forward(x, w, y, "compressed_linear::forward");
+        output(ctx, x, w, b, y);
     }
 
     /// Y as above and Z = X P (N, r) for backward, with P of `epoch`. Needs workspace_bytes().
     void forward(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const Scalar* b,
                  matrix_view<Scalar> y, matrix_view<Scalar> z, std::uint64_t epoch, workspace ws) const
     {
-        forward(ctx, x, w, b, y);
+        constexpr const char* where = "compressed_linear::forward";
+        check_forward(x, w, y, where);
+        projection_.check_compress(x, epoch, z, ws, where);
+        output(ctx, x, w, b, y);
         projection_.compress(ctx, x, epoch, z, ws);
     }
 
@@ -93,12 +92,16 @@ public:
     void forward(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const Scalar* b,
                  matrix_view<Scalar> y, matrix_view<Scalar> z, const_matrix_view<Scalar> p) const
     {
-        forward(ctx, x, w, b, y);
+        constexpr const char* where = "compressed_linear::forward";
+        check_forward(x, w, y, where);
+        projection_.check_compress(x, p, z, where);
+        output(ctx, x, w, b, y);
         projection_.compress(ctx, x, p, z);
     }
 
     /// dX = dY W, G_sub = dY^T Z, db = column sums of dY.
-    /// dY: (N, m); W: (m, n); Z: (N, r) from forward; dX: (N, n) or empty to skip; G_sub: (m, r);
+    /// dY: (N, m); W: (m, n); Z: (N, r) from forward; dX: (N, n), or a default-constructed view ({}) to
+    /// skip it; G_sub: (m, r);
     /// db: (m) or null to skip. `grads` applies to G_sub and db, `input_grad` to dX (accumulate dX when
     /// several layers read the same X).
     void backward(const context& ctx, const_matrix_view<Scalar> dy, const_matrix_view<Scalar> w,
@@ -111,9 +114,10 @@ public:
         detail::check_shape(w, out_, in(), where, "W");
         detail::check_shape(z, dy.rows, rank(), where, "Z");
         detail::check_shape(g_sub, out_, rank(), where, "G_sub");
-        if (!dx.empty() || dx.data) detail::check_shape(dx, dy.rows, in(), where, "dX");
+        const bool skip_dx = dx.data == nullptr && dx.rows == 0 && dx.cols == 0;
+        if (!skip_dx) detail::check_shape(dx, dy.rows, in(), where, "dX");
         const Scalar beta = grads == write_mode::accumulate ? Scalar(1) : Scalar(0);
-        if (!dx.empty())
+        if (!skip_dx)
             Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), dy, w,
                           input_grad == write_mode::accumulate ? Scalar(1) : Scalar(0), dx);
         Backend::template gemm<Scalar>(ctx, op::transpose, op::none, Scalar(1), dy, z, beta, g_sub);
@@ -124,14 +128,27 @@ public:
     void expand_gradient(const context& ctx, const_matrix_view<Scalar> g_sub, std::uint64_t epoch,
                          matrix_view<Scalar> g_hat, workspace ws) const
     {
+        constexpr const char* where = "compressed_linear::expand_gradient";
+        detail::check_shape(g_sub, out_, rank(), where, "G_sub");
+        detail::check_shape(g_hat, out_, in(), where, "G_hat");
         projection_.expand(ctx, g_sub, epoch, g_hat, ws);
     }
 
 private:
-    void check_input(const_matrix_view<Scalar> x, const char* where) const
+    void check_forward(const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const_matrix_view<Scalar> y,
+                       const char* where) const
     {
         detail::check_view(x, where, "X");
         COMPACT_REQUIRE(x.cols == in(), where, "X is ", shape_string(x), " but the layer expects (N, ", in(), ")");
+        detail::check_shape(w, out_, in(), where, "W");
+        detail::check_shape(y, x.rows, out_, where, "Y");
+    }
+
+    void output(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const Scalar* b,
+                matrix_view<Scalar> y) const
+    {
+        Backend::template gemm<Scalar>(ctx, op::none, op::transpose, Scalar(1), x, w, Scalar(0), y);
+        if (b) Backend::template add_row_vector<Scalar>(ctx, b, y);
     }
 
     index_t out_;
@@ -149,10 +166,8 @@ public:
 
     input_group(index_t in, const std::vector<index_t>& outs, std::uint64_t seed, std::uint64_t group_id,
                 RankPolicy policy = {}, distribution dist = distribution::gaussian)
-        : projection_(projection_type::from_policy(
-              layer_info{in, std::accumulate(outs.begin(), outs.end(), index_t{0}), group_id}, policy, seed, dist))
+        : projection_(projection_type::from_policy(layer_info{in, total_out(outs), group_id}, policy, seed, dist))
     {
-        COMPACT_REQUIRE(!outs.empty(), "input_group", "needs at least one member layer");
         for (index_t m : outs) layers_.emplace_back(m, projection_);
     }
 
@@ -173,6 +188,13 @@ public:
     }
 
 private:
+    static index_t total_out(const std::vector<index_t>& outs)
+    {
+        COMPACT_REQUIRE(!outs.empty(), "input_group", "outs is empty: a group needs at least one member layer");
+        for (index_t m : outs) COMPACT_REQUIRE(m >= 1, "input_group", "member out=", m, " must be positive");
+        return std::accumulate(outs.begin(), outs.end(), index_t{0});
+    }
+
     projection_type projection_;
     std::vector<layer_type> layers_;
 };

@@ -73,19 +73,44 @@ public:
         return is_identity() ? 0 : detail::buffer_bytes<Scalar>(in_ * rank_) + detail::workspace_slack;
     }
 
+    /// Bytes for generate(): P itself, for every distribution (the identity included).
+    std::size_t projection_bytes() const noexcept
+    {
+        return detail::buffer_bytes<Scalar>(in_ * rank_) + detail::workspace_slack;
+    }
+
+    /// Validates compress()'s arguments without touching memory; `where` names the caller.
+    void check_compress(const_matrix_view<Scalar> x, std::uint64_t epoch, const_matrix_view<Scalar> z,
+                        const workspace& ws, const char* where) const
+    {
+        detail::check_view(x, where, "X");
+        COMPACT_REQUIRE(x.cols == in_, where, "X is ", shape_string(x), " but the projection expects (N, ", in_, ")");
+        detail::check_shape(z, x.rows, rank_, where, "Z");
+        detail::check_projection(spec(epoch), where);
+        detail::workspace_carver(ws, workspace_bytes(), where);
+    }
+
+    /// The same for the overload that takes a kept P.
+    void check_compress(const_matrix_view<Scalar> x, const_matrix_view<Scalar> p, const_matrix_view<Scalar> z,
+                        const char* where) const
+    {
+        detail::check_view(x, where, "X");
+        COMPACT_REQUIRE(x.cols == in_, where, "X is ", shape_string(x), " but the projection expects (N, ", in_, ")");
+        detail::check_shape(p, in_, rank_, where, "P");
+        detail::check_shape(z, x.rows, rank_, where, "Z");
+    }
+
     /// Z = X P. X: (N, n), Z: (N, r), both row-major. Cost: N n r multiply-adds plus generating P.
     void compress(const context& ctx, const_matrix_view<Scalar> x, std::uint64_t epoch, matrix_view<Scalar> z,
                   workspace ws) const
     {
         constexpr const char* where = "input_projection::compress";
-        detail::check_view(x, where, "X");
-        COMPACT_REQUIRE(x.cols == in_, where, "X is ", shape_string(x), " but the projection expects (N, ", in_, ")");
-        detail::check_shape(z, x.rows, rank_, where, "Z");
+        check_compress(x, epoch, z, ws, where);
         if (is_identity()) {
             Backend::template axpby<Scalar, Scalar>(ctx, 1.0, x, 0.0, z);
             return;
         }
-        auto p = generate(ctx, epoch, ws, where);
+        auto p = generate_into(ctx, epoch, ws, where);
         Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), x, p, Scalar(0), z);
     }
 
@@ -94,11 +119,7 @@ public:
     void compress(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> p,
                   matrix_view<Scalar> z) const
     {
-        constexpr const char* where = "input_projection::compress";
-        detail::check_view(x, where, "X");
-        COMPACT_REQUIRE(x.cols == in_, where, "X is ", shape_string(x), " but the projection expects (N, ", in_, ")");
-        detail::check_shape(p, in_, rank_, where, "P");
-        detail::check_shape(z, x.rows, rank_, where, "Z");
+        check_compress(x, p, z, "input_projection::compress");
         Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), x, p, Scalar(0), z);
     }
 
@@ -112,27 +133,36 @@ public:
         COMPACT_REQUIRE(g_sub.cols == rank_, where, "G_sub is ", shape_string(g_sub), " but (m, r=", rank_,
                         ") is required");
         detail::check_shape(g_hat, g_sub.rows, in_, where, "G_hat");
+        detail::check_projection(spec(epoch), where);
+        detail::workspace_carver(ws, workspace_bytes(), where);
         if (is_identity()) {
             Backend::template axpby<Scalar, Scalar>(ctx, 1.0, g_sub, 0.0, g_hat);
             return;
         }
-        auto p = generate(ctx, epoch, ws, where);
+        auto p = generate_into(ctx, epoch, ws, where);
         Backend::template gemm<Scalar>(ctx, op::none, op::transpose, Scalar(1), g_sub, p, Scalar(0), g_hat);
     }
 
-    /// Generates P (n, r) for `epoch` into the front of `ws` (workspace_bytes()) and returns it.
-    matrix_view<Scalar> generate(const context& ctx, std::uint64_t epoch, workspace ws,
-                                 const char* where = "input_projection::generate") const
+    /// Generates P (n, r) for `epoch` into the front of `ws` (projection_bytes()) and returns it, for
+    /// callers that keep P for an epoch (compress and forward overloads taking P).
+    matrix_view<Scalar> generate(const context& ctx, std::uint64_t epoch, workspace ws) const
     {
-        const auto s = spec(epoch);
-        detail::check_projection(s, where);
-        detail::workspace_carver carve(ws, workspace_bytes(), where);
-        matrix_view<Scalar> p(carve.take<Scalar>(in_ * rank_), in_, rank_);
-        Backend::template generate_projection<Scalar>(ctx, s, 0, 0, p);
-        return p;
+        constexpr const char* where = "input_projection::generate";
+        detail::check_projection(spec(epoch), where);
+        detail::workspace_carver(ws, projection_bytes(), where);
+        return generate_into(ctx, epoch, ws, where);
     }
 
 private:
+    /// P into `ws`, whose size the caller has checked.
+    matrix_view<Scalar> generate_into(const context& ctx, std::uint64_t epoch, workspace ws, const char* where) const
+    {
+        detail::workspace_carver carve(ws, projection_bytes(), where);
+        matrix_view<Scalar> p(carve.take<Scalar>(in_ * rank_), in_, rank_);
+        Backend::template generate_projection<Scalar>(ctx, spec(epoch), 0, 0, p);
+        return p;
+    }
+
     index_t in_ = 0;
     index_t rank_ = 0;
     distribution dist_ = distribution::gaussian;

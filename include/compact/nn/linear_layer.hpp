@@ -77,6 +77,8 @@ public:
     index_t in() const noexcept { return layer_.in(); }
     index_t out() const noexcept { return layer_.out(); }
     index_t rank() const noexcept { return layer_.rank(); }
+    /// The options the layer was built with (checkpoints compare them with a saved state).
+    const linear_options& options() const noexcept { return options_; }
     const layer_type& layer() const noexcept { return layer_; }
     const optimizer_type& optimizer() const noexcept { return optimizer_; }
 
@@ -89,10 +91,43 @@ public:
     const_matrix_view<Scalar> gradient() const noexcept { return {g_sub_.data(), out(), rank()}; }
     const Scalar* bias_gradient() const noexcept { return options_.bias ? db_.data() : nullptr; }
 
-    /// Moments and counters, for checkpoints and tests.
+    /// Moments and counters, for checkpoints and tests: M and V (m, r) of W with their counters, and the
+    /// bias's M and V (m, or null without bias) with theirs.
     matrix_view<State> first_moment() noexcept { return {m_.data(), out(), rank()}; }
     matrix_view<State> second_moment() noexcept { return {v_.data(), out(), rank()}; }
+    const_matrix_view<State> first_moment() const noexcept { return {m_.data(), out(), rank()}; }
+    const_matrix_view<State> second_moment() const noexcept { return {v_.data(), out(), rank()}; }
     const adam_counters& counters() const noexcept { return counters_; }
+    State* bias_first_moment() noexcept { return options_.bias ? bias_m_.data() : nullptr; }
+    State* bias_second_moment() noexcept { return options_.bias ? bias_v_.data() : nullptr; }
+    const State* bias_first_moment() const noexcept { return options_.bias ? bias_m_.data() : nullptr; }
+    const State* bias_second_moment() const noexcept { return options_.bias ? bias_v_.data() : nullptr; }
+    const adam_counters& bias_counters() const noexcept { return bias_counters_; }
+    /// True between a backward and the step that consumes its gradient (a checkpoint is taken after
+    /// step(), so that no accumulated gradient is lost).
+    bool gradient_pending() const noexcept { return has_gradient_; }
+
+    /// Sets the counters of a restored state, for checkpoint loading: the completed updates (which select
+    /// P's epoch) and the counters of W's and b's moments. Write the weights and moments through the
+    /// accessors above first; this discards any accumulated gradient and saved activation, and drops the
+    /// kept projection so the next forward regenerates P for the restored epoch. The counters must be
+    /// ones a run can reach: weight.step, bias.step <= updates and weight.epoch <= the epoch of updates.
+    void restore_counters(std::uint64_t updates, const adam_counters& weight, const adam_counters& bias)
+    {
+        const std::uint64_t current = options_.resample.epoch(updates);
+        COMPACT_REQUIRE(current < (std::uint64_t{1} << 32), "linear_layer::restore_counters", "updates=", updates,
+                        " gives epoch ", current, ", which must be below 2^32");
+        COMPACT_REQUIRE(weight.step <= updates && bias.step <= updates && weight.epoch <= current,
+                        "linear_layer::restore_counters", "counters (weight step=", weight.step, " epoch=",
+                        weight.epoch, ", bias step=", bias.step, ") cannot follow ", updates,
+                        " updates (epoch ", current, ")");
+        updates_ = updates;
+        counters_ = weight;
+        bias_counters_ = bias;
+        has_gradient_ = false;
+        rows_ = -1;
+        projection_valid_ = false;
+    }
 
     /// Completed optimizer updates, and the epoch of P that forward uses now.
     std::uint64_t updates() const noexcept { return updates_; }

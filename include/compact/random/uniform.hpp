@@ -10,6 +10,7 @@
 #include "compact/random/normal.hpp"
 #include "compact/random/philox.hpp"
 
+#include <cmath>
 #include <cstdint>
 
 COMPACT_NAMESPACE_BEGIN
@@ -27,8 +28,12 @@ void fill_uniform(matrix_view<T> out, double low, double high, std::uint64_t see
                                                   static_cast<std::uint32_t>(stream),
                                                   static_cast<std::uint32_t>(stream >> 32)}},
                                                 key);
-            for (index_t c = 0; c < 4 && 4 * q + c < out.cols; ++c)
-                out(i, 4 * q + c) = static_cast<T>(low + (high - low) * (static_cast<double>(x.w[c]) * 0x1p-32));
+            for (index_t c = 0; c < 4 && 4 * q + c < out.cols; ++c) {
+                T value = static_cast<T>(low + (high - low) * (static_cast<double>(x.w[c]) * 0x1p-32));
+                // Rounding to a narrower T can reach `high`; keep the interval half-open.
+                if (!(value < static_cast<T>(high))) value = std::nextafter(static_cast<T>(high), static_cast<T>(low));
+                out(i, 4 * q + c) = value;
+            }
         }
 }
 
