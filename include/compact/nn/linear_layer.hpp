@@ -39,6 +39,7 @@ struct linear_options {
     moment_policy moments = moment_policy::keep;   ///< what the optimizer does when P changes
     /// Keep P (n, r) for as long as its epoch lasts instead of regenerating it in every forward and
     /// step. Costs n r values of memory (independent of N); off by default, as in SPEC section 1.
+    /// Ignored for the identity projection, which needs no P.
     bool keep_projection = false;
 };
 
@@ -70,7 +71,7 @@ public:
             bias_m_.assign(static_cast<std::size_t>(out), State(0));
             bias_v_.assign(static_cast<std::size_t>(out), State(0));
         }
-        if (options.keep_projection) projection_.assign(static_cast<std::size_t>(in * r), Scalar(0));
+        if (keeps_projection()) projection_.assign(static_cast<std::size_t>(in * r), Scalar(0));
         workspace_.assign(std::max(layer_.workspace_bytes(), optimizer_.workspace_bytes()), std::byte{0});
     }
 
@@ -115,7 +116,7 @@ public:
     void restore_counters(std::uint64_t updates, const adam_counters& weight, const adam_counters& bias)
     {
         const std::uint64_t current = options_.resample.epoch(updates);
-        COMPACT_REQUIRE(current < (std::uint64_t{1} << 32), "linear_layer::restore_counters", "updates=", updates,
+        COMPACT_REQUIRE(current < static_cast<std::uint64_t>(detail::max_counter_word), "linear_layer::restore_counters", "updates=", updates,
                         " gives epoch ", current, ", which must be below 2^32");
         COMPACT_REQUIRE(weight.step <= updates && bias.step <= updates && weight.epoch <= current,
                         "linear_layer::restore_counters", "counters (weight step=", weight.step, " epoch=",
@@ -149,7 +150,7 @@ public:
         COMPACT_REQUIRE(x.rows <= options_.max_rows, "linear_layer::forward", "X has ", x.rows,
                         " rows but the layer was built for max_rows=", options_.max_rows);
         matrix_view<Scalar> z(z_.data(), x.rows, rank());
-        if (options_.keep_projection)
+        if (keeps_projection())
             layer_.forward(ctx, x, weight(), bias(), y, z, kept_projection(ctx));
         else
             layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
@@ -174,7 +175,7 @@ public:
     {
         COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
         optimizer_.step(ctx, h, weight(), gradient(), first_moment(), second_moment(), counters_, epoch(), ws(),
-                        options_.keep_projection ? kept_projection(ctx) : const_matrix_view<Scalar>{});
+                        keeps_projection() ? kept_projection(ctx) : const_matrix_view<Scalar>{});
         if (options_.bias)
             adamw<Backend>::step(ctx, h, matrix_view<Scalar>(bias_.data(), 1, out()),
                                  const_matrix_view<Scalar>(db_.data(), 1, out()),
@@ -186,6 +187,9 @@ public:
 
 private:
     workspace ws() noexcept { return {workspace_.data(), workspace_.size()}; }
+
+    /// The identity is never kept: its Z is a copy of X and its update needs no P.
+    bool keeps_projection() const noexcept { return options_.keep_projection && !layer_.projection().is_identity(); }
 
     /// The kept P of the current epoch, regenerated when the epoch has moved on.
     const_matrix_view<Scalar> kept_projection(const context& ctx)

@@ -67,10 +67,13 @@ namespace detail {
 inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint64_t t, double alpha,
                                                 const char* where)
 {
-    COMPACT_REQUIRE(h.lr >= 0 && h.eps > 0 && h.beta1 >= 0 && h.beta1 < 1 && h.beta2 >= 0 && h.beta2 < 1 &&
-                        h.weight_decay >= 0 && alpha > 0,
-                    where, "hyper-parameters out of range: lr=", h.lr, " beta1=", h.beta1, " beta2=", h.beta2,
-                    " eps=", h.eps, " weight_decay=", h.weight_decay, " alpha=", alpha);
+    COMPACT_REQUIRE(h.lr >= 0, where, "lr=", h.lr, " must be non-negative");
+    COMPACT_REQUIRE(h.beta1 >= 0 && h.beta1 < 1, where, "beta1=", h.beta1, " must be in [0, 1)");
+    COMPACT_REQUIRE(h.beta2 >= 0 && h.beta2 < 1, where, "beta2=", h.beta2, " must be in [0, 1)");
+    COMPACT_REQUIRE(h.eps > 0, where, "eps=", h.eps, " must be positive");
+    COMPACT_REQUIRE(h.weight_decay >= 0 && h.lr * h.weight_decay <= 1, where, "weight_decay=", h.weight_decay,
+                    " must be non-negative with lr * weight_decay <= 1 (lr=", h.lr, ")");
+    COMPACT_REQUIRE(alpha > 0, where, "alpha=", alpha, " must be positive");
     const double td = static_cast<double>(t);
     adam_coefficients k;
     k.beta1 = h.beta1;

@@ -1,0 +1,724 @@
+// tests/test_linear_layer.cpp: the owning wrapper linear_layer<Scalar, Policy, Backend, State>
+// (compact/nn/linear_layer.hpp): it trains, it is exactly the caller-memory API driven by hand,
+// gradient accumulation, determinism (run to run and across thread counts), resampling epochs, the
+// memory queries and its errors.
+//
+// Test bodies are templates over a `config` (backend, scalar, moment type); a CUDA backend joins by
+// adding its configs to COMPACT_TEST_CONFIGS (its bodies then need device copies of the buffers).
+#include <compact/compact.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using compact::index_t;
+
+template <class Backend, class Scalar, class State>
+struct config {
+    using backend = Backend;
+    using scalar = Scalar;
+    using state = State;
+};
+
+#define COMPACT_TEST_CONFIGS config<compact::cpu, float, float>, config<compact::cpu, double, double>
+// Properties of the CPU backend only (its thread count).
+#define COMPACT_CPU_TEST_CONFIGS config<compact::cpu, float, float>, config<compact::cpu, double, double>
+
+template <class T>
+constexpr bool is_float = std::is_same_v<T, float>;
+
+// ----------------------------------------------------------------------------------- small helpers
+
+template <class T>
+std::vector<T> uniform(std::mt19937_64& rng, index_t count, double low, double high)
+{
+    std::uniform_real_distribution<double> d(low, high);
+    std::vector<T> v(static_cast<std::size_t>(count));
+    for (auto& x : v) x = static_cast<T>(d(rng));
+    return v;
+}
+
+template <class T>
+std::vector<double> to_double(const std::vector<T>& v)
+{
+    return std::vector<double>(v.begin(), v.end());
+}
+
+template <class T>
+std::vector<T> copy_of(compact::const_matrix_view<T> v)
+{
+    std::vector<T> out;
+    for (index_t i = 0; i < v.rows; ++i) out.insert(out.end(), v.row(i), v.row(i) + v.cols);
+    return out;
+}
+
+/// ||got - want||_2 / ||want||_2, in float64.
+template <class T>
+double relative_error(const std::vector<T>& got, const std::vector<double>& want)
+{
+    REQUIRE(got.size() == want.size());
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+        const double d = static_cast<double>(got[i]) - want[i];
+        diff += d * d;
+        norm += want[i] * want[i];
+    }
+    return std::sqrt(diff) / std::sqrt(norm);
+}
+
+template <class T>
+bool bit_equal(const std::vector<T>& a, const std::vector<T>& b)
+{
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+/// Set COMPACT_TEST_PRINT_ERRORS=1 to print every measured error next to its tolerance.
+bool print_errors()
+{
+    static const bool on = std::getenv("COMPACT_TEST_PRINT_ERRORS") != nullptr;
+    return on;
+}
+
+/// CHECK(error <= tol), reporting the measured error on failure (and always, on request).
+#define CHECK_RELATIVE(error_expression, tolerance)                                                        \
+    do {                                                                                                   \
+        const double measured_error_ = (error_expression);                                                 \
+        const double tolerance_ = (tolerance);                                                             \
+        INFO(#error_expression " = ", measured_error_, " (tolerance ", tolerance_, ")");                   \
+        if (print_errors()) MESSAGE(#error_expression " = ", measured_error_, " (tolerance ", tolerance_, ")"); \
+        CHECK(measured_error_ <= tolerance_);                                                              \
+    } while (false)
+
+template <class T>
+compact::matrix_view<T> view_of(std::vector<T>& v, index_t rows, index_t cols)
+{
+    return compact::make_view(v.data(), rows, cols);
+}
+
+template <class T>
+compact::const_matrix_view<T> cview_of(const std::vector<T>& v, index_t rows, index_t cols)
+{
+    return compact::const_matrix_view<T>(v.data(), rows, cols);
+}
+
+/// A synthetic regression: X (rows, n) ~ U(-1, 1), targets T = X W*^T + b* + noise (rows, m), loss
+/// mean((Y - T)^2) over all rows * m values, so dY = 2 (Y - T) / (rows m) for every row of the batch.
+template <class Scalar>
+struct regression {
+    index_t rows, n, m;
+    std::vector<Scalar> x, target;
+
+    regression(index_t rows_, index_t n_, index_t m_, std::uint64_t seed) : rows(rows_), n(n_), m(m_)
+    {
+        std::mt19937_64 rng(seed);
+        x = uniform<Scalar>(rng, rows * n, -1, 1);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(n));
+        const auto w = uniform<double>(rng, m * n, -scale, scale);
+        const auto b = uniform<double>(rng, m, -0.5, 0.5);
+        const auto noise = uniform<double>(rng, rows * m, -0.01, 0.01);
+        target.resize(static_cast<std::size_t>(rows * m));
+        for (index_t i = 0; i < rows; ++i)
+            for (index_t o = 0; o < m; ++o) {
+                double y = b[static_cast<std::size_t>(o)] + noise[static_cast<std::size_t>(i * m + o)];
+                for (index_t j = 0; j < n; ++j)
+                    y += static_cast<double>(x[static_cast<std::size_t>(i * n + j)]) * w[static_cast<std::size_t>(o * n + j)];
+                target[static_cast<std::size_t>(i * m + o)] = static_cast<Scalar>(y);
+            }
+    }
+
+    compact::const_matrix_view<Scalar> inputs(index_t r0, index_t count) const
+    {
+        return compact::const_matrix_view<Scalar>(x.data() + r0 * n, count, n);
+    }
+
+    /// dY for rows [r0, r0 + y.rows) of the batch, from their outputs y; returns their summed loss.
+    double gradient(index_t r0, compact::const_matrix_view<Scalar> y, std::vector<Scalar>& dy) const
+    {
+        const auto scale = static_cast<Scalar>(2.0 / static_cast<double>(rows * m));
+        dy.resize(static_cast<std::size_t>(y.rows * m));
+        double loss = 0;
+        for (index_t i = 0; i < y.rows; ++i)
+            for (index_t o = 0; o < m; ++o) {
+                const Scalar r = y(i, o) - target[static_cast<std::size_t>((r0 + i) * m + o)];
+                dy[static_cast<std::size_t>(i * m + o)] = scale * r;
+                loss += static_cast<double>(r) * static_cast<double>(r) / static_cast<double>(rows * m);
+            }
+        return loss;
+    }
+};
+
+/// One update of `layer` on the whole batch split into `micro` equal micro-batches; returns the loss.
+template <class Layer, class Scalar>
+double train_step(Layer& layer, const typename Layer::context& ctx, const regression<Scalar>& problem,
+                  const compact::adamw_params& h, index_t micro = 1)
+{
+    const index_t count = problem.rows / micro;
+    std::vector<Scalar> y(static_cast<std::size_t>(count * problem.m)), dy, dx(static_cast<std::size_t>(count * problem.n));
+    double loss = 0;
+    for (index_t k = 0; k < micro; ++k) {
+        layer.forward(ctx, problem.inputs(k * count, count), view_of(y, count, problem.m));
+        loss += problem.gradient(k * count, cview_of(y, count, problem.m), dy);
+        layer.backward(ctx, cview_of(dy, count, problem.m), view_of(dx, count, problem.n));
+    }
+    layer.step(ctx, h);
+    return loss;
+}
+
+template <class Layer>
+void initialise(Layer& layer, std::uint64_t seed)
+{
+    std::mt19937_64 rng(seed);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(layer.in()));
+    auto w = layer.weight();
+    std::uniform_real_distribution<double> d(-scale, scale);
+    for (index_t i = 0; i < w.rows; ++i)
+        for (index_t j = 0; j < w.cols; ++j) w(i, j) = static_cast<typename Layer::layer_type::scalar_type>(d(rng));
+    if (auto* b = layer.bias())
+        for (index_t o = 0; o < layer.out(); ++o) b[o] = static_cast<typename Layer::layer_type::scalar_type>(d(rng));
+}
+
+/// Everything a layer's training state holds that the public interface shows.
+template <class Scalar, class State>
+struct snapshot {
+    std::vector<Scalar> weight, bias, gradient, bias_gradient;
+    std::vector<State> m, v, bias_m, bias_v;
+    std::uint64_t step = 0, epoch = 0, bias_step = 0, updates = 0;
+    bool pending = false;
+
+    template <class Layer>
+    explicit snapshot(const Layer& layer)
+        : weight(copy_of<Scalar>(layer.weight())),
+          gradient(copy_of<Scalar>(layer.gradient())),
+          m(copy_of<State>(layer.first_moment())),
+          v(copy_of<State>(layer.second_moment())),
+          step(layer.counters().step),
+          epoch(layer.counters().epoch),
+          bias_step(layer.bias_counters().step),
+          updates(layer.updates()),
+          pending(layer.gradient_pending())
+    {
+        if (const Scalar* b = layer.bias()) {
+            const auto out = static_cast<std::size_t>(layer.out());
+            bias.assign(b, b + out);
+            bias_gradient.assign(layer.bias_gradient(), layer.bias_gradient() + out);
+            bias_m.assign(layer.bias_first_moment(), layer.bias_first_moment() + out);
+            bias_v.assign(layer.bias_second_moment(), layer.bias_second_moment() + out);
+        }
+    }
+
+    bool operator==(const snapshot& o) const
+    {
+        return bit_equal(weight, o.weight) && bit_equal(bias, o.bias) && bit_equal(gradient, o.gradient) &&
+               bit_equal(bias_gradient, o.bias_gradient) && bit_equal(m, o.m) && bit_equal(v, o.v) &&
+               bit_equal(bias_m, o.bias_m) && bit_equal(bias_v, o.bias_v) && step == o.step && epoch == o.epoch &&
+               bias_step == o.bias_step && updates == o.updates && pending == o.pending;
+    }
+};
+
+compact::adamw_params hyper(double lr = 1e-2, double alpha = 1.0, double weight_decay = 0.01)
+{
+    compact::adamw_params h;
+    h.lr = lr;
+    h.alpha = alpha;
+    h.weight_decay = weight_decay;
+    return h;
+}
+
+/// Transformers-style AdamW in float64 (SPEC section 3): W <- W - eta_t N, then W <- W - lr wd W.
+struct reference_adamw {
+    std::vector<double> m, v;
+    std::uint64_t t = 0;
+    explicit reference_adamw(std::size_t size) : m(size, 0.0), v(size, 0.0) {}
+
+    void step(const compact::adamw_params& h, std::vector<double>& w, const std::vector<double>& g)
+    {
+        ++t;
+        const double td = static_cast<double>(t);
+        const double eta = h.lr * std::sqrt(1 - std::pow(h.beta2, td)) / (1 - std::pow(h.beta1, td));
+        for (std::size_t i = 0; i < w.size(); ++i) {
+            m[i] = h.beta1 * m[i] + (1 - h.beta1) * g[i];
+            v[i] = h.beta2 * v[i] + (1 - h.beta2) * g[i] * g[i];
+            w[i] -= eta * m[i] / (std::sqrt(v[i]) + h.eps);
+            w[i] -= h.lr * h.weight_decay * w[i];
+        }
+    }
+};
+
+} // namespace
+
+// ========================================================================================= training
+
+TEST_CASE_TEMPLATE("linear_layer with rank::ratio<1, 4> reduces the loss of a regression", Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    const typename Backend::context ctx{};
+    const regression<Scalar> problem(128, 64, 16, 0x7e57);
+
+    compact::linear_options options;
+    options.seed = 42;
+    options.layer = 3;
+    options.max_rows = problem.rows;
+    options.resample.gap = 10;
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(problem.n, problem.m, options);
+    REQUIRE(layer.rank() == 16);
+    initialise(layer, 1);
+
+    // The paper's pretraining setting: alpha = 0.25, a new P every 10 updates. The loss falls steadily
+    // (to about 5% of its start here); the checks leave a factor of 2.
+    const auto h = hyper(2e-2, 0.25, 0.0);
+    const double first = train_step(layer, ctx, problem, h);
+    double middle = first, last = first;
+    for (int s = 1; s < 150; ++s) {
+        last = train_step(layer, ctx, problem, h);
+        if (s == 75) middle = last;
+    }
+    CAPTURE(first);
+    CAPTURE(middle);
+    CAPTURE(last);
+    CHECK(std::isfinite(last));
+    CHECK(last < 0.1 * first);
+    CHECK(last < 0.75 * middle); // still improving after several resamplings of P
+    CHECK(layer.updates() == 150);
+    CHECK(layer.epoch() == 15);
+}
+
+namespace {
+
+/// Trains a linear_layer and, side by side, the caller-memory API driven by hand (compressed_linear,
+/// subspace_adamw for W, adamw for b, epoch = resample.epoch(update)); both must be bit-identical.
+template <class Cfg, class Policy>
+void layer_equals_caller_memory_api(int steps)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    const typename Backend::context ctx{};
+    const regression<Scalar> problem(48, 40, 12, 0x1d);
+    const index_t rows = problem.rows, n = problem.n, m = problem.m;
+
+    compact::linear_options options;
+    options.seed = 0xabcdef;
+    options.layer = 9;
+    options.max_rows = rows;
+    options.resample.gap = 5;
+    options.moments = compact::moment_policy::transfer;
+    compact::linear_layer<Scalar, Policy, Backend, State> layer(n, m, options);
+    initialise(layer, 2);
+
+    const compact::compressed_linear<Scalar, Policy, Backend> manual(n, m, options.seed, options.layer);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, manual.projection(), options.moments);
+    const index_t r = manual.rank();
+    REQUIRE(r == layer.rank());
+    auto w = copy_of<Scalar>(layer.weight());
+    std::vector<Scalar> b(layer.bias(), layer.bias() + m);
+    std::vector<Scalar> y(rows * m), z(rows * r), dy, dx(rows * n), g_sub(m * r), db(m);
+    std::vector<State> wm(m * r, State(0)), wv(m * r, State(0)), bm(m, State(0)), bv(m, State(0));
+    compact::adam_counters w_counters, b_counters;
+    std::vector<unsigned char> ws(std::max(manual.workspace_bytes(), optimizer.workspace_bytes()));
+
+    // The float64 reference for the identity: a plain linear layer + AdamW (decay on the bias too).
+    auto w_ref = to_double(w);
+    auto b_ref = to_double(b);
+    reference_adamw w_state(w_ref.size()), b_state(b_ref.size());
+
+    const auto h = hyper(1e-2, 1.0, 0.1);
+    std::vector<Scalar> y_layer(rows * m), dy_layer, dx_layer(rows * n);
+    for (int s = 0; s < steps; ++s) {
+        const auto update = static_cast<std::uint64_t>(s);
+        const std::uint64_t epoch = options.resample.epoch(update);
+        CHECK(layer.epoch() == epoch);
+
+        layer.forward(ctx, problem.inputs(0, rows), view_of(y_layer, rows, m));
+        problem.gradient(0, cview_of(y_layer, rows, m), dy_layer);
+        layer.backward(ctx, cview_of(dy_layer, rows, m), view_of(dx_layer, rows, n));
+        const auto g_layer = copy_of<Scalar>(layer.gradient());
+        layer.step(ctx, h);
+
+        manual.forward(ctx, problem.inputs(0, rows), cview_of(w, m, n), b.data(), view_of(y, rows, m), view_of(z, rows, r),
+                       epoch, {ws.data(), ws.size()});
+        problem.gradient(0, cview_of(y, rows, m), dy);
+        manual.backward(ctx, cview_of(dy, rows, m), cview_of(w, m, n), cview_of(z, rows, r), view_of(dx, rows, n),
+                        view_of(g_sub, m, r), db.data());
+        CHECK(bit_equal(y, y_layer));
+        CHECK(bit_equal(dx, dx_layer));
+        CHECK(bit_equal(g_sub, g_layer));
+        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g_sub, m, r), view_of(wm, m, r), view_of(wv, m, r), w_counters,
+                       epoch, {ws.data(), ws.size()});
+        compact::adamw<Backend>::step(ctx, h, view_of(b, 1, m), cview_of(db, 1, m), view_of(bm, 1, m), view_of(bv, 1, m),
+                                      b_counters);
+
+        if (compact::forces_identity_projection<Policy>) {
+            // G = dY^T X, db = sum of dY's rows, in float64 from the layer's own dY.
+            std::vector<double> g_ref(static_cast<std::size_t>(m * n), 0.0), db_ref(static_cast<std::size_t>(m), 0.0);
+            for (index_t i = 0; i < rows; ++i)
+                for (index_t o = 0; o < m; ++o) {
+                    const double d = static_cast<double>(dy[static_cast<std::size_t>(i * m + o)]);
+                    db_ref[static_cast<std::size_t>(o)] += d;
+                    for (index_t j = 0; j < n; ++j)
+                        g_ref[static_cast<std::size_t>(o * n + j)] +=
+                            d * static_cast<double>(problem.x[static_cast<std::size_t>(i * n + j)]);
+                }
+            w_state.step(h, w_ref, g_ref);
+            b_state.step(h, b_ref, db_ref);
+        }
+    }
+    CHECK(layer.updates() == static_cast<std::uint64_t>(steps));
+    CHECK(bit_equal(copy_of<Scalar>(layer.weight()), w));
+    CHECK(bit_equal(std::vector<Scalar>(layer.bias(), layer.bias() + m), b));
+    CHECK(bit_equal(copy_of<State>(layer.first_moment()), wm));
+    CHECK(bit_equal(copy_of<State>(layer.second_moment()), wv));
+    CHECK(layer.counters().step == w_counters.step);
+    CHECK(layer.counters().epoch == w_counters.epoch);
+    CHECK(bit_equal(std::vector<State>(layer.bias_first_moment(), layer.bias_first_moment() + m), bm));
+    CHECK(bit_equal(std::vector<State>(layer.bias_second_moment(), layer.bias_second_moment() + m), bv));
+    CHECK(layer.bias_counters().step == b_counters.step);
+
+    if (compact::forces_identity_projection<Policy>) {
+        // The layer follows plain float64 AdamW to rounding only, but its own dY feeds the reference
+        // each step, so this measures the optimizer path: float <= 1e-4, double <= 1e-10.
+        const double tol = is_float<Scalar> ? 1e-4 : 1e-10;
+        CHECK_RELATIVE(relative_error(w, w_ref), tol);
+        CHECK_RELATIVE(relative_error(b, b_ref), tol);
+    }
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("linear_layer is the caller-memory API driven by hand, bit for bit", Cfg, COMPACT_TEST_CONFIGS)
+{
+    SUBCASE("rank::full (identity projection), also against float64 plain AdamW")
+    {
+        layer_equals_caller_memory_api<Cfg, compact::rank::full>(20);
+    }
+    SUBCASE("rank::ratio<1, 4> (gaussian projection, epochs of 5 updates, transfer)")
+    {
+        layer_equals_caller_memory_api<Cfg, compact::rank::ratio<1, 4>>(12);
+    }
+}
+
+TEST_CASE("linear_layer<double, rank::full, cpu, double> equals the identity result of compressed_linear + "
+          "subspace_adamw, bit for bit")
+{
+    layer_equals_caller_memory_api<config<compact::cpu, double, double>, compact::rank::full>(30);
+}
+
+namespace {
+
+template <class Cfg, class Policy>
+void kept_projection_equals_regenerated()
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    const typename Backend::context ctx{};
+    const regression<Scalar> problem(32, 40, 12, 0x4ee9);
+    compact::linear_options options;
+    options.seed = 5;
+    options.layer = 21;
+    options.max_rows = problem.rows;
+    options.resample.gap = 3;
+    options.moments = compact::moment_policy::transfer;
+    using Layer = compact::linear_layer<Scalar, Policy, Backend, State>;
+    Layer regenerate(problem.n, problem.m, options);
+    options.keep_projection = true;
+    Layer kept(problem.n, problem.m, options);
+    CHECK(regenerate.projection_bytes() == 0);
+    CHECK(kept.projection_bytes() <= static_cast<std::size_t>(problem.n * kept.rank()) * sizeof(Scalar));
+    if (!compact::forces_identity_projection<Policy>)
+        CHECK(kept.projection_bytes() == static_cast<std::size_t>(problem.n * kept.rank()) * sizeof(Scalar));
+    initialise(regenerate, 8);
+    initialise(kept, 8);
+    const auto h = hyper(1e-2, 0.25, 0.1);
+    for (int s = 0; s < 10; ++s) {
+        const double a = train_step(regenerate, ctx, problem, h, 2);
+        const double b = train_step(kept, ctx, problem, h, 2);
+        CHECK(a == b);
+    }
+    CHECK(kept.epoch() == 3);
+    CHECK(snapshot<Scalar, State>(kept) == snapshot<Scalar, State>(regenerate));
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("options.keep_projection trains bit-identically to regenerating P", Cfg, COMPACT_TEST_CONFIGS)
+{
+    SUBCASE("rank::ratio<1, 4>") { kept_projection_equals_regenerated<Cfg, compact::rank::ratio<1, 4>>(); }
+    SUBCASE("rank::full") { kept_projection_equals_regenerated<Cfg, compact::rank::full>(); }
+}
+
+// ========================================================================== gradient accumulation
+
+TEST_CASE_TEMPLATE("k micro-batches then one step equals one batch of the same rows then one step", Cfg,
+                   COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    const typename Backend::context ctx{};
+    constexpr index_t micro = 4;
+    const regression<Scalar> problem(64, 48, 20, 0xacc);
+    // Relative (2-norm) error of W and b after 3 updates: the two runs sum G_sub and db in different
+    // orders (float: u = 6e-8; double: u = 1e-16), and Adam's normalisation keeps that relative.
+    const double tol = is_float<Scalar> ? 1e-5 : 1e-12;
+
+    compact::linear_options options;
+    options.seed = 77;
+    options.layer = 5;
+    options.resample.gap = 2; // the third update uses a new P
+    options.max_rows = problem.rows;
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> whole(problem.n, problem.m, options);
+    options.max_rows = problem.rows / micro;
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> split(problem.n, problem.m, options);
+    initialise(whole, 3);
+    initialise(split, 3);
+
+    const auto h = hyper(1e-2, 0.25, 0.1);
+    for (int s = 0; s < 3; ++s) {
+        // Each micro-batch's dY carries the loss scale of the whole batch, 2 / (rows m), so the summed
+        // gradient is the whole batch's.
+        const double loss_whole = train_step(whole, ctx, problem, h, 1);
+        const double loss_split = train_step(split, ctx, problem, h, micro);
+        CHECK(loss_split == doctest::Approx(loss_whole).epsilon(is_float<Scalar> ? 1e-5 : 1e-12));
+    }
+    const snapshot<Scalar, State> a(whole), b(split);
+    CHECK_RELATIVE(relative_error(b.weight, to_double(a.weight)), tol);
+    CHECK_RELATIVE(relative_error(b.bias, to_double(a.bias)), tol);
+    CHECK_RELATIVE(relative_error(b.m, to_double(a.m)), tol);
+    CHECK(a.step == b.step);
+    CHECK(a.epoch == b.epoch);
+    CHECK(whole.epoch() == 1);
+}
+
+// =================================================================================== determinism
+
+namespace {
+
+/// The shapes of a determinism run: rows of X, n, m, and the rank.
+struct determinism_shape {
+    index_t rows, n, m, r;
+};
+
+// Large enough that every GEMM is split into parts (C's longer side >= 256 gives >= 2 parts: Y
+// (256, 576), Z (256, 60), dX (256, 64), G_sub (576, 60) and the update of W (576, 64)) and the
+// elementwise moment update covers two parts (m r = 34560 > 32768 values).
+constexpr determinism_shape split_shape{256, 64, 576, 60};
+// Smaller (the GEMMs over the 256 rows still split), for the longer run-to-run check.
+constexpr determinism_shape medium_shape{256, 64, 48, 16};
+
+template <class Cfg>
+snapshot<typename Cfg::scalar, typename Cfg::state> train_for_determinism(const typename Cfg::backend::context& ctx,
+                                                                          determinism_shape shape, int steps)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    const regression<Scalar> problem(shape.rows, shape.n, shape.m, 0xde7);
+    compact::linear_options options;
+    options.seed = 2024;
+    options.layer = 1;
+    options.max_rows = problem.rows;
+    options.resample.gap = 5;
+    // The transfer policy runs every kernel keep and reset run, plus the re-sketch GEMMs.
+    options.moments = compact::moment_policy::transfer;
+    compact::linear_layer<Scalar, compact::rank::fixed, Backend, State> layer(problem.n, problem.m, options,
+                                                                              compact::rank::fixed{shape.r});
+    initialise(layer, 4);
+    const auto h = hyper(1e-3, 0.25, 0.01);
+    for (int s = 0; s < steps; ++s) train_step(layer, ctx, problem, h);
+    // Leave one more gradient accumulated, so the snapshot covers forward and backward too.
+    std::vector<Scalar> y(static_cast<std::size_t>(problem.rows * problem.m)), dy;
+    layer.forward(ctx, problem.inputs(0, problem.rows), view_of(y, problem.rows, problem.m));
+    problem.gradient(0, cview_of(y, problem.rows, problem.m), dy);
+    layer.backward(ctx, cview_of(dy, problem.rows, problem.m), compact::matrix_view<Scalar>{});
+    return snapshot<Scalar, State>(layer);
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("30 training steps twice give bit-identical weights, moments and counters", Cfg,
+                   COMPACT_TEST_CONFIGS)
+{
+    const typename Cfg::backend::context ctx{};
+    const auto first = train_for_determinism<Cfg>(ctx, medium_shape, 30);
+    const auto second = train_for_determinism<Cfg>(ctx, medium_shape, 30);
+    CHECK(first.updates == 30);
+    CHECK(first.epoch == 5);
+    CHECK(first.step == 30);
+    CHECK(first == second);
+}
+
+TEST_CASE_TEMPLATE("cpu::context{1} and cpu::context{2} give bit-identical training", Cfg, COMPACT_CPU_TEST_CONFIGS)
+{
+    // 12 updates cross two epoch boundaries (T = 5).
+    const auto one = train_for_determinism<Cfg>(compact::cpu::context{1}, split_shape, 12);
+    const auto two = train_for_determinism<Cfg>(compact::cpu::context{2}, split_shape, 12);
+    CHECK(one.epoch == 2);
+    CHECK(one == two);
+}
+
+// ======================================================================================== epochs
+
+TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at epoch boundaries", Cfg,
+                   COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    const typename Backend::context ctx{};
+    constexpr index_t rows = 16, n = 32, m = 8;
+    // Relative (2-norm) error of G_sub = dY^T X P against float64 (sums of 16 and 32 terms; float
+    // u = 6e-8, double u = 1e-16), with a wide margin.
+    const double tol = is_float<Scalar> ? 1e-5 : 1e-13;
+
+    compact::linear_options options;
+    options.seed = 31337;
+    options.layer = 12;
+    options.max_rows = rows;
+    options.resample.gap = 5;
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(n, m, options);
+    initialise(layer, 5);
+    const index_t r = layer.rank();
+
+    std::mt19937_64 rng(0xe90c);
+    const auto x = uniform<Scalar>(rng, rows * n, -1, 1);
+    const auto dy = uniform<Scalar>(rng, rows * m, -1, 1);
+    std::vector<Scalar> y(rows * m);
+    std::vector<std::vector<Scalar>> gradients;
+    const auto h = hyper();
+    for (std::uint64_t u = 0; u < 15; ++u) {
+        CHECK(layer.updates() == u);
+        CHECK(layer.epoch() == u / 5);
+        layer.forward(ctx, cview_of(x, rows, n), view_of(y, rows, m));
+        layer.backward(ctx, cview_of(dy, rows, m), compact::matrix_view<Scalar>{});
+        gradients.push_back(copy_of<Scalar>(layer.gradient()));
+
+        // G_sub = dY^T (X P) with P of this epoch, in float64 from compact::projection_element.
+        const auto spec = layer.layer().projection().spec(u / 5);
+        CHECK(spec.key.epoch == u / 5);
+        std::vector<double> z(static_cast<std::size_t>(rows * r), 0.0), g_ref(static_cast<std::size_t>(m * r), 0.0);
+        for (index_t i = 0; i < rows; ++i)
+            for (index_t k = 0; k < r; ++k)
+                for (index_t j = 0; j < n; ++j)
+                    z[static_cast<std::size_t>(i * r + k)] +=
+                        static_cast<double>(x[static_cast<std::size_t>(i * n + j)]) * compact::projection_element(spec, j, k);
+        for (index_t o = 0; o < m; ++o)
+            for (index_t k = 0; k < r; ++k)
+                for (index_t i = 0; i < rows; ++i)
+                    g_ref[static_cast<std::size_t>(o * r + k)] +=
+                        static_cast<double>(dy[static_cast<std::size_t>(i * m + o)]) * z[static_cast<std::size_t>(i * r + k)];
+        CHECK_RELATIVE(relative_error(gradients.back(), g_ref), tol);
+
+        layer.step(ctx, h);
+        CHECK(layer.counters().epoch == u / 5);
+    }
+    CHECK(layer.updates() == 15);
+    CHECK(layer.epoch() == 3);
+    for (std::size_t a = 0; a < gradients.size(); ++a)
+        for (std::size_t b = a + 1; b < gradients.size(); ++b) {
+            CAPTURE(a);
+            CAPTURE(b);
+            if (a / 5 == b / 5) CHECK(bit_equal(gradients[a], gradients[b]));
+            else CHECK(relative_error(gradients[a], to_double(gradients[b])) > 0.1);
+        }
+}
+
+// ========================================================================= memory and errors
+
+TEST_CASE_TEMPLATE("linear_layer memory queries", Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    constexpr index_t n = 50, m = 30;
+    compact::linear_options options;
+    options.max_rows = 100;
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(n, m, options);
+    const index_t r = layer.rank();
+    CHECK(r == 13); // round(50 / 4)
+    for (index_t rows : {index_t{0}, index_t{1}, index_t{37}, index_t{100}})
+        CHECK(layer.saved_bytes(rows) == static_cast<std::size_t>(rows * r) * sizeof(Scalar));
+    CHECK(layer.saved_bytes(100) < static_cast<std::size_t>(100 * n) * sizeof(Scalar));
+    // Moments of W (m, r) and of b (m).
+    CHECK(layer.state_bytes() == static_cast<std::size_t>(2 * m * r + 2 * m) * sizeof(State));
+
+    options.bias = false;
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> no_bias(n, m, options);
+    CHECK(no_bias.bias() == nullptr);
+    CHECK(no_bias.bias_gradient() == nullptr);
+    CHECK(no_bias.state_bytes() == static_cast<std::size_t>(2 * m * r) * sizeof(State));
+
+    compact::linear_layer<Scalar, compact::rank::full, Backend, State> full(n, m, options);
+    CHECK(full.rank() == n);
+    CHECK(full.saved_bytes(100) == static_cast<std::size_t>(100 * n) * sizeof(Scalar));
+}
+
+TEST_CASE_TEMPLATE("linear_layer errors name the problem", Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using Layer = compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State>;
+    using doctest::Contains;
+    const typename Backend::context ctx{};
+    constexpr index_t n = 16, m = 6, max_rows = 8;
+    compact::linear_options options;
+    options.max_rows = max_rows;
+    options.seed = 3;
+
+    std::mt19937_64 rng(0xe7);
+    const auto x = uniform<Scalar>(rng, (max_rows + 1) * n, -1, 1);
+    const auto dy = uniform<Scalar>(rng, (max_rows + 1) * m, -1, 1);
+    std::vector<Scalar> y((max_rows + 1) * m), dx((max_rows + 1) * n);
+
+    options.max_rows = 0;
+    CHECK_THROWS_WITH_AS(Layer(n, m, options), Contains("max_rows=0"), compact::error);
+    options.max_rows = max_rows;
+    Layer layer(n, m, options);
+    initialise(layer, 6);
+
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, cview_of(x, max_rows + 1, n), view_of(y, max_rows + 1, m)),
+                         Contains("linear_layer::forward: X has 9 rows but the layer was built for max_rows=8"),
+                         compact::error);
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n)),
+                         Contains("linear_layer::backward: called without a preceding forward"), compact::error);
+    CHECK_THROWS_WITH_AS(layer.step(ctx, hyper()), Contains("linear_layer::step: no gradient since the last step"),
+                         compact::error);
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, cview_of(x, max_rows, n - 1), view_of(y, max_rows, m)), Contains("X is (8, 15)"),
+                         compact::error);
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, cview_of(x, max_rows, n), view_of(y, max_rows, m + 1)), Contains("Y is (8, 7)"),
+                         compact::error);
+
+    layer.forward(ctx, cview_of(x, max_rows, n), view_of(y, max_rows, m));
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows - 1, m), view_of(dx, max_rows - 1, n)),
+                         Contains("dY is (7, 6) but the last forward saved 8 rows"), compact::error);
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n + 1)),
+                         Contains("dX is (8, 17)"), compact::error);
+    CHECK(layer.updates() == 0);
+    // The failed calls changed nothing: the saved forward still pairs with a correct backward.
+    layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n));
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n)),
+                         Contains("without a preceding forward"), compact::error);
+
+    // A step with bad hyper-parameters throws and leaves everything as it was; a good one then runs.
+    const snapshot<Scalar, State> before(layer);
+    auto bad = hyper();
+    bad.lr = -1;
+    CHECK_THROWS_WITH_AS(layer.step(ctx, bad), Contains("lr=-1"), compact::error);
+    CHECK(snapshot<Scalar, State>(layer) == before);
+    layer.step(ctx, hyper());
+    CHECK(layer.updates() == 1);
+    CHECK_THROWS_WITH_AS(layer.step(ctx, hyper()), Contains("no gradient"), compact::error);
+    CHECK(layer.updates() == 1);
+}
