@@ -789,7 +789,7 @@ TEST_CASE_TEMPLATE("adamw::step rejects bad hyper-parameters and shapes, and cha
 
     auto h = good;
     h.lr = -1e-3;
-    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: hyper-parameters out of range: lr=-0.001"),
+    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: lr=-0.001 must be non-negative"),
                          compact::error);
     CHECK(unchanged());
     h = good;
@@ -865,4 +865,36 @@ TEST_CASE_TEMPLATE("state_bytes and workspace_bytes", Cfg, COMPACT_TEST_CONFIGS)
     const compact::subspace_adamw<Scalar, Backend, State> gaussian_full(
         m, compact::input_projection<Scalar, Backend>(n, n, compact::distribution::gaussian, 5, 6));
     CHECK(identity_optimizer.workspace_bytes() < gaussian_full.workspace_bytes());
+}
+
+TEST_CASE("subspace_adamw with the identity ignores epoch changes under every moment policy")
+{
+    // P = I never changes, so resampling must not reset or transfer its moments: every policy has to
+    // give plain AdamW, bit for bit, across epoch boundaries.
+    using compact::index_t;
+    const index_t m = 6, n = 5;
+    const compact::input_projection<double, compact::cpu> identity(n, n, compact::distribution::identity, 3, 4);
+    compact::adamw_params h;
+    h.lr = 1e-2;
+    h.weight_decay = 0.1;
+    std::vector<double> g(m * n);
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = std::sin(0.7 * static_cast<double>(i) + 0.3);
+    for (auto policy : {compact::moment_policy::keep, compact::moment_policy::reset, compact::moment_policy::transfer}) {
+        CAPTURE(std::string(compact::to_string(policy)));
+        const compact::subspace_adamw<double, compact::cpu, double> opt(m, identity, policy);
+        std::vector<double> w(m * n, 0.5), w_plain(m * n, 0.5), mo(m * n), vo(m * n), mp(m * n), vp(m * n);
+        std::vector<unsigned char> ws(opt.workspace_bytes());
+        compact::adam_counters c{}, cp{};
+        for (std::uint64_t update = 0; update < 7; ++update) {
+            opt.step({}, h, compact::make_view(w.data(), m, n), compact::make_view<const double>(g.data(), m, n),
+                     compact::make_view(mo.data(), m, n), compact::make_view(vo.data(), m, n), c,
+                     compact::resampling{2}.epoch(update), {ws.data(), ws.size()});
+            compact::adamw<compact::cpu>::step({}, h, compact::make_view(w_plain.data(), m, n),
+                                              compact::make_view<const double>(g.data(), m, n),
+                                              compact::make_view(mp.data(), m, n), compact::make_view(vp.data(), m, n), cp);
+        }
+        CHECK(c.step == 7);
+        CHECK(w == w_plain);
+        CHECK(mo == mp);
+    }
 }

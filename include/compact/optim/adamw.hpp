@@ -135,12 +135,13 @@ public:
     }
 
     /// Workspace for step(): P and the update direction, plus P_old, P_new, P_old^T P_new and M P for the
-    /// transfer policy.
+    /// transfer policy; none for the identity, which is plain AdamW in place.
     std::size_t workspace_bytes() const noexcept
     {
+        if (projection_.is_identity()) return 0; // plain AdamW in place
         const index_t n = projection_.in(), r = projection_.rank();
-        std::size_t bytes = detail::workspace_slack + detail::buffer_bytes<Scalar>(out_ * r);
-        if (!projection_.is_identity()) bytes += detail::buffer_bytes<Scalar>(n * r);
+        std::size_t bytes = detail::workspace_slack + detail::buffer_bytes<Scalar>(out_ * r) +
+                            detail::buffer_bytes<Scalar>(n * r);
         if (policy_ == moment_policy::transfer)
             bytes += 2 * detail::buffer_bytes<State>(n * r) + detail::buffer_bytes<State>(r * r) +
                      detail::buffer_bytes<State>(out_ * r);
@@ -167,20 +168,25 @@ public:
 
         const bool generate = !projection_.is_identity() && p.empty();
         if (!p.empty()) detail::check_shape(p, n, r, where, "P");
-        matrix_view<Scalar> direction(carve.take<Scalar>(out_ * r), out_, r);
-        matrix_view<Scalar> p_buffer;
-        if (!projection_.is_identity()) p_buffer = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
+        matrix_view<Scalar> direction, p_buffer;
+        if (!projection_.is_identity()) {
+            direction = matrix_view<Scalar>(carve.take<Scalar>(out_ * r), out_, r);
+            p_buffer = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
+        }
 
-        if (counters.step > 0 && counters.epoch != epoch) change_epoch(ctx, m, v, counters, epoch, carve);
+        // The identity never changes, so an epoch boundary means nothing to its moments.
+        if (counters.step > 0 && counters.epoch != epoch && !projection_.is_identity())
+            change_epoch(ctx, m, v, counters, epoch, carve);
         counters.epoch = epoch;
         ++counters.step;
         const auto coefficients = detail::adam_step_coefficients(h, counters.step, h.alpha, where);
 
-        Backend::template adam_direction<Scalar, State, Scalar>(ctx, coefficients, g_sub, m, v, direction);
-        const double scale = -coefficients.decay * coefficients.step_size;
         if (projection_.is_identity()) {
-            Backend::template axpby<Scalar, Scalar>(ctx, scale, direction, coefficients.decay, w);
+            // P = I: exactly plain AdamW, through the same fused kernel.
+            Backend::template adamw_update<Scalar, State>(ctx, coefficients, g_sub, m, v, w);
         } else {
+            Backend::template adam_direction<Scalar, State, Scalar>(ctx, coefficients, g_sub, m, v, direction);
+            const double scale = -coefficients.decay * coefficients.step_size;
             if (generate) {
                 Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
                 p = p_buffer;
