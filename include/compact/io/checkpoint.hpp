@@ -7,13 +7,16 @@
 // quantizer's bit allocation, say) are new sections: the container format does not change for them.
 //
 //   checkpoint_writer w;                               // collects sections in memory
-//   w.add("embedding", compact::const_matrix_view<float>(e, vocab, d));
+//   w.add("embedding", compact::const_matrix_view<float>(e, vocab, d));   // (vocab, d)
 //   w.add_scalar<std::uint64_t>("step", step);
 //   w.write("run.ckpt");                               // run.ckpt.tmp.*, fsync, rename over run.ckpt
 //
 //   auto r = checkpoint_reader::read_file("run.ckpt"); // the whole file, validated
-//   r.expect<float>("embedding", {vocab, d});          // dtype and shape, before touching anything
-//   r.read("embedding", compact::matrix_view<float>(e, vocab, d));
+//   r.read("embedding", compact::matrix_view<float>(e, vocab, d));        // dtype and shape checked
+//   step = r.scalar<std::uint64_t>("step");
+//
+// r.expect<T>(name, shape) checks a section's dtype and shape without copying, so that a caller can
+// validate everything it will load before it changes anything.
 //
 // Byte layout, format version 1. Integers are little-endian (big-endian hosts are rejected at compile
 // time); offsets in bytes; every section starts at a multiple of 8 from the start of the file.
@@ -43,8 +46,8 @@
 // 10 f64 (binary64). Codes are never reused; new types get new codes.
 //
 // Checksum: CRC-64/XZ (ECMA-182 polynomial 0x42F0E1EBA9EA3693, reflected as 0xC96C5795D7870F42,
-// initial value and final xor all ones; crc64("123456789") = 0x995DC9BBDF1939FA), slicing-by-8, about
-// 1.5 bytes per cycle. It finds every burst error of up to 64 bits.
+// initial value and final xor all ones; crc64("123456789") = 0x995DC9BBDF1939FA), slicing-by-8: about
+// 2 GB/s on one x86 core. It finds every burst error of up to 64 bits.
 //
 // Versioning: the format version changes only when this container layout changes; a reader reads
 // every version up to its own. Adding sections never changes it: readers look sections up by name and
@@ -346,7 +349,9 @@ public:
     /// Writes the checkpoint to `path` atomically: the bytes go to a new file `path`.tmp.<pid>.<n> in the
     /// same directory, which is fsync'ed and renamed over `path`; the directory is then fsync'ed so the
     /// rename survives a crash too. On any failure the temporary file is removed, `path` is left as it
-    /// was, and a compact::error carries the system's reason.
+    /// was, and a compact::error carries the system's reason. A process killed mid-write may leave its
+    /// temporary file behind (never a partial `path`). The new file gets the permissions a newly created
+    /// file gets (0666 less the umask), and a symbolic link at `path` is replaced, not followed.
     void write(const std::string& path) const
     {
         constexpr const char* where = "checkpoint_writer::write";
@@ -369,8 +374,8 @@ public:
         auto fail = [&](const char* what, int code) {
             if (fd >= 0) ::close(fd);
             ::unlink(tmp.c_str());
-            COMPACT_FAIL(where, "'", path, "': ", what, " failed (temporary file '", tmp, "'): ", detail::errno_text(code),
-                         "; the previous checkpoint, if any, is unchanged");
+            COMPACT_FAIL(where, "'", path, "': ", what, " failed (temporary file '", tmp,
+                         "'): ", detail::errno_text(code), "; the previous checkpoint, if any, is unchanged");
         };
         const std::vector<unsigned char> head = header();
         if (int code = write_all(fd, head.data(), head.size())) fail("writing", code);
@@ -485,23 +490,26 @@ public:
             fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
         } while (fd < 0 && errno == EINTR);
         COMPACT_REQUIRE(fd >= 0, where, "'", path, "': cannot open: ", detail::errno_text(errno));
-        std::vector<unsigned char> bytes;
         struct ::stat info {};
         int code = ::fstat(fd, &info) == 0 ? 0 : errno;
-        if (code == 0 && info.st_size > 0) bytes.reserve(static_cast<std::size_t>(info.st_size));
-        // Read to the end rather than trusting st_size: the file may change size under us.
-        unsigned char chunk[1 << 16];
+        // Room for one byte more than st_size, so that a file of the size it claims ends without a
+        // reallocation; reading to the end, not to st_size, also copes with a file that changes size.
+        const bool sized = code == 0 && info.st_size > 0;
+        std::vector<unsigned char> bytes(sized ? static_cast<std::size_t>(info.st_size) + 1 : 4096);
+        std::size_t filled = 0;
         while (code == 0) {
-            const ::ssize_t n = ::read(fd, chunk, sizeof chunk);
+            if (filled == bytes.size()) bytes.resize(2 * bytes.size());
+            const ::ssize_t n = ::read(fd, bytes.data() + filled, bytes.size() - filled);
             if (n < 0) {
                 if (errno != EINTR) code = errno;
                 continue;
             }
             if (n == 0) break;
-            bytes.insert(bytes.end(), chunk, chunk + n);
+            filled += static_cast<std::size_t>(n);
         }
         ::close(fd);
         COMPACT_REQUIRE(code == 0, where, "'", path, "': cannot read: ", detail::errno_text(code));
+        bytes.resize(filled);
         return checkpoint_reader(std::move(bytes), path);
     }
 
@@ -556,8 +564,8 @@ public:
     void copy(const checkpoint_section& s, T* out, std::uint64_t count) const
     {
         if (s.type != dtype_of<T>() || s.count != count)
-            fail("copy of section '", s.name, "': ", count, " ", to_string(dtype_of<T>()), " values requested, it holds ",
-                 s.count, " ", to_string(s.type));
+            fail("copy of section '", s.name, "': ", count, " ", to_string(dtype_of<T>()),
+                 " values requested, it holds ", s.count, " ", to_string(s.type));
         if (count) std::memcpy(out, bytes_.data() + s.offset, static_cast<std::size_t>(s.bytes));
     }
 
@@ -589,6 +597,7 @@ private:
         if (prefix > 0 && std::memcmp(b, magic, prefix) != 0)
             fail("not a compact checkpoint: bad magic (the first 8 bytes must be 89 43 4B 50 0D 0A 1A 0A)");
         if (size < 12) fail("truncated: the file has ", size, " bytes, fewer than its 40-byte header");
+        // The version comes before the header checksum: a newer version may lay its header out differently.
         version_ = detail::get<std::uint32_t>(b + 8);
         if (version_ > checkpoint_format_version)
             fail("newer format version ", version_, ": this build of compact reads versions 1 to ",
@@ -598,7 +607,8 @@ private:
             fail("truncated: the file has ", size, " bytes, fewer than its 40-byte header");
         const std::uint64_t stored = detail::get<std::uint64_t>(b + 32), computed = crc64(0, b, 32);
         if (stored != computed)
-            fail("checksum mismatch in the header: stored ", detail::hex64(stored), ", computed ", detail::hex64(computed));
+            fail("checksum mismatch in the header: stored ", detail::hex64(stored), ", computed ",
+                 detail::hex64(computed));
         const std::uint64_t count = detail::get<std::uint64_t>(b + 16);
         const std::uint64_t declared = detail::get<std::uint64_t>(b + 24);
         if (detail::get<std::uint32_t>(b + 12) != 0) fail("corrupt header: reserved bytes 12-15 are not zero");

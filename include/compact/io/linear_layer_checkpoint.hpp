@@ -37,7 +37,7 @@
 //   w.write(path);
 //   auto r = compact::checkpoint_reader::read_file(path);
 //   compact::check_state(r, "fc1", fc1);              // throws, touching nothing, on any mismatch
-//   r.expect<float>("embedding", {vocab, d});
+//   r.expect<float>("embedding", {rows, cols});       // std::uint64_t extents
 //   compact::load_state(r, "fc1", fc1);               // cannot fail after the checks above
 //   r.read("embedding", embedding_view);
 //
@@ -88,11 +88,6 @@ struct declares_host_memory<B, std::void_t<decltype(B::host_memory)>> : std::boo
 
 template <class Backend>
 inline constexpr bool host_addressable_backend = std::is_same_v<Backend, cpu> || declares_host_memory<Backend>::value;
-
-#define COMPACT_CHECK_HOST_BACKEND(B)                                                                      \
-    static_assert(::compact::detail::host_addressable_backend<B>,                                          \
-                  "compact: checkpoints of a linear_layer need host-addressable buffers (the cpu backend, or "  \
-                  "a backend declaring `static constexpr bool host_memory = true`)")
 
 inline std::string layer_section(std::string_view prefix, const char* field)
 {
@@ -149,7 +144,15 @@ layer_tensor_sections validate_layer_state(const checkpoint_reader& r, std::stri
                rk = static_cast<std::uint64_t>(layer.rank());
     const bool bias = layer.options().bias;
 
-    // Tensors first: their dtype and shape say most plainly what differs (n, m, r, Scalar, State).
+    // has_bias decides which tensors exist; their dtype and shape then say most plainly what differs
+    // (n, m, r, Scalar, State); the other fields follow.
+    const auto check_field = [&](const char* field, std::uint64_t value) {
+        const std::uint64_t saved = r.scalar<std::uint64_t>(name(field));
+        COMPACT_REQUIRE(saved == value, where, "'", r.source(), "': section '", name(field), "' is ", saved,
+                        " in the checkpoint but ", value, " in the layer: it was saved from a differently "
+                        "configured layer");
+    };
+    check_field("has_bias", bias ? 1 : 0);
     layer_tensor_sections t;
     if (weights == weight_storage::checkpoint) {
         t.weight = &r.expect<Scalar>(name("weight"), {m, n});
@@ -162,19 +165,14 @@ layer_tensor_sections validate_layer_state(const checkpoint_reader& r, std::stri
         t.bias_v = &r.expect<State>(name("bias_v"), {m});
     }
 
-    for (const auto& [field, value] : layer_config(layer)) {
-        const std::uint64_t saved = r.scalar<std::uint64_t>(name(field));
-        COMPACT_REQUIRE(saved == value, where, "'", r.source(), "': section '", name(field), "' is ", saved,
-                        " in the checkpoint but ", value, " in the layer: it was saved from a differently "
-                        "configured layer");
-    }
+    for (const auto& [field, value] : layer_config(layer)) check_field(field, value);
 
     t.updates = r.scalar<std::uint64_t>(name("updates"));
     t.weight_counters = {r.scalar<std::uint64_t>(name("weight_step")), r.scalar<std::uint64_t>(name("weight_epoch"))};
     t.bias_counters = {r.scalar<std::uint64_t>(name("bias_step")), r.scalar<std::uint64_t>(name("bias_epoch"))};
     const std::uint64_t epoch = layer.options().resample.epoch(t.updates);
-    COMPACT_REQUIRE(epoch < (std::uint64_t{1} << 32), where, "'", r.source(), "': section '", name("updates"), "' is ",
-                    t.updates, ", epoch ", epoch, " (at most 2^32 - 1)");
+    COMPACT_REQUIRE(epoch < static_cast<std::uint64_t>(max_counter_word), where, "'", r.source(), "': section '",
+                    name("updates"), "' is ", t.updates, ", epoch ", epoch, " (at most 2^32 - 1)");
     COMPACT_REQUIRE(t.weight_counters.step <= t.updates && t.bias_counters.step <= t.updates &&
                         t.weight_counters.epoch <= epoch,
                     where, "'", r.source(), "': counters under '", prefix, "' are inconsistent: weight_step=",
@@ -185,10 +183,16 @@ layer_tensor_sections validate_layer_state(const checkpoint_reader& r, std::stri
 
 } // namespace detail
 
+#define COMPACT_CHECK_HOST_BACKEND(B)                                                                      \
+    static_assert(::compact::detail::host_addressable_backend<B>,                                          \
+                  "compact: checkpoints of a linear_layer need host-addressable buffers (the cpu backend, or "  \
+                  "a backend declaring `static constexpr bool host_memory = true`)")
+
 /// Adds `layer`'s state under "<prefix>/..." to `w` (the table above). The layer must be between steps.
 /// Its checks (prefix, no pending gradient, no name already in w) come first; w then only grows.
 template <class Scalar, class Policy, class Backend, class State>
-void save_state(checkpoint_writer& w, std::string_view prefix, const linear_layer<Scalar, Policy, Backend, State>& layer,
+void save_state(checkpoint_writer& w, std::string_view prefix,
+                const linear_layer<Scalar, Policy, Backend, State>& layer,
                 weight_storage weights = weight_storage::checkpoint)
 {
     COMPACT_CHECK_HOST_BACKEND(Backend);
@@ -233,7 +237,8 @@ void check_state(const checkpoint_reader& r, std::string_view prefix,
 /// Restores `layer` from "<prefix>/..." of `r`: check_state first, then the copies, so on any error the
 /// layer is unchanged. Afterwards the layer continues as the saved one would have.
 template <class Scalar, class Policy, class Backend, class State>
-void load_state(const checkpoint_reader& r, std::string_view prefix, linear_layer<Scalar, Policy, Backend, State>& layer,
+void load_state(const checkpoint_reader& r, std::string_view prefix,
+                linear_layer<Scalar, Policy, Backend, State>& layer,
                 weight_storage weights = weight_storage::checkpoint)
 {
     COMPACT_CHECK_HOST_BACKEND(Backend);

@@ -115,13 +115,13 @@ public:
     /// ones a run can reach: weight.step, bias.step <= updates and weight.epoch <= the epoch of updates.
     void restore_counters(std::uint64_t updates, const adam_counters& weight, const adam_counters& bias)
     {
+        constexpr const char* where = "linear_layer::restore_counters";
         const std::uint64_t current = options_.resample.epoch(updates);
-        COMPACT_REQUIRE(current < static_cast<std::uint64_t>(detail::max_counter_word), "linear_layer::restore_counters", "updates=", updates,
+        COMPACT_REQUIRE(current < static_cast<std::uint64_t>(detail::max_counter_word), where, "updates=", updates,
                         " gives epoch ", current, ", which must be below 2^32");
-        COMPACT_REQUIRE(weight.step <= updates && bias.step <= updates && weight.epoch <= current,
-                        "linear_layer::restore_counters", "counters (weight step=", weight.step, " epoch=",
-                        weight.epoch, ", bias step=", bias.step, ") cannot follow ", updates,
-                        " updates (epoch ", current, ")");
+        COMPACT_REQUIRE(weight.step <= updates && bias.step <= updates && weight.epoch <= current, where,
+                        "counters (weight step=", weight.step, " epoch=", weight.epoch, ", bias step=", bias.step,
+                        ") cannot follow ", updates, " updates (epoch ", current, ")");
         updates_ = updates;
         counters_ = weight;
         bias_counters_ = bias;
