@@ -31,20 +31,7 @@
 // line; 3 with --check-target when the r = n/4 target (ratio <= 0.90 and <= 1.05 x model) is missed.
 // See bench/README.md for how to read the output.
 
-// GCC 12 with -O3 -march=native reports -Wmaybe-uninitialized (a) inside its own AVX-512 intrinsics
-// (avx512fintrin.h's _mm512_undefined_*) once Eigen's GEMM kernel is inlined, and (b) in
-// cpu::generate_projection, because projection_quad's switch over `distribution` has no path after it that
-// writes `out`. What counts is the diagnostic state at the header lines, so both are included here with
-// the warning off; (b) belongs to the library and this can shrink to Eigen alone once it is fixed.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <Eigen/Core>
 #include <compact/compact.hpp>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 #include <algorithm>
 #include <chrono>

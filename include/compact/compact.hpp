@@ -9,6 +9,7 @@
 //   backend/   the backend interface (backend.hpp); cpu/ (Eigen kernels, OpenMP), cpu/eigen.hpp adapters
 //   nn/        input_projection (Z = X P), compressed_linear and input_group, linear_layer (owning)
 //   optim/     subspace AdamW and plain AdamW
+//   io/        checkpoints: a versioned, checksummed section file; linear_layer save and load
 #pragma once
 
 #include "compact/core/config.hpp"
@@ -27,3 +28,5 @@
 #include "compact/nn/compressed_linear.hpp"
 #include "compact/nn/linear_layer.hpp"
 #include "compact/optim/adamw.hpp"
+#include "compact/io/checkpoint.hpp"
+#include "compact/io/linear_layer_checkpoint.hpp"
