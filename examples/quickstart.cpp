@@ -32,8 +32,12 @@
 // keeps P for its epoch instead (n r more values per layer) and removes most of the first cost. What
 // compression saves is memory.
 //
-// Usage: quickstart [--steps S] [--threads T] [--smoke]
+// Usage: quickstart [--steps S] [--threads T] [--save PATH] [--resume PATH] [--smoke]
 //   --steps S    optimizer steps per run (default 600)
+//   --save PATH  at the end, checkpoint each run's layers (weights, moments, counters, projection keys)
+//                to PATH.full and PATH.ratio-1-4
+//   --resume PATH  start each run from PATH.full / PATH.ratio-1-4 and train S more steps: the result
+//                equals one uninterrupted run of all the steps, bit for bit
 //   --threads T  CPU threads (default 0: all OpenMP threads)
 //   --smoke      20 steps on batches of 64 rows, on one thread unless --threads says otherwise (CI runs
 //                tests side by side, and spinning OpenMP threads on a busy machine can be slow)
@@ -67,6 +71,8 @@ struct settings {
     compact::index_t held_out = 4096;
     int report_every = 100;
     std::uint64_t seed = 2024;
+    std::string save;   // --save PATH: checkpoint each run's layers at the end, to PATH.<policy>
+    std::string resume; // --resume PATH: continue each run from PATH.<policy>
 };
 
 // fill_uniform streams: every random tensor of the program has its own.
@@ -255,7 +261,7 @@ struct run_result {
 
 // One training run; the two runs differ only in Policy (and the hyper-parameters that follow from it).
 template <class Policy>
-run_result train(const char* name, const settings& s, const teacher& data, const batch& held_out)
+run_result train(const char* name, const char* tag, const settings& s, const teacher& data, const batch& held_out)
 {
     constexpr bool compressed = !compact::forces_identity_projection<Policy>;
     const compact::cpu::context ctx{s.threads};
@@ -283,13 +289,15 @@ run_result train(const char* name, const settings& s, const teacher& data, const
     compact::adamw_params hyper;
     hyper.lr = compressed ? 1e-2 : 1e-3;
     hyper.alpha = compressed ? 0.25 : 1.0; // subspace scale: W -= lr alpha N P^T
+    if (!s.resume.empty()) compact::load_checkpoint(s.resume + "." + tag, fc1, fc2); // weights, moments, counters
+    const int first = static_cast<int>(fc1.updates());
 
-    for (int step = 0; step < s.steps; ++step) {
+    for (int step = first; step < first + s.steps; ++step) {
         data.sample(step + 1, b);                   // X (N, 256), labels (N)
         fc1.forward(ctx, compact::view(b.x), h);    // H = X W1^T + b1; keeps Z1 = X P1 (N, r1)
         relu(h);
         fc2.forward(ctx, h, logits);                // keeps Z2 = H P2 (N, r2)
-        log.add(step, cross_entropy(logits, b.label, dlogits));
+        log.add(step - first, cross_entropy(logits, b.label, dlogits));
         fc2.backward(ctx, dlogits, dh);             // dH = dY W2 exactly; G2 = dY^T Z2 (10, r2)
         relu_backward(h, dh);
         fc1.backward(ctx, dh, {});                  // empty dX: the input needs no gradient
@@ -297,6 +305,7 @@ run_result train(const char* name, const settings& s, const teacher& data, const
         fc2.step(ctx, hyper);
     }
     // [/snippet]
+    if (!s.save.empty()) compact::save_checkpoint(s.save + "." + tag, fc1, fc2);
 
     const double seconds =
         std::chrono::duration<double>(clock_type::now() - start).count() - (data.seconds() - data_seconds);
@@ -338,7 +347,7 @@ void print_table(const settings& s, const score& floor, const std::vector<run_re
 
 int usage(const char* program)
 {
-    std::fprintf(stderr, "usage: %s [--steps S] [--threads T] [--smoke]\n", program);
+    std::fprintf(stderr, "usage: %s [--steps S] [--threads T] [--save PATH] [--resume PATH] [--smoke]\n", program);
     return 2;
 }
 
@@ -358,6 +367,10 @@ int main(int argc, char** argv)
             s.report_every = 10;
         } else if (std::strcmp(argv[i], "--steps") == 0 && has_value) {
             s.steps = std::atoi(argv[++i]);
+        } else if (std::strcmp(argv[i], "--save") == 0 && has_value) {
+            s.save = argv[++i];
+        } else if (std::strcmp(argv[i], "--resume") == 0 && has_value) {
+            s.resume = argv[++i];
         } else if (std::strcmp(argv[i], "--threads") == 0 && has_value) {
             s.threads = std::atoi(argv[++i]);
             threads_given = true;
@@ -374,8 +387,8 @@ int main(int argc, char** argv)
         data.sample(0, held_out);
 
         std::vector<run_result> runs;
-        runs.push_back(train<compact::rank::full>("full", s, data, held_out));
-        runs.push_back(train<compact::rank::ratio<1, 4>>("ratio<1,4>", s, data, held_out));
+        runs.push_back(train<compact::rank::full>("full", "full", s, data, held_out));
+        runs.push_back(train<compact::rank::ratio<1, 4>>("ratio<1,4>", "ratio-1-4", s, data, held_out));
         print_table(s, data.evaluate(held_out), runs);
         return 0;
     } catch (const compact::error& e) {
