@@ -5,6 +5,8 @@
 //
 // Test bodies are templates over a `config` (backend, scalar, moment type); a CUDA backend joins by
 // adding its configs to COMPACT_TEST_CONFIGS (its bodies then need device copies of the buffers).
+#include "test_support.hpp"
+
 #include <compact/compact.hpp>
 
 #include <doctest/doctest.h>
@@ -23,93 +25,10 @@ namespace {
 
 using compact::index_t;
 
-template <class Backend, class Scalar, class State>
-struct config {
-    using backend = Backend;
-    using scalar = Scalar;
-    using state = State;
-};
+using namespace compact_test;
 
-#define COMPACT_TEST_CONFIGS config<compact::cpu, float, float>, config<compact::cpu, double, double>
 // Properties of the CPU backend only (its thread count).
 #define COMPACT_CPU_TEST_CONFIGS config<compact::cpu, float, float>, config<compact::cpu, double, double>
-
-template <class T>
-constexpr bool is_float = std::is_same_v<T, float>;
-
-// ----------------------------------------------------------------------------------- small helpers
-
-template <class T>
-std::vector<T> uniform(std::mt19937_64& rng, index_t count, double low, double high)
-{
-    std::uniform_real_distribution<double> d(low, high);
-    std::vector<T> v(static_cast<std::size_t>(count));
-    for (auto& x : v) x = static_cast<T>(d(rng));
-    return v;
-}
-
-template <class T>
-std::vector<double> to_double(const std::vector<T>& v)
-{
-    return std::vector<double>(v.begin(), v.end());
-}
-
-template <class T>
-std::vector<T> copy_of(compact::const_matrix_view<T> v)
-{
-    std::vector<T> out;
-    for (index_t i = 0; i < v.rows; ++i) out.insert(out.end(), v.row(i), v.row(i) + v.cols);
-    return out;
-}
-
-/// ||got - want||_2 / ||want||_2, in float64.
-template <class T>
-double relative_error(const std::vector<T>& got, const std::vector<double>& want)
-{
-    REQUIRE(got.size() == want.size());
-    double diff = 0, norm = 0;
-    for (std::size_t i = 0; i < want.size(); ++i) {
-        const double d = static_cast<double>(got[i]) - want[i];
-        diff += d * d;
-        norm += want[i] * want[i];
-    }
-    return std::sqrt(diff) / std::sqrt(norm);
-}
-
-template <class T>
-bool bit_equal(const std::vector<T>& a, const std::vector<T>& b)
-{
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-/// Set COMPACT_TEST_PRINT_ERRORS=1 to print every measured error next to its tolerance.
-bool print_errors()
-{
-    static const bool on = std::getenv("COMPACT_TEST_PRINT_ERRORS") != nullptr;
-    return on;
-}
-
-/// CHECK(error <= tol), reporting the measured error on failure (and always, on request).
-#define CHECK_RELATIVE(error_expression, tolerance)                                                        \
-    do {                                                                                                   \
-        const double measured_error_ = (error_expression);                                                 \
-        const double tolerance_ = (tolerance);                                                             \
-        INFO(#error_expression " = ", measured_error_, " (tolerance ", tolerance_, ")");                   \
-        if (print_errors()) MESSAGE(#error_expression " = ", measured_error_, " (tolerance ", tolerance_, ")"); \
-        CHECK(measured_error_ <= tolerance_);                                                              \
-    } while (false)
-
-template <class T>
-compact::matrix_view<T> view_of(std::vector<T>& v, index_t rows, index_t cols)
-{
-    return compact::make_view(v.data(), rows, cols);
-}
-
-template <class T>
-compact::const_matrix_view<T> cview_of(const std::vector<T>& v, index_t rows, index_t cols)
-{
-    return compact::const_matrix_view<T>(v.data(), rows, cols);
-}
 
 /// A synthetic regression: X (rows, n) ~ U(-1, 1), targets T = X W*^T + b* + noise (rows, m), loss
 /// mean((Y - T)^2) over all rows * m values, so dY = 2 (Y - T) / (rows m) for every row of the batch.

@@ -15,16 +15,7 @@
 #include "compact/core/matrix_view.hpp"
 #include "compact/core/projection.hpp"
 
-// GCC 12 at -O3 with AVX-512 reports -Wmaybe-uninitialized inside its own intrinsics
-// (_mm512_undefined_*) once Eigen's GEMM kernel is inlined; the diagnostic state at the include decides.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <Eigen/Core>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "compact/backend/cpu/eigen_core.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -194,22 +185,19 @@ struct cpu {
                     continue;
                 }
                 T* inner = row + (4 * inner_begin - col0);
+                auto whole_quads = [&](auto quad) { // one loop per distribution, so each vectorises
+                    for (index_t q = inner_begin; q < inner_end; ++q) {
+                        double v[4];
+                        quad(stream, gi, q, v);
+                        T* o = inner + 4 * (q - inner_begin);
+                        o[0] = static_cast<T>(v[0]), o[1] = static_cast<T>(v[1]);
+                        o[2] = static_cast<T>(v[2]), o[3] = static_cast<T>(v[3]);
+                    }
+                };
                 if (spec.dist == distribution::gaussian)
-                    for (index_t q = inner_begin; q < inner_end; ++q) {
-                        double v[4];
-                        detail::gaussian_quad(stream, gi, q, v);
-                        T* o = inner + 4 * (q - inner_begin);
-                        o[0] = static_cast<T>(v[0]), o[1] = static_cast<T>(v[1]);
-                        o[2] = static_cast<T>(v[2]), o[3] = static_cast<T>(v[3]);
-                    }
+                    whole_quads([](const auto& s, index_t r, index_t q, double(&v)[4]) { detail::gaussian_quad(s, r, q, v); });
                 else
-                    for (index_t q = inner_begin; q < inner_end; ++q) {
-                        double v[4];
-                        detail::rademacher_quad(stream, gi, q, v);
-                        T* o = inner + 4 * (q - inner_begin);
-                        o[0] = static_cast<T>(v[0]), o[1] = static_cast<T>(v[1]);
-                        o[2] = static_cast<T>(v[2]), o[3] = static_cast<T>(v[3]);
-                    }
+                    whole_quads([](const auto& s, index_t r, index_t q, double(&v)[4]) { detail::rademacher_quad(s, r, q, v); });
                 for (index_t q = first_quad; q <= last_quad; ++q) {
                     if (q >= inner_begin && q < inner_end) continue;
                     double v[4];

@@ -7,16 +7,7 @@
 #include "compact/core/config.hpp"
 #include "compact/core/matrix_view.hpp"
 
-// GCC 12 at -O3 with AVX-512 reports -Wmaybe-uninitialized inside its own intrinsics
-// (_mm512_undefined_*) once Eigen's GEMM kernel is inlined; the diagnostic state at the include decides.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <Eigen/Core>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "compact/backend/cpu/eigen_core.hpp"
 
 #include <type_traits>
 
