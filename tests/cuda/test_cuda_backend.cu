@@ -1,0 +1,468 @@
+// Tests of the CUDA backend (compact/backend/cuda/). Device cases compare every primitive with a
+// float64 host reference and skip without a GPU; host cases check what nvcc compiles for the host
+// side (scalar conversions, the shared COMPACT_HD random code, error reporting) and run everywhere.
+#include <compact/cuda.cuh>
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+using compact::index_t;
+using compact::op;
+using compact::projection_spec;
+using compact::distribution;
+namespace cd = compact::detail;
+using backend = compact::cuda;
+
+namespace {
+
+bool has_device() { return backend::device_available(); }
+
+template <class T>
+std::uint32_t bits_of(T x)
+{
+    std::uint16_t b = 0;
+    static_assert(sizeof(T) == 2);
+    std::memcpy(&b, &x, 2);
+    return b;
+}
+
+template <class T>
+T from_bits(std::uint16_t b)
+{
+    T x;
+    std::memcpy(static_cast<void*>(&x), &b, 2);
+    return x;
+}
+
+template <class T>
+bool same_bits(const T& a, const T& b)
+{
+    return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+/// Deterministic values in [-1, 1), rounded to T.
+template <class T>
+std::vector<T> random_values(std::size_t count, std::uint64_t seed)
+{
+    std::vector<T> v(count);
+    std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (auto& x : v) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        x = cd::from_double<T>(static_cast<double>(s >> 11) * 0x1p-52 - 1.0);
+    }
+    return v;
+}
+
+template <class T>
+compact::device_buffer<T> upload(const std::vector<T>& host)
+{
+    compact::device_buffer<T> d(host.size(), T{});
+    compact::copy_to_device(d.data(), host.data(), host.size());
+    return d;
+}
+
+template <class T>
+std::vector<T> download(const compact::device_buffer<T>& d)
+{
+    std::vector<T> host(d.size());
+    compact::copy_to_host(host.data(), d.data(), d.size());
+    return host;
+}
+
+/// Unit roundoff of the storage type.
+template <class T>
+double unit_roundoff()
+{
+    if constexpr (std::is_same_v<T, double>) return 0x1p-53;
+    else if constexpr (std::is_same_v<T, float>) return 0x1p-24;
+    else if constexpr (std::is_same_v<T, __half>) return 0x1p-11;
+    else return 0x1p-8;
+}
+
+} // namespace
+
+// ------------------------------------------------------------------------------------ host cases
+
+TEST_CASE("the cuda backend meets the interface")
+{
+    static_assert(compact::is_backend<backend>);
+    CHECK(std::string(backend::name) == "cuda");
+    compact::device_buffer<float> empty;
+    CHECK(empty.size() == 0);
+    CHECK(empty.data() == nullptr);
+}
+
+TEST_CASE_TEMPLATE("16-bit conversions round-trip every finite value", T, __half, __nv_bfloat16)
+{
+    int checked = 0;
+    for (std::uint32_t b = 0; b < 0x10000u; ++b) {
+        const T x = from_bits<T>(static_cast<std::uint16_t>(b));
+        const double d = cd::to_double(x);
+        if (std::isnan(d)) continue;
+        CAPTURE(b);
+        REQUIRE(bits_of(cd::from_double<T>(d)) == b);
+        REQUIRE(bits_of(cd::from_compute<T>(cd::to_compute(x))) == b);
+        ++checked;
+    }
+    CHECK(checked > 60000);
+}
+
+TEST_CASE_TEMPLATE("16-bit conversions round to nearest, ties to even, in one rounding", T, __half, __nv_bfloat16)
+{
+    // ulp of 1: 2^-10 for half, 2^-7 for bfloat16.
+    const double u = std::is_same_v<T, __half> ? 0x1p-10 : 0x1p-7;
+    auto to = [](double x) { return cd::to_double(cd::from_double<T>(x)); };
+    CHECK(to(1.0 + u / 2) == 1.0);               // tie: to the even neighbour below
+    CHECK(to(1.0 + 3 * u / 2) == 1.0 + 2 * u);   // tie: to the even neighbour above
+    CHECK(to(1.0 + u / 2 + 0x1p-40) == 1.0 + u); // just above the tie: through float it would be a tie
+    CHECK(to(-(1.0 + u / 2 + 0x1p-40)) == -(1.0 + u));
+    CHECK(to(1.0 + u / 2 - 0x1p-40) == 1.0);
+    CHECK(to(0.0) == 0.0);
+    CHECK(std::isinf(to(1e300)));
+}
+
+TEST_CASE("Philox4x32-10 compiled by nvcc (host side) gives the known answers")
+{
+    auto run = [](compact::philox_counter c, compact::philox_key k) { return compact::philox4x32(c, k); };
+    const auto a = run({{0, 0, 0, 0}}, {{0, 0}});
+    CHECK(a.w[0] == 0x6627e8d5u);
+    CHECK(a.w[1] == 0xe169c58du);
+    CHECK(a.w[2] == 0xbc57ac4cu);
+    CHECK(a.w[3] == 0x9b00dbd8u);
+    const auto b = run({{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}}, {{0xffffffffu, 0xffffffffu}});
+    CHECK(b.w[0] == 0x408f276du);
+    CHECK(b.w[3] == 0x6d5451fdu);
+    const auto c = run({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, {{0xa4093822u, 0x299f31d0u}});
+    CHECK(c.w[0] == 0xd16cfe09u);
+    CHECK(c.w[1] == 0x94fdccebu);
+    CHECK(c.w[2] == 0x5001e420u);
+    CHECK(c.w[3] == 0x24126ea1u);
+}
+
+// The committed vectors of tests/test_projection.cpp (computed by the g++-built library): the same
+// COMPACT_HD code compiled by nvcc's host pass must give the same values.
+TEST_CASE("projection_element compiled by nvcc (host side) equals the committed test vectors")
+{
+    const projection_spec a{64, 16, distribution::gaussian, {0x0123456789abcdefull, 3, 0}};
+    const struct {
+        index_t i, j;
+        float value;
+    } va[] = {{0, 0, -0x1.52d77p-2f}, {0, 1, -0x1.7db83ep-5f}, {0, 2, 0x1.7f9bcp-2f},  {0, 3, 0x1.1051eap-3f},
+              {1, 0, 0x1.177e9ap-2f}, {5, 7, -0x1.ccfecap-3f}, {31, 12, 0x1.fb954ap-4f}, {63, 15, 0x1.0d147cp-2f}};
+    for (const auto& e : va) CHECK(static_cast<float>(compact::projection_element(a, e.i, e.j)) == e.value);
+
+    const projection_spec b{300, 75, distribution::gaussian, {2024, (std::uint64_t{1} << 32) | 17u, 41}};
+    const struct {
+        index_t i, j;
+        double value;
+    } vb[] = {{0, 0, -0x1.4dbc08ad53055p-9},  {0, 3, 0x1.fa630fe81f163p-4},   {1, 1, 0x1.4ceaa69ab1cd1p-4},
+              {7, 64, -0x1.02691c45df9edp-5}, {150, 37, 0x1.6a89607e585fep-6}, {200, 5, -0x1.c88aa38268558p-3},
+              {299, 74, -0x1.4e0172e6de2d8p-4}};
+    for (const auto& e : vb) CHECK(compact::projection_element(b, e.i, e.j) == e.value);
+
+    const projection_spec c{50, 10, distribution::rademacher, {7, 0xffffffffull, 0xffffffffull}};
+    const float s = 0x1.43d136p-2f;
+    const struct {
+        index_t i, j;
+        float value;
+    } vc[] = {{0, 0, s}, {0, 1, -s}, {0, 4, s}, {0, 9, -s}, {1, 7, s}, {17, 9, -s}, {33, 3, s}, {49, 8, s}};
+    for (const auto& e : vc) CHECK(static_cast<float>(compact::projection_element(c, e.i, e.j)) == e.value);
+}
+
+TEST_CASE("CUDA and cuBLAS failures raise compact::error naming the function and the code")
+{
+    try {
+        COMPACT_CUDA_CHECK(cudaErrorInvalidValue, "test_where");
+        FAIL("no exception");
+    } catch (const compact::error& e) {
+        const std::string what = e.what();
+        CHECK(what.find("test_where") != std::string::npos);
+        CHECK(what.find("cudaErrorInvalidValue") != std::string::npos);
+        CHECK(what.find("(1)") != std::string::npos);
+    }
+    try {
+        COMPACT_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE, "cublas_where");
+        FAIL("no exception");
+    } catch (const compact::error& e) {
+        const std::string what = e.what();
+        CHECK(what.find("cublas_where") != std::string::npos);
+        CHECK(what.find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
+    }
+}
+
+// ---------------------------------------------------------------------------------- device cases
+
+namespace {
+
+struct device_fixture {
+    compact::owned_cuda_context owner;
+    const backend::context& ctx() const { return owner.get(); }
+};
+
+} // namespace
+
+TEST_CASE_TEMPLATE("gemm matches a float64 reference for every transposition" * doctest::skip(!has_device()), T,
+                   float, double, __half, __nv_bfloat16)
+{
+    device_fixture f;
+    const index_t m = 37, n = 29, k = 45, pad = 3;
+    for (op ta : {op::none, op::transpose})
+        for (op tb : {op::none, op::transpose})
+            for (double beta : {0.0, 0.5}) {
+                CAPTURE(static_cast<int>(ta));
+                CAPTURE(static_cast<int>(tb));
+                CAPTURE(beta);
+                const index_t ar = ta == op::none ? m : k, ac = ta == op::none ? k : m;
+                const index_t br = tb == op::none ? k : n, bc = tb == op::none ? n : k;
+                const index_t lda = ac + pad, ldb = bc + pad, ldc = n + pad;
+                const auto ha = random_values<T>(static_cast<std::size_t>(ar * lda), 1);
+                const auto hb = random_values<T>(static_cast<std::size_t>(br * ldb), 2);
+                auto hc = random_values<T>(static_cast<std::size_t>(m * ldc), 3);
+                if (beta == 0) // beta == 0 must not read C
+                    for (auto& x : hc) x = cd::from_double<T>(std::numeric_limits<double>::quiet_NaN());
+                auto da = upload(ha), db = upload(hb), dc = upload(hc);
+                const T alpha = cd::from_double<T>(1.5);
+                backend::gemm<T>(f.ctx(), ta, tb, alpha, {da.data(), ar, ac, lda}, {db.data(), br, bc, ldb},
+                                 cd::from_double<T>(beta), {dc.data(), m, n, ldc});
+                f.owner.synchronize();
+                const auto out = download(dc);
+                for (index_t i = 0; i < m; ++i)
+                    for (index_t j = 0; j < n; ++j) {
+                        double ref = 0, mag = 0;
+                        for (index_t p = 0; p < k; ++p) {
+                            const double x = cd::to_double(ta == op::none ? ha[i * lda + p] : ha[p * lda + i]);
+                            const double y = cd::to_double(tb == op::none ? hb[p * ldb + j] : hb[j * ldb + p]);
+                            ref += x * y;
+                            mag += std::abs(x * y);
+                        }
+                        ref *= 1.5;
+                        mag *= 1.5;
+                        if (beta != 0) {
+                            ref += beta * cd::to_double(hc[i * ldc + j]);
+                            mag += std::abs(beta * cd::to_double(hc[i * ldc + j]));
+                        }
+                        // Accumulation in float (double for double), then one rounding to T.
+                        const double accum = std::is_same_v<T, double> ? 0x1p-53 : 0x1p-24;
+                        const double tol = unit_roundoff<T>() * std::abs(ref) + 2.0 * k * accum * mag + 1e-300;
+                        const double got = cd::to_double(out[i * ldc + j]);
+                        CAPTURE(i);
+                        CAPTURE(j);
+                        REQUIRE(std::abs(got - ref) <= tol);
+                    }
+                // The padding between rows of C is left alone.
+                for (index_t i = 0; i < m; ++i)
+                    for (index_t j = n; j < ldc; ++j)
+                        if (beta != 0) REQUIRE(same_bits(out[i * ldc + j], hc[i * ldc + j]));
+            }
+}
+
+TEST_CASE("generate_projection gives the CPU's P: bit for bit in float, every distribution" *
+          doctest::skip(!has_device()))
+{
+    device_fixture f;
+    const projection_spec specs[] = {
+        {200, 50, distribution::gaussian, {0xfeedfacecafebeefull, 12, 5}},
+        {64, 16, distribution::gaussian, {0x0123456789abcdefull, 3, 0}},
+        {50, 10, distribution::rademacher, {7, 0xffffffffull, 0xffffffffull}},
+        {33, 33, distribution::identity, {1, 2, 3}},
+    };
+    for (const auto& spec : specs) {
+        CAPTURE(compact::to_string(spec.dist));
+        struct block {
+            index_t row0, col0, rows, cols;
+        };
+        // The whole matrix, and blocks that start and end inside a quad of columns.
+        for (const block b : {block{0, 0, spec.n, spec.r}, block{3, 5, spec.n - 7, spec.r - 6}, block{1, 2, 1, 1}}) {
+            const index_t ld = b.cols + 1;
+            compact::device_buffer<float> d(static_cast<std::size_t>(b.rows * ld), -7.0f);
+            backend::generate_projection<float>(f.ctx(), spec, b.row0, b.col0, {d.data(), b.rows, b.cols, ld});
+            compact::device_buffer<double> dd(static_cast<std::size_t>(b.rows * b.cols), 0.0);
+            backend::generate_projection<double>(f.ctx(), spec, b.row0, b.col0, {dd.data(), b.rows, b.cols});
+            f.owner.synchronize();
+            const auto out = download(d);
+            const auto outd = download(dd);
+            for (index_t i = 0; i < b.rows; ++i) {
+                for (index_t j = 0; j < b.cols; ++j) {
+                    const double ref = compact::projection_element(spec, b.row0 + i, b.col0 + j);
+                    CAPTURE(i);
+                    CAPTURE(j);
+                    REQUIRE(out[i * ld + j] == static_cast<float>(ref));
+                    // Device double arithmetic may contract into FMA: a few ulp, within SPEC's bar.
+                    REQUIRE(std::abs(outd[i * b.cols + j] - ref) <= 4 * 0x1p-52 * std::abs(ref));
+                }
+                REQUIRE(out[i * ld + b.cols] == -7.0f); // the padding is untouched
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("column_sums sums rows in order, with and without beta" * doctest::skip(!has_device()), T, float,
+                   double, __half)
+{
+    device_fixture f;
+    const index_t rows = 300, cols = 77, ld = 80;
+    const auto ha = random_values<T>(static_cast<std::size_t>(rows * ld), 4);
+    const auto hout = random_values<T>(static_cast<std::size_t>(cols), 5);
+    for (double beta : {0.0, 0.5}) {
+        auto da = upload(ha), dout = upload(hout);
+        backend::column_sums<T>(f.ctx(), {da.data(), rows, cols, ld}, cd::from_double<T>(beta), dout.data());
+        f.owner.synchronize();
+        const auto out = download(dout);
+        for (index_t j = 0; j < cols; ++j) {
+            double ref = 0, mag = 0;
+            for (index_t i = 0; i < rows; ++i) {
+                ref += cd::to_double(ha[i * ld + j]);
+                mag += std::abs(cd::to_double(ha[i * ld + j]));
+            }
+            if (beta != 0) ref += beta * cd::to_double(hout[j]), mag += std::abs(cd::to_double(hout[j]));
+            const double accum = std::is_same_v<T, double> ? 0x1p-53 : 0x1p-24;
+            CHECK(std::abs(cd::to_double(out[j]) - ref) <= unit_roundoff<T>() * std::abs(ref) + rows * accum * mag);
+        }
+        // Deterministic: a second run gives the same bits.
+        auto dout2 = upload(hout);
+        backend::column_sums<T>(f.ctx(), {da.data(), rows, cols, ld}, cd::from_double<T>(beta), dout2.data());
+        f.owner.synchronize();
+        const auto out2 = download(dout2);
+        CHECK(std::memcmp(out.data(), out2.data(), out.size() * sizeof(T)) == 0);
+    }
+}
+
+TEST_CASE("fill, add_row_vector and axpby" * doctest::skip(!has_device()))
+{
+    device_fixture f;
+    const index_t rows = 19, cols = 23, ld = 25;
+    const auto hx = random_values<float>(static_cast<std::size_t>(rows * ld), 6);
+    const auto hy = random_values<float>(static_cast<std::size_t>(rows * ld), 7);
+    const auto hb = random_values<float>(static_cast<std::size_t>(cols), 8);
+    auto dx = upload(hx), dy = upload(hy);
+    auto db = upload(hb);
+    const compact::matrix_view<float> y(dy.data(), rows, cols, ld);
+
+    backend::add_row_vector<float>(f.ctx(), db.data(), y);
+    f.owner.synchronize();
+    auto out = download(dy);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t j = 0; j < ld; ++j)
+            REQUIRE(out[i * ld + j] == (j < cols ? hy[i * ld + j] + hb[j] : hy[i * ld + j]));
+
+    backend::axpby<float, float>(f.ctx(), 0.25, {dx.data(), rows, cols, ld}, -2.0, y);
+    f.owner.synchronize();
+    const auto before = out;
+    out = download(dy);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t j = 0; j < cols; ++j)
+            REQUIRE(out[i * ld + j] == 0.25f * hx[i * ld + j] + -2.0f * before[i * ld + j]);
+
+    // axpby into __half with beta == 0 never reads Y (NaN there stays unread).
+    compact::device_buffer<__half> dh(static_cast<std::size_t>(rows * cols), __double2half(NAN));
+    backend::axpby<float, __half>(f.ctx(), 2.0, {dx.data(), rows, cols, ld}, 0.0, {dh.data(), rows, cols});
+    f.owner.synchronize();
+    const auto outh = download(dh);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t j = 0; j < cols; ++j)
+            REQUIRE(cd::to_double(outh[i * cols + j]) == cd::to_double(cd::from_double<__half>(2.0 * hx[i * ld + j])));
+
+    backend::fill<float>(f.ctx(), y, 3.5f);
+    f.owner.synchronize();
+    out = download(dy);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t j = 0; j < cols; ++j) REQUIRE(out[i * ld + j] == 3.5f);
+
+    compact::device_buffer<std::byte> bytes(5, std::byte{7});
+    std::byte hbytes[5];
+    compact::copy_to_host(hbytes, bytes.data(), 5);
+    for (auto b : hbytes) CHECK(b == std::byte{7});
+}
+
+TEST_CASE_TEMPLATE("adam_direction and adamw_update follow SPEC section 3" * doctest::skip(!has_device()), W, float,
+                   __half)
+{
+    device_fixture f;
+    const index_t rows = 21, cols = 33;
+    const std::size_t count = static_cast<std::size_t>(rows * cols);
+    const auto hg = random_values<W>(count, 9);
+    const auto hw = random_values<W>(count, 10);
+    auto hm = random_values<float>(count, 11);
+    auto hv = random_values<float>(count, 12);
+    for (auto& x : hv) x = x * x; // V >= 0
+    compact::adam_coefficients k;
+    k.beta1 = 0.8;
+    k.beta2 = 0.99;
+    k.eps = 1e-6;
+    k.step_size = 0.01;
+    k.decay = 1 - 0.01 * 0.1;
+
+    auto dg = upload(hg), dw = upload(hw);
+    auto dm = upload(hm), dv = upload(hv);
+    compact::device_buffer<W> dd(count, W{});
+    backend::adam_direction<W, float, W>(f.ctx(), k, {dg.data(), rows, cols}, {dm.data(), rows, cols},
+                                         {dv.data(), rows, cols}, {dd.data(), rows, cols});
+    backend::adamw_update<W, float>(f.ctx(), k, {dg.data(), rows, cols}, {dm.data(), rows, cols},
+                                    {dv.data(), rows, cols}, {dw.data(), rows, cols});
+    f.owner.synchronize();
+    const auto m = download(dm), v = download(dv);
+    const auto d = download(dd), w = download(dw);
+    for (std::size_t e = 0; e < count; ++e) {
+        // Two updates of the moments with the same g (direction, then update), in float64.
+        const double g = cd::to_double(hg[e]);
+        double rm = hm[e], rv = hv[e];
+        rm = k.beta1 * rm + (1 - k.beta1) * g;
+        rv = k.beta2 * rv + (1 - k.beta2) * g * g;
+        const double d1 = rm / (std::sqrt(rv) + k.eps);
+        rm = k.beta1 * rm + (1 - k.beta1) * g;
+        rv = k.beta2 * rv + (1 - k.beta2) * g * g;
+        const double d2 = rm / (std::sqrt(rv) + k.eps);
+        const double rw = k.decay * (cd::to_double(hw[e]) - k.step_size * d2);
+        CAPTURE(e);
+        REQUIRE(std::abs(m[e] - rm) <= 1e-6 * (std::abs(rm) + 1e-3));
+        REQUIRE(std::abs(v[e] - rv) <= 1e-6 * (std::abs(rv) + 1e-6));
+        REQUIRE(std::abs(cd::to_double(d[e]) - d1) <= 2 * unit_roundoff<W>() * std::abs(d1) + 1e-4 * unit_roundoff<W>());
+        REQUIRE(std::abs(cd::to_double(w[e]) - rw) <= 2 * unit_roundoff<W>() * std::abs(rw) + 1e-4);
+    }
+}
+
+TEST_CASE("linear_layer<float, ratio<1, 4>, cuda>: forward is X W^T + b, and a step changes W" *
+          doctest::skip(!has_device()))
+{
+    device_fixture f;
+    const index_t n = 64, m = 48, rows = 32;
+    compact::linear_options options;
+    options.seed = 42;
+    options.layer = 1;
+    options.max_rows = rows;
+    compact::linear_layer<float, compact::rank::ratio<1, 4>, backend> layer(n, m, options);
+    CHECK(layer.rank() == 16);
+    const auto hw = random_values<float>(static_cast<std::size_t>(m * n), 13);
+    const auto hb = random_values<float>(static_cast<std::size_t>(m), 14);
+    const auto hx = random_values<float>(static_cast<std::size_t>(rows * n), 15);
+    compact::copy_to_device(layer.weight().data, hw.data(), hw.size());
+    compact::copy_to_device(layer.bias(), hb.data(), hb.size());
+    auto dx = upload(hx);
+    compact::device_buffer<float> dy(static_cast<std::size_t>(rows * m), 0.0f);
+    compact::device_buffer<float> ddx(static_cast<std::size_t>(rows * n), 0.0f);
+    layer.forward(f.ctx(), {dx.data(), rows, n}, {dy.data(), rows, m});
+    f.owner.synchronize();
+    const auto y = download(dy);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t j = 0; j < m; ++j) {
+            double ref = hb[j], mag = std::abs(hb[j]);
+            for (index_t p = 0; p < n; ++p) {
+                ref += static_cast<double>(hx[i * n + p]) * hw[j * n + p];
+                mag += std::abs(static_cast<double>(hx[i * n + p]) * hw[j * n + p]);
+            }
+            REQUIRE(std::abs(y[i * m + j] - ref) <= 1e-5 * mag);
+        }
+    layer.backward(f.ctx(), {dy.data(), rows, m}, {ddx.data(), rows, n});
+    layer.step(f.ctx(), {});
+    f.owner.synchronize();
+    std::vector<float> w_after(hw.size());
+    compact::copy_to_host(w_after.data(), layer.weight().data, w_after.size());
+    CHECK(std::memcmp(w_after.data(), hw.data(), hw.size() * sizeof(float)) != 0);
+    CHECK(layer.updates() == 1);
+}
