@@ -10,10 +10,11 @@
 //   cublasDgemm for double. Row-major C (M, N) is column-major C^T, and C^T = op(B)^T op(A)^T, so the
 //   operands are passed to cuBLAS swapped. Dimensions and leading dimensions must be below 2^31.
 // - generate_projection: one thread per (row, quad of columns), through the very functions the CPU
-//   uses (detail::gaussian_quad / rademacher_quad of core/projection.hpp), then rounded to T. Device
-//   double arithmetic may contract a*b+c into FMA where the host does not, so a double P can differ
-//   from the CPU's in the last bits (within SPEC section 1's 2-ulp bar); after rounding to float the
-//   values agree bit for bit in practice.
+//   uses (detail::gaussian_quad / rademacher_quad of core/projection.hpp), then rounded to T. nvcc
+//   contracts a*b+c into FMA in device code by default where the host compiler does not, so a double
+//   P can differ from the CPU's in its last bits; rounded to float (or narrower) it agrees bit for bit
+//   except in the rare case where the double value lies within those bits of a rounding midpoint.
+//   Compile with nvcc -fmad=false for the host's double arithmetic exactly (slower kernels throughout).
 // - column_sums: one thread per column summing rows in order (deterministic, no atomics).
 // - add_row_vector, fill, axpby, adam_direction, adamw_update: one thread per element, evaluating the
 //   CPU backend's expressions in its order with each operation rounded separately (no FMA).
