@@ -176,8 +176,10 @@ inline bool fits_int(index_t x) noexcept { return x >= 0 && x <= INT_MAX; }
 struct cuda {
     static constexpr const char* name = "cuda";
 
-    /// The stream every call launches on and the cuBLAS handle its GEMMs use (each gemm sets the
-    /// handle's stream to `stream`). Both are owned by the caller (see backend/cuda/owned_context.cuh).
+    /// The stream every call launches on and the cuBLAS handle its GEMMs use (gemm sets the handle's
+    /// stream to `stream` when it is another one). Both are owned by the caller (see
+    /// backend/cuda/owned_context.cuh). For CUDA-graph capture, give the handle its own workspace
+    /// (cublasSetWorkspace, after cublasSetStream) so cuBLAS allocates nothing while capturing.
     struct context {
         cudaStream_t stream = nullptr;
         cublasHandle_t handle = nullptr;
@@ -233,7 +235,10 @@ struct cuda {
         // ld of an operand is at least 1 for cuBLAS even when its view has one column.
         const int lda = static_cast<int>(a.ld > 0 ? a.ld : 1), ldb = static_cast<int>(b.ld > 0 ? b.ld : 1);
         const int ldc = static_cast<int>(c.ld > 0 ? c.ld : 1);
-        COMPACT_CUBLAS_CHECK(cublasSetStream(ctx.handle, ctx.stream), where);
+        // cublasSetStream also drops a workspace set by cublasSetWorkspace, so only when it changes.
+        cudaStream_t handle_stream = nullptr;
+        COMPACT_CUBLAS_CHECK(cublasGetStream(ctx.handle, &handle_stream), where);
+        if (handle_stream != ctx.stream) COMPACT_CUBLAS_CHECK(cublasSetStream(ctx.handle, ctx.stream), where);
         if constexpr (std::is_same_v<T, double>) {
             COMPACT_CUBLAS_CHECK(cublasDgemm(ctx.handle, ob, oa, static_cast<int>(n), static_cast<int>(m),
                                              static_cast<int>(k), &alpha_c, b.data, ldb, a.data, lda, &beta_c,
