@@ -1,0 +1,147 @@
+// Host-side tests of what nvcc compiles for the CUDA backend: the 16-bit conversions, the shared
+// COMPACT_HD random and projection code (which must give the g++-built library's committed values),
+// and error reporting. They need no GPU; the device cases are in test_cuda_backend.cu.
+#include <compact/cuda.cuh>
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+using compact::index_t;
+using compact::projection_spec;
+using compact::distribution;
+namespace cd = compact::detail;
+using backend = compact::cuda;
+
+namespace {
+
+template <class T>
+std::uint32_t bits_of(T x)
+{
+    std::uint16_t b = 0;
+    static_assert(sizeof(T) == 2);
+    std::memcpy(&b, &x, 2);
+    return b;
+}
+
+template <class T>
+T from_bits(std::uint16_t b)
+{
+    T x;
+    std::memcpy(static_cast<void*>(&x), &b, 2);
+    return x;
+}
+
+} // namespace
+
+
+TEST_CASE("the cuda backend meets the interface")
+{
+    static_assert(compact::is_backend<backend>);
+    CHECK(std::string(backend::name) == "cuda");
+    compact::device_buffer<float> empty;
+    CHECK(empty.size() == 0);
+    CHECK(empty.data() == nullptr);
+}
+
+TEST_CASE_TEMPLATE("16-bit conversions round-trip every finite value", T, __half, __nv_bfloat16)
+{
+    int checked = 0;
+    for (std::uint32_t b = 0; b < 0x10000u; ++b) {
+        const T x = from_bits<T>(static_cast<std::uint16_t>(b));
+        const double d = cd::to_double(x);
+        if (std::isnan(d)) continue;
+        CAPTURE(b);
+        REQUIRE(bits_of(cd::from_double<T>(d)) == b);
+        REQUIRE(bits_of(cd::from_compute<T>(cd::to_compute(x))) == b);
+        ++checked;
+    }
+    CHECK(checked > 60000);
+}
+
+TEST_CASE_TEMPLATE("16-bit conversions round to nearest, ties to even, in one rounding", T, __half, __nv_bfloat16)
+{
+    // ulp of 1: 2^-10 for half, 2^-7 for bfloat16.
+    const double u = std::is_same_v<T, __half> ? 0x1p-10 : 0x1p-7;
+    auto to = [](double x) { return cd::to_double(cd::from_double<T>(x)); };
+    CHECK(to(1.0 + u / 2) == 1.0);               // tie: to the even neighbour below
+    CHECK(to(1.0 + 3 * u / 2) == 1.0 + 2 * u);   // tie: to the even neighbour above
+    CHECK(to(1.0 + u / 2 + 0x1p-40) == 1.0 + u); // just above the tie: through float it would be a tie
+    CHECK(to(-(1.0 + u / 2 + 0x1p-40)) == -(1.0 + u));
+    CHECK(to(1.0 + u / 2 - 0x1p-40) == 1.0);
+    CHECK(to(0.0) == 0.0);
+    CHECK(std::isinf(to(1e300)));
+}
+
+TEST_CASE("Philox4x32-10 compiled by nvcc (host side) gives the known answers")
+{
+    auto run = [](compact::philox_counter c, compact::philox_key k) { return compact::philox4x32(c, k); };
+    const auto a = run({{0, 0, 0, 0}}, {{0, 0}});
+    CHECK(a.w[0] == 0x6627e8d5u);
+    CHECK(a.w[1] == 0xe169c58du);
+    CHECK(a.w[2] == 0xbc57ac4cu);
+    CHECK(a.w[3] == 0x9b00dbd8u);
+    const auto b = run({{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}}, {{0xffffffffu, 0xffffffffu}});
+    CHECK(b.w[0] == 0x408f276du);
+    CHECK(b.w[3] == 0x6d5451fdu);
+    const auto c = run({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, {{0xa4093822u, 0x299f31d0u}});
+    CHECK(c.w[0] == 0xd16cfe09u);
+    CHECK(c.w[1] == 0x94fdccebu);
+    CHECK(c.w[2] == 0x5001e420u);
+    CHECK(c.w[3] == 0x24126ea1u);
+}
+
+// The committed vectors of tests/test_projection.cpp (computed by the g++-built library): the same
+// COMPACT_HD code compiled by nvcc's host pass must give the same values.
+TEST_CASE("projection_element compiled by nvcc (host side) equals the committed test vectors")
+{
+    const projection_spec a{64, 16, distribution::gaussian, {0x0123456789abcdefull, 3, 0}};
+    const struct {
+        index_t i, j;
+        float value;
+    } va[] = {{0, 0, -0x1.52d77p-2f}, {0, 1, -0x1.7db83ep-5f}, {0, 2, 0x1.7f9bcp-2f},  {0, 3, 0x1.1051eap-3f},
+              {1, 0, 0x1.177e9ap-2f}, {5, 7, -0x1.ccfecap-3f}, {31, 12, 0x1.fb954ap-4f}, {63, 15, 0x1.0d147cp-2f}};
+    for (const auto& e : va) CHECK(static_cast<float>(compact::projection_element(a, e.i, e.j)) == e.value);
+
+    const projection_spec b{300, 75, distribution::gaussian, {2024, (std::uint64_t{1} << 32) | 17u, 41}};
+    const struct {
+        index_t i, j;
+        double value;
+    } vb[] = {{0, 0, -0x1.4dbc08ad53055p-9},  {0, 3, 0x1.fa630fe81f163p-4},   {1, 1, 0x1.4ceaa69ab1cd1p-4},
+              {7, 64, -0x1.02691c45df9edp-5}, {150, 37, 0x1.6a89607e585fep-6}, {200, 5, -0x1.c88aa38268558p-3},
+              {299, 74, -0x1.4e0172e6de2d8p-4}};
+    for (const auto& e : vb) CHECK(compact::projection_element(b, e.i, e.j) == e.value);
+
+    const projection_spec c{50, 10, distribution::rademacher, {7, 0xffffffffull, 0xffffffffull}};
+    const float s = 0x1.43d136p-2f;
+    const struct {
+        index_t i, j;
+        float value;
+    } vc[] = {{0, 0, s}, {0, 1, -s}, {0, 4, s}, {0, 9, -s}, {1, 7, s}, {17, 9, -s}, {33, 3, s}, {49, 8, s}};
+    for (const auto& e : vc) CHECK(static_cast<float>(compact::projection_element(c, e.i, e.j)) == e.value);
+}
+
+TEST_CASE("CUDA and cuBLAS failures raise compact::error naming the function and the code")
+{
+    try {
+        COMPACT_CUDA_CHECK(cudaErrorInvalidValue, "test_where");
+        FAIL("no exception");
+    } catch (const compact::error& e) {
+        const std::string what = e.what();
+        CHECK(what.find("test_where") != std::string::npos);
+        CHECK(what.find("cudaErrorInvalidValue") != std::string::npos);
+        CHECK(what.find("(1)") != std::string::npos);
+    }
+    try {
+        COMPACT_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE, "cublas_where");
+        FAIL("no exception");
+    } catch (const compact::error& e) {
+        const std::string what = e.what();
+        CHECK(what.find("cublas_where") != std::string::npos);
+        CHECK(what.find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
+    }
+}
+
