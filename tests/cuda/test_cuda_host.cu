@@ -11,6 +11,7 @@
 #include <string>
 
 using compact::index_t;
+using compact::op;
 using compact::projection_spec;
 using compact::distribution;
 namespace cd = compact::detail;
@@ -145,3 +146,45 @@ TEST_CASE("CUDA and cuBLAS failures raise compact::error naming the function and
     }
 }
 
+
+TEST_CASE("cuda::gemm rejects shapes that do not agree, and extents cuBLAS cannot take, before any CUDA call")
+{
+    const backend::context ctx{}; // never used: the checks come first
+    float dummy = 0;
+    const compact::const_matrix_view<float> a(&dummy, 4, 3), b(&dummy, 5, 2);
+    const compact::matrix_view<float> c(&dummy, 4, 2);
+    try {
+        backend::gemm<float>(ctx, op::none, op::none, 1.0f, a, b, 0.0f, c);
+        FAIL("no exception");
+    } catch (const compact::error& e) {
+        const std::string what = e.what();
+        CHECK(what.find("cuda::gemm") != std::string::npos);
+        CHECK(what.find("(4, 3)") != std::string::npos);
+        CHECK(what.find("(5, 2)") != std::string::npos);
+    }
+    const compact::const_matrix_view<float> wide(&dummy, 4, 3, index_t{1} << 31);
+    const compact::const_matrix_view<float> b3(&dummy, 3, 2);
+    CHECK_THROWS_AS(backend::gemm<float>(ctx, op::none, op::none, 1.0f, wide, b3, 0.0f, c), compact::error);
+}
+
+TEST_CASE("every primitive returns without touching CUDA when its output is empty")
+{
+    const backend::context ctx{};
+    const compact::matrix_view<float> empty{};
+    const compact::const_matrix_view<float> cempty{};
+    const projection_spec spec{8, 2, distribution::gaussian, {1, 2, 3}};
+    CHECK_NOTHROW(backend::gemm<float>(ctx, op::none, op::none, 1.0f, compact::const_matrix_view<float>(nullptr, 0, 5),
+                                       compact::const_matrix_view<float>(nullptr, 5, 3), 0.0f,
+                                       compact::matrix_view<float>(nullptr, 0, 3)));
+    CHECK_NOTHROW(backend::generate_projection<float>(ctx, spec, 0, 0, empty));
+    CHECK_NOTHROW(backend::column_sums<float>(ctx, cempty, 0.0f, nullptr));
+    CHECK_NOTHROW(backend::add_row_vector<float>(ctx, nullptr, empty));
+    CHECK_NOTHROW(backend::fill<float>(ctx, empty, 1.0f));
+    CHECK_NOTHROW((backend::axpby<float, __half>(ctx, 1.0, cempty, 0.0, {})));
+    CHECK_NOTHROW((backend::adam_direction<float, float, float>(ctx, {}, cempty, empty, empty, empty)));
+    CHECK_NOTHROW((backend::adamw_update<float, float>(ctx, {}, cempty, empty, empty, empty)));
+    compact::device_buffer<float> none;
+    CHECK_NOTHROW(none.assign(0, 1.0f));
+    CHECK(none.size() == 0);
+    CHECK_NOTHROW((void)backend::device_available());
+}
