@@ -354,3 +354,96 @@ TEST_CASE("linear_layer<float, ratio<1, 4>, cuda>: forward is X W^T + b, and a s
     CHECK(std::memcmp(w_after.data(), hw.data(), hw.size() * sizeof(float)) != 0);
     CHECK(layer.updates() == 1);
 }
+
+TEST_CASE("linear_layer<float, rank::full, cuda>: one step is plain AdamW on the exact gradient" *
+          doctest::skip(!has_device()))
+{
+    device_fixture f;
+    const index_t n = 40, m = 24, rows = 16;
+    compact::linear_options options;
+    options.seed = 7;
+    options.layer = 3;
+    options.max_rows = rows;
+    compact::linear_layer<float, compact::rank::full, backend> layer(n, m, options);
+    REQUIRE(layer.rank() == n);
+    const auto hw = random_values<float>(static_cast<std::size_t>(m * n), 16);
+    const auto hb = random_values<float>(static_cast<std::size_t>(m), 17);
+    const auto hx = random_values<float>(static_cast<std::size_t>(rows * n), 18);
+    const auto hdy = random_values<float>(static_cast<std::size_t>(rows * m), 19);
+    compact::copy_to_device(layer.weight().data, hw.data(), hw.size());
+    compact::copy_to_device(layer.bias(), hb.data(), hb.size());
+    auto dx = upload(hx), ddy = upload(hdy);
+    compact::device_buffer<float> dy_out(static_cast<std::size_t>(rows * m), 0.0f);
+    layer.forward(f.ctx(), {dx.data(), rows, n}, {dy_out.data(), rows, m});
+    layer.backward(f.ctx(), {ddy.data(), rows, m}, {});
+    // The gradients the step will use: checked against float64, then the reference step starts from them
+    // (AdamW's first step is m / (sqrt(v) + eps) = sign(g) for |g| >> eps, so near-zero entries would
+    // amplify float rounding in g beyond any useful bound on W).
+    f.owner.synchronize();
+    std::vector<float> g_sub(static_cast<std::size_t>(m * n)), g_b(static_cast<std::size_t>(m));
+    compact::copy_to_host(g_sub.data(), layer.gradient().data, g_sub.size());
+    compact::copy_to_host(g_b.data(), layer.bias_gradient(), g_b.size());
+    compact::adamw_params hyper;
+    hyper.lr = 1e-2;
+    hyper.weight_decay = 0.1;
+    layer.step(f.ctx(), hyper);
+    f.owner.synchronize();
+    std::vector<float> w(hw.size()), b(hb.size());
+    compact::copy_to_host(w.data(), layer.weight().data, w.size());
+    compact::copy_to_host(b.data(), layer.bias(), b.size());
+
+    // SPEC section 3 at t = 1 with zero moments, in float64, for W (gradient dY^T X) and b (sum of dY).
+    const double b1 = hyper.beta1, b2 = hyper.beta2;
+    const double eta = hyper.lr * std::sqrt(1 - b2) / (1 - b1), decay = 1 - hyper.lr * hyper.weight_decay;
+    auto adamw = [&](double w0, double g) {
+        const double mm = (1 - b1) * g, vv = (1 - b2) * g * g;
+        return decay * (w0 - eta * mm / (std::sqrt(vv) + hyper.eps));
+    };
+    for (index_t i = 0; i < m; ++i) {
+        double db = 0;
+        for (index_t r = 0; r < rows; ++r) db += hdy[r * m + i];
+        CHECK(std::abs(g_b[i] - db) <= 1e-5);
+        CHECK(std::abs(b[i] - adamw(hb[i], g_b[i])) <= 1e-6);
+        for (index_t j = 0; j < n; ++j) {
+            double g = 0;
+            for (index_t r = 0; r < rows; ++r) g += static_cast<double>(hdy[r * m + i]) * hx[r * n + j];
+            CAPTURE(i);
+            CAPTURE(j);
+            REQUIRE(std::abs(g_sub[i * n + j] - g) <= 1e-5); // rank::full: G_sub is G itself
+            REQUIRE(std::abs(w[i * n + j] - adamw(hw[i * n + j], g_sub[i * n + j])) <= 1e-6);
+        }
+    }
+}
+
+TEST_CASE("linear_layer<float, ratio<1, 4>, cuda>: keeping P changes no bit of the training" *
+          doctest::skip(!has_device()))
+{
+    device_fixture f;
+    const index_t n = 48, m = 20, rows = 12;
+    const auto hw = random_values<float>(static_cast<std::size_t>(m * n), 20);
+    const auto hx = random_values<float>(static_cast<std::size_t>(rows * n), 21);
+    const auto hdy = random_values<float>(static_cast<std::size_t>(rows * m), 22);
+    auto dx = upload(hx), ddy = upload(hdy);
+    compact::device_buffer<float> y(static_cast<std::size_t>(rows * m), 0.0f);
+    std::vector<float> result[2];
+    for (int keep = 0; keep < 2; ++keep) {
+        compact::linear_options options;
+        options.seed = 99;
+        options.layer = 4;
+        options.max_rows = rows;
+        options.resample.gap = 2; // three epochs of P in five steps
+        options.keep_projection = keep == 1;
+        compact::linear_layer<float, compact::rank::ratio<1, 4>, backend> layer(n, m, options);
+        compact::copy_to_device(layer.weight().data, hw.data(), hw.size());
+        for (int step = 0; step < 5; ++step) {
+            layer.forward(f.ctx(), {dx.data(), rows, n}, {y.data(), rows, m});
+            layer.backward(f.ctx(), {ddy.data(), rows, m}, {});
+            layer.step(f.ctx(), {});
+        }
+        f.owner.synchronize();
+        result[keep].resize(hw.size());
+        compact::copy_to_host(result[keep].data(), layer.weight().data, hw.size());
+    }
+    CHECK(std::memcmp(result[0].data(), result[1].data(), hw.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(result[0].data(), hw.data(), hw.size() * sizeof(float)) != 0);
+}
