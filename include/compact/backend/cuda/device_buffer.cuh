@@ -6,8 +6,9 @@
 // set-up call: it allocates, fills on the legacy default stream and waits for the fill, so the memory
 // is ready for any stream afterwards. The hot path (forward, backward, step) never calls it.
 //
-// copy_to_device / copy_to_host move `count` elements between host and device memory; they are
-// synchronous (for initialisation, checkpoints and tests).
+// copy_to_device / copy_to_host move `count` elements between host and device memory (for
+// initialisation, checkpoints and tests). Both have finished when they return, but neither waits for
+// kernels on a non-blocking stream: synchronise the stream that last touched the memory first.
 #pragma once
 
 #include "compact/backend/cuda/error.cuh"
@@ -117,15 +118,18 @@ private:
     std::size_t size_ = 0;
 };
 
-/// Copies `count` elements from host memory to device memory (synchronous).
+/// Copies `count` elements from host memory to device memory; they are there when it returns.
 template <class T>
 void copy_to_device(T* device, const T* host, std::size_t count)
 {
     if (count == 0) return;
     COMPACT_CUDA_CHECK(cudaMemcpy(device, host, count * sizeof(T), cudaMemcpyHostToDevice), "copy_to_device");
+    // From pageable memory cudaMemcpy may return before the DMA lands; kernels on a non-blocking
+    // stream would not wait for it.
+    COMPACT_CUDA_CHECK(cudaStreamSynchronize(cudaStream_t{}), "copy_to_device");
 }
 
-/// Copies `count` elements from device memory to host memory (synchronous).
+/// Copies `count` elements from device memory to host memory; they are there when it returns.
 template <class T>
 void copy_to_host(T* host, const T* device, std::size_t count)
 {
