@@ -17,6 +17,13 @@ using compact::distribution;
 namespace cd = compact::detail;
 using backend = compact::cuda;
 
+// The algorithms compile against the cuda backend for every storage type and moment type it takes
+// (device code included: explicit instantiation builds every member and every kernel it launches).
+template class compact::linear_layer<float, compact::rank::ratio<1, 4>, compact::cuda>;
+template class compact::linear_layer<double, compact::rank::ratio<1, 4>, compact::cuda>;
+template class compact::linear_layer<__half, compact::rank::fixed, compact::cuda>;
+template class compact::linear_layer<__nv_bfloat16, compact::rank::full, compact::cuda, double>;
+
 namespace {
 
 template <class T>
