@@ -8,9 +8,11 @@
 //     struct context;                               // stream, handles, thread count: passed to every call
 //     template <class T> using buffer;              // owning storage for the convenience wrappers
 //
-//     // C (M, N) = alpha op(A) op(B) + beta C; beta == 0 never reads C (it may hold NaN).
-//     template <class T> static void gemm(const context&, op ta, op tb, T alpha,
-//                                         const_matrix_view<T> A, const_matrix_view<T> B, T beta,
+//     // C (M, N) = alpha op(A) op(B) + beta C; beta == 0 never reads C (it may hold NaN). alpha and
+//     // beta arrive in double, so a small optimizer step survives 16-bit storage types; the backend
+//     // rounds them once to its compute type.
+//     template <class T> static void gemm(const context&, op ta, op tb, double alpha,
+//                                         const_matrix_view<T> A, const_matrix_view<T> B, double beta,
 //                                         matrix_view<T> C);
 //     // out(i, j) = P(row0 + i, col0 + j) of `spec`, rounded to T (core/projection.hpp).
 //     template <class T> static void generate_projection(const context&, const projection_spec& spec,

@@ -116,12 +116,12 @@ public:
         detail::check_shape(g_sub, out_, rank(), where, "G_sub");
         const bool skip_dx = dx.data == nullptr && dx.rows == 0 && dx.cols == 0;
         if (!skip_dx) detail::check_shape(dx, dy.rows, in(), where, "dX");
-        const Scalar beta = grads == write_mode::accumulate ? Scalar(1) : Scalar(0);
+        const double beta = grads == write_mode::accumulate ? 1.0 : 0.0;
         if (!skip_dx)
-            Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), dy, w,
-                          input_grad == write_mode::accumulate ? Scalar(1) : Scalar(0), dx);
-        Backend::template gemm<Scalar>(ctx, op::transpose, op::none, Scalar(1), dy, z, beta, g_sub);
-        if (db) Backend::template column_sums<Scalar>(ctx, dy, beta, db);
+            Backend::template gemm<Scalar>(ctx, op::none, op::none, 1.0, dy, w,
+                          input_grad == write_mode::accumulate ? 1.0 : 0.0, dx);
+        Backend::template gemm<Scalar>(ctx, op::transpose, op::none, 1.0, dy, z, beta, g_sub);
+        if (db) Backend::template column_sums<Scalar>(ctx, dy, static_cast<Scalar>(beta), db);
     }
 
     /// G_hat = G_sub P^T (m, n), the unbiased full-shape gradient estimate (SPEC section 2).
@@ -147,7 +147,7 @@ private:
     void output(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const Scalar* b,
                 matrix_view<Scalar> y) const
     {
-        Backend::template gemm<Scalar>(ctx, op::none, op::transpose, Scalar(1), x, w, Scalar(0), y);
+        Backend::template gemm<Scalar>(ctx, op::none, op::transpose, 1.0, x, w, 0.0, y);
         if (b) Backend::template add_row_vector<Scalar>(ctx, b, y);
     }
 

@@ -111,7 +111,7 @@ public:
             return;
         }
         auto p = generate_into(ctx, epoch, ws, where);
-        Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), x, p, Scalar(0), z);
+        Backend::template gemm<Scalar>(ctx, op::none, op::none, 1.0, x, p, 0.0, z);
     }
 
     /// Z = X P with P (n, r) supplied by the caller, who generated it with generate() for the current
@@ -120,7 +120,7 @@ public:
                   matrix_view<Scalar> z) const
     {
         check_compress(x, p, z, "input_projection::compress");
-        Backend::template gemm<Scalar>(ctx, op::none, op::none, Scalar(1), x, p, Scalar(0), z);
+        Backend::template gemm<Scalar>(ctx, op::none, op::none, 1.0, x, p, 0.0, z);
     }
 
     /// G_hat = G_sub P^T (m, n): the unbiased full-shape estimate of the weight gradient, for callers that
@@ -140,7 +140,7 @@ public:
             return;
         }
         auto p = generate_into(ctx, epoch, ws, where);
-        Backend::template gemm<Scalar>(ctx, op::none, op::transpose, Scalar(1), g_sub, p, Scalar(0), g_hat);
+        Backend::template gemm<Scalar>(ctx, op::none, op::transpose, 1.0, g_sub, p, 0.0, g_hat);
     }
 
     /// Generates P (n, r) for `epoch` into the front of `ws` (projection_bytes()) and returns it, for

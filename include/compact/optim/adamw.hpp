@@ -191,8 +191,7 @@ public:
                 Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
                 p = p_buffer;
             }
-            Backend::template gemm<Scalar>(ctx, op::none, op::transpose, static_cast<Scalar>(scale), direction, p,
-                                            static_cast<Scalar>(coefficients.decay), w);
+            Backend::template gemm<Scalar>(ctx, op::none, op::transpose, scale, direction, p, coefficients.decay, w);
         }
     }
 
@@ -215,8 +214,8 @@ private:
             matrix_view<State> moved(carve.take<State>(out_ * r), out_, r);
             Backend::template generate_projection<State>(ctx, projection_.spec(counters.epoch), 0, 0, p_old);
             Backend::template generate_projection<State>(ctx, projection_.spec(epoch), 0, 0, p_new);
-            Backend::template gemm<State>(ctx, op::transpose, op::none, State(1), p_old, p_new, State(0), q);
-            Backend::template gemm<State>(ctx, op::none, op::none, State(1), m, q, State(0), moved);
+            Backend::template gemm<State>(ctx, op::transpose, op::none, 1.0, p_old, p_new, 0.0, q);
+            Backend::template gemm<State>(ctx, op::none, op::none, 1.0, m, q, 0.0, moved);
             Backend::template axpby<State, State>(ctx, 1.0, moved, 0.0, m);
             return;
         }

@@ -132,9 +132,10 @@ struct cpu {
     // ---------------------------------------------------------------------------------------- GEMM
 
     template <class T>
-    static void gemm(const context& ctx, op ta, op tb, T alpha, const_matrix_view<T> a, const_matrix_view<T> b,
-                     T beta, matrix_view<T> c)
+    static void gemm(const context& ctx, op ta, op tb, double alpha_d, const_matrix_view<T> a,
+                     const_matrix_view<T> b, double beta_d, matrix_view<T> c)
     {
+        const T alpha = static_cast<T>(alpha_d), beta = static_cast<T>(beta_d);
         const index_t m = c.rows, n = c.cols;
         const index_t k = ta == op::none ? a.cols : a.rows;
         COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == m && (tb == op::none ? b.rows : b.cols) == k &&

@@ -203,8 +203,8 @@ struct cuda {
 
     /// C (M, N) = alpha op(A) op(B) + beta C; beta == 0 never reads C.
     template <class T>
-    static void gemm(const context& ctx, op ta, op tb, T alpha, const_matrix_view<T> a, const_matrix_view<T> b,
-                     T beta, matrix_view<T> c)
+    static void gemm(const context& ctx, op ta, op tb, double alpha, const_matrix_view<T> a, const_matrix_view<T> b,
+                     double beta, matrix_view<T> c)
     {
         constexpr const char* where = "cuda::gemm";
         static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, __half> ||
@@ -222,7 +222,8 @@ struct cuda {
                         ": cuBLAS needs every extent and leading dimension below 2^31");
         if (m == 0 || n == 0) return;
         using C = detail::compute_t<T>;
-        const C alpha_c = detail::to_compute(alpha), beta_c = detail::to_compute(beta);
+        // Rounded once, from double, to the compute type: a small step scale survives 16-bit storage.
+        const C alpha_c = static_cast<C>(alpha), beta_c = static_cast<C>(beta);
         if (k == 0 || alpha_c == C(0)) {
             detail::scale_kernel<T><<<detail::cuda_grid(c.size()), detail::cuda_block, 0, ctx.stream>>>(c, beta_c);
             detail::check_launch(ctx.stream, where);
