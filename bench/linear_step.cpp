@@ -789,7 +789,7 @@ int main(int argc, char** argv)
             print("compressed, P kept", row.kept, comp_f);
         }
 
-        std::printf("\ntarget (issue): at r = n/4 the measured ratio is at most 0.90 and at most 1.05 x the model: "
+        std::printf("\ntarget: at r = n/4 the measured ratio is at most 0.90 and at most 1.05 x the model: "
                     "%.3f vs model %.3f (x%.3f): %s\n",
                     target_ratio, target_model, target_ratio / target_model,
                     o.smoke ? "not judged in a smoke run" : (target_met ? "met" : "MISSED"));
