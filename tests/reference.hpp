@@ -10,13 +10,16 @@
 //   matmul, transpose, frobenius, rel_error, to_double, random_fill, make_rng
 #pragma once
 
+#include <compact/core/error.hpp>
 #include <compact/core/matrix_view.hpp>
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace compact_test {
@@ -169,5 +172,21 @@ struct host_matrix {
         return true;
     }
 };
+
+/// What `f` throws as compact::error, or a marker string when it throws something else or nothing.
+inline std::string error_message_of(const std::function<void()>& f)
+{
+    try {
+        f();
+    } catch (const compact::error& e) {
+        return e.what();
+    } catch (...) {
+        return "<an exception that is not compact::error>";
+    }
+    return "<no exception>";
+}
+
+/// True when `part` occurs in `s`.
+inline bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
 
 } // namespace compact_test

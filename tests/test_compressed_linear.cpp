@@ -32,6 +32,9 @@
 
 namespace {
 
+using compact_test::contains;
+using compact_test::error_message_of;
+
 using compact::distribution;
 using compact::index_t;
 using compact::write_mode;
@@ -101,18 +104,6 @@ template <class T>
 bool bit_identical(const std::vector<T>& a, const std::vector<T>& b)
 {
     return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-
-std::string error_message_of(const std::function<void()>& f)
-{
-    try {
-        f();
-    } catch (const compact::error& e) {
-        return e.what();
-    } catch (...) {
-        return "<an exception that is not compact::error>";
-    }
-    return "<no exception>";
 }
 
 /// Checks that `f` throws compact::error whose message contains every fragment.

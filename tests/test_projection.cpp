@@ -25,6 +25,9 @@
 
 namespace {
 
+using compact_test::contains;
+using compact_test::error_message_of;
+
 using compact::distribution;
 using compact::index_t;
 using compact::projection_spec;
@@ -81,20 +84,6 @@ std::int64_t ulp_distance(T a, T b)
     const std::int64_t d = ordered(ia) - ordered(ib);
     return d < 0 ? -d : d;
 }
-
-std::string error_message_of(const std::function<void()>& f)
-{
-    try {
-        f();
-    } catch (const compact::error& e) {
-        return e.what();
-    } catch (...) {
-        return "<an exception that is not compact::error>";
-    }
-    return "<no exception>";
-}
-
-bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
 
 } // namespace
 

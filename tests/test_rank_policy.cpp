@@ -20,6 +20,9 @@
 
 namespace {
 
+using compact_test::contains;
+using compact_test::error_message_of;
+
 using compact::index_t;
 using compact::layer_info;
 using compact::rank::budget;
@@ -108,20 +111,6 @@ void check_ratio_range()
     CAPTURE(first_bad);
     CHECK(all);
 }
-
-std::string error_message_of(const std::function<void()>& f)
-{
-    try {
-        f();
-    } catch (const compact::error& e) {
-        return e.what();
-    } catch (...) {
-        return "<an exception that is not compact::error>";
-    }
-    return "<no exception>";
-}
-
-bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
 
 double cost(const budget_layer& l) { return static_cast<double>(l.tokens) * static_cast<double>(l.value_bytes); }
 double weight(const budget_layer& l) { return l.weight > 0 ? l.weight : static_cast<double>(l.in + 1); }
