@@ -16,10 +16,13 @@
 #include "compact/core/projection.hpp"
 
 #include "compact/backend/cpu/eigen_core.hpp"
+#include "compact/backend/cpu/quantize.hpp"
+#include "compact/compress/scheme.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -292,7 +295,49 @@ struct cpu {
         });
     }
 
+    // ------------------------------------------------------------------- quantized stores and masks
+
+    template <class T>
+    static void quantize(const context& ctx, const store_scheme& s, const noise_key& key, const_matrix_view<T> x,
+                         std::byte* out)
+    {
+        detail::cpu_store::quantize(parallel_for_in(ctx), s, key, x, out);
+    }
+
+    template <class T>
+    static void dequantize(const context& ctx, const store_scheme& s, const std::byte* in, index_t count,
+                           index_t first, matrix_view<T> out)
+    {
+        detail::cpu_store::dequantize(parallel_for_in(ctx), s, in, count, first, out);
+    }
+
+    template <class T>
+    static void relu_mask(const context& ctx, const_matrix_view<T> x, matrix_view<T> y, std::uint8_t* mask)
+    {
+        detail::cpu_store::relu_mask(parallel_for_in(ctx), x, y, mask);
+    }
+
+    template <class T>
+    static void dropout_mask(const context& ctx, double p, const noise_key& key, const_matrix_view<T> x,
+                             matrix_view<T> y, std::uint8_t* mask)
+    {
+        detail::cpu_store::dropout_mask(parallel_for_in(ctx), p, key, x, y, mask);
+    }
+
+    template <class T>
+    static void apply_mask(const context& ctx, const std::uint8_t* mask, double scale, const_matrix_view<T> dy,
+                           matrix_view<T> dx)
+    {
+        detail::cpu_store::apply_mask(parallel_for_in(ctx), mask, scale, dy, dx);
+    }
+
 private:
+    /// parallel_for bound to a context, for the kernels in backend/cpu/quantize.hpp.
+    static auto parallel_for_in(const context& ctx)
+    {
+        return [&ctx](index_t parts, auto&& f) { parallel_for(ctx, parts, f); };
+    }
+
     /// Rows per elementwise part: about 32K elements, so a part amortises the thread hand-off.
     static index_t rows_per_part(index_t cols) noexcept { return std::max<index_t>(1, 32768 / std::max<index_t>(1, cols)); }
     static index_t row_parts(index_t rows, index_t cols) noexcept

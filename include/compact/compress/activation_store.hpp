@@ -1,0 +1,144 @@
+// compact/compress/activation_store.hpp: a saved-activation store (SPEC section 5).
+//
+// A trainer keeps tensors from forward for backward: a linear layer's input, a GELU or SiLU input,
+// attention probabilities, a norm's input. An activation_store compresses such a tensor in forward into
+// caller memory and hands back its approximation in backward:
+//
+//   compact::activation_store<float, compact::cpu> store(compact::store_scheme::quantized(4), seed, id);
+//   std::vector<std::byte> bytes(store.saved_bytes(N, n));      // once, outside the step
+//   compact::saved_tensor saved{bytes.data(), bytes.size()};
+//   store.compress(ctx, x, step, saved);                          // forward: x (N, n) -> 4.25 bits/value
+//   store.restore(ctx, saved, x_hat);                             // backward: x_hat (N, n)
+//
+// The scheme (compress/scheme.hpp) decides bytes and error: full keeps the values, quantized(b) is
+// unbiased with variance <= range^2 / (4 (2^b - 1)^2) per value, average() is ALAM's biased 0.5-bit
+// scheme. Its noise is keyed by (seed, tensor id, step, variant), so a run is reproducible bit for bit
+// and independent of the thread count. A store is a small value (scheme, seed, id); the bytes are the
+// caller's, and a saved_tensor records what was written into them, so restoring with the wrong store or
+// before anything was compressed is an error, never garbage.
+#pragma once
+
+#include "compact/backend/backend.hpp"
+#include "compact/compress/scheme.hpp"
+#include "compact/core/config.hpp"
+#include "compact/core/error.hpp"
+#include "compact/core/matrix_view.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+COMPACT_NAMESPACE_BEGIN
+
+/// Caller memory for one compressed tensor, and a record of what compress() wrote into it.
+struct saved_tensor {
+    std::byte* data = nullptr; ///< at least saved_bytes() bytes, aligned for float and for the scalar type
+    std::size_t capacity = 0;  ///< bytes at data
+
+    // Written by activation_store::compress; read by restore.
+    bool filled = false;
+    index_t rows = 0, cols = 0;
+    store_scheme scheme{};
+    std::uint64_t tensor = 0;
+};
+
+/// What a bit allocator may change in a store between steps: its scheme, and the noise variant (0 in
+/// training; sensitivity probes draw other variants).
+struct store_settings {
+    store_scheme scheme{};
+    std::uint32_t variant = 0;
+};
+
+template <class Scalar, class Backend>
+class activation_store {
+    COMPACT_CHECK_BACKEND(Backend);
+
+public:
+    using scalar_type = Scalar;
+    using context = typename Backend::context;
+
+    activation_store() = default;
+
+    /// `seed`: the run's seed; `tensor`: this tensor's unique id (it keys the rounding noise).
+    activation_store(store_scheme scheme, std::uint64_t seed, std::uint64_t tensor)
+        : settings_{scheme, 0}, seed_(seed), tensor_(tensor)
+    {
+        detail::check_scheme(scheme, "activation_store");
+    }
+
+    const store_scheme& scheme() const noexcept { return settings_.scheme; }
+    void set_scheme(const store_scheme& s)
+    {
+        detail::check_scheme(s, "activation_store::set_scheme");
+        settings_.scheme = s;
+    }
+    /// The settings a bit allocator adjusts (see compress/sensitivity.hpp); validated at every compress.
+    store_settings& settings() noexcept { return settings_; }
+    const store_settings& settings() const noexcept { return settings_; }
+    std::uint64_t seed() const noexcept { return seed_; }
+    std::uint64_t tensor() const noexcept { return tensor_; }
+    bool unbiased() const noexcept { return settings_.scheme.unbiased(); }
+
+    /// Bytes compress() writes for a (rows, cols) tensor, metadata included.
+    std::size_t saved_bytes(index_t rows, index_t cols) const noexcept
+    {
+        return stored_bytes<Scalar>(settings_.scheme, rows * cols);
+    }
+
+    /// Encodes x (rows, cols) into out.data; `step` selects fresh noise (for example the update count).
+    void compress(const context& ctx, const_matrix_view<Scalar> x, std::uint64_t step, saved_tensor& out) const
+    {
+        constexpr const char* where = "activation_store::compress";
+        detail::check_scheme(settings_.scheme, where);
+        detail::check_view(x, where, "x");
+        COMPACT_REQUIRE(!x.empty(), where, "x is ", shape_string(x), ": an empty tensor cannot be stored");
+        const noise_key key{seed_, tensor_, step, settings_.variant};
+        detail::check_noise_key(key, where);
+        const std::size_t bytes = saved_bytes(x.rows, x.cols);
+        COMPACT_REQUIRE(out.capacity >= bytes && out.data != nullptr, where, "saved tensor holds ", out.capacity,
+                        " bytes at ", static_cast<const void*>(out.data), " but x ", shape_string(x), " as ",
+                        to_string(settings_.scheme), " needs ", bytes);
+        COMPACT_REQUIRE(reinterpret_cast<std::uintptr_t>(out.data) % alignment == 0, where, "saved tensor data ",
+                        static_cast<const void*>(out.data), " must be aligned to ", alignment, " bytes");
+        Backend::template quantize<Scalar>(ctx, settings_.scheme, key, x, out.data);
+        out.filled = true;
+        out.rows = x.rows;
+        out.cols = x.cols;
+        out.scheme = settings_.scheme;
+        out.tensor = tensor_;
+    }
+
+    /// Writes the approximation of the whole tensor held by `in` into out (rows, cols).
+    void restore(const context& ctx, const saved_tensor& in, matrix_view<Scalar> out) const
+    {
+        restore_rows(ctx, in, 0, out);
+    }
+
+    /// Writes rows [row0, row0 + out.rows) of the approximation into out (out.rows, cols): backward can
+    /// expand a tensor a slice at a time into a small workspace.
+    void restore_rows(const context& ctx, const saved_tensor& in, index_t row0, matrix_view<Scalar> out) const
+    {
+        constexpr const char* where = "activation_store::restore";
+        COMPACT_REQUIRE(in.filled, where, "the saved tensor holds nothing: compress into it first");
+        COMPACT_REQUIRE(in.tensor == tensor_, where, "the saved tensor was written by the store of tensor ",
+                        in.tensor, ", not by this one (tensor ", tensor_, ")");
+        COMPACT_REQUIRE(in.data != nullptr && in.capacity >= stored_bytes<Scalar>(in.scheme, in.rows * in.cols),
+                        where, "the saved tensor's memory (", in.capacity, " bytes) no longer holds its ",
+                        to_string(in.scheme), " encoding of (", in.rows, ", ", in.cols, ")");
+        detail::check_view(out, where, "out");
+        COMPACT_REQUIRE(out.cols == in.cols && row0 >= 0 && out.rows >= 0 && row0 + out.rows <= in.rows, where,
+                        "out is ", shape_string(out), " at row ", row0, " but the saved tensor is (", in.rows, ", ",
+                        in.cols, ")");
+        Backend::template dequantize<Scalar>(ctx, in.scheme, in.data, in.rows * in.cols, row0 * in.cols, out);
+    }
+
+    /// Alignment compress() requires of saved_tensor::data.
+    static constexpr std::size_t alignment = std::max(alignof(float), alignof(Scalar));
+
+private:
+    store_settings settings_{};
+    std::uint64_t seed_ = 0;
+    std::uint64_t tensor_ = 0;
+};
+
+COMPACT_NAMESPACE_END

@@ -1,0 +1,414 @@
+// Tests of the quantized activation stores and the 1-bit masks (compress/activation_store.hpp,
+// compress/mask.hpp, compress/scheme.hpp), against float64 references and statistical bounds.
+#include "reference.hpp"
+#include "test_support.hpp"
+
+#include <compact/backend/cpu/cpu.hpp>
+#include <compact/compress/activation_store.hpp>
+#include <compact/compress/mask.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+using compact::index_t;
+using compact::store_scheme;
+using compact_test::cview_of;
+using compact_test::print_errors;
+using compact_test::view_of;
+
+namespace {
+
+template <class T>
+using store = compact::activation_store<T, compact::cpu>;
+
+/// Owns the bytes of one saved tensor, aligned for any scalar.
+struct saved_buffer {
+    explicit saved_buffer(std::size_t bytes) : words((bytes + 7) / 8 + 1) { tensor = {data(), bytes}; }
+    std::byte* data() { return reinterpret_cast<std::byte*>(words.data()); }
+    std::vector<std::uint64_t> words;
+    compact::saved_tensor tensor;
+};
+
+template <class T>
+std::vector<T> round_trip(const store<T>& s, const compact::cpu::context& ctx, const std::vector<T>& x, index_t rows,
+                          index_t cols, std::uint64_t step)
+{
+    saved_buffer b(s.saved_bytes(rows, cols));
+    s.compress(ctx, cview_of(x, rows, cols), step, b.tensor);
+    std::vector<T> out(x.size(), T(-7));
+    s.restore(ctx, b.tensor, view_of(out, rows, cols));
+    return out;
+}
+
+const std::vector<int> widths = {1, 2, 4, 8};
+
+} // namespace
+
+TEST_CASE("bytes and bits per value of every scheme, metadata included")
+{
+    const index_t n = 1 << 20;
+    CHECK(compact::bits_per_value<float>(store_scheme::full_precision(), n) == 32.0);
+    CHECK(compact::bits_per_value<double>(store_scheme::full_precision(), n) == 64.0);
+    for (int b : widths) {
+        // b bits of code plus two floats per 256 values.
+        CHECK(compact::bits_per_value<float>(store_scheme::quantized(b, 256), n) == doctest::Approx(b + 0.25));
+        CHECK(compact::bits_per_value<float>(store_scheme::quantized(b, 128), n) == doctest::Approx(b + 0.5));
+    }
+    // ALAM: 2 bits per mean of 4 values, two floats per 128 means.
+    CHECK(compact::bits_per_value<float>(store_scheme::average(128), n) == doctest::Approx(0.625));
+    // Odd sizes round up to whole groups of metadata and whole bytes of codes.
+    CHECK(compact::stored_bytes<float>(store_scheme::quantized(4, 256), 257) == 2 * 8 + 129);
+    CHECK(compact::stored_bytes<float>(store_scheme::average(128), 13) == 8 + 1); // 4 means, 1 group
+    CHECK(compact::nominal_bits<float>(store_scheme::average()) == 0.5);
+    CHECK(store_scheme::quantized(1).unbiased());
+    CHECK(!store_scheme::average().unbiased());
+}
+
+TEST_CASE("pack and unpack round-trip every width at every length up to 67")
+{
+    std::mt19937_64 rng(11);
+    for (int b : widths)
+        for (index_t len = 1; len <= 67; ++len) {
+            std::vector<std::uint8_t> q(static_cast<std::size_t>(len)), back(q.size());
+            for (auto& c : q) c = static_cast<std::uint8_t>(rng() & ((1u << b) - 1));
+            std::vector<std::uint8_t> packed(static_cast<std::size_t>((len * b + 7) / 8) + 1, 0xEE);
+            compact::detail::cpu_store::pack_codes(b, q.data(), len, packed.data());
+            CHECK(packed.back() == 0xEE); // nothing written past the last byte
+            compact::detail::cpu_store::unpack_codes(b, packed.data(), len, back.data());
+            CHECK(q == back);
+        }
+}
+
+TEST_CASE_TEMPLATE("codes on the quantization grid round-trip exactly, for every width, odd shapes and padded views", T,
+                   float, double)
+{
+    // Values lo + q (hi - lo) / B with each group holding both ends: every code is exact, whatever the noise.
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(3);
+    for (int b : widths)
+        for (index_t group : {8, 128, 256})
+            for (auto [rows, cols] : {std::pair<index_t, index_t>{37, 53}, {1, 1}, {5, 8}, {64, 64}}) {
+                const int levels = (1 << b) - 1;
+                const index_t count = rows * cols, ld = cols + 3;
+                std::vector<T> x(static_cast<std::size_t>(rows * ld), T(99)); // padded view
+                std::vector<T> flat(static_cast<std::size_t>(count));
+                for (index_t k = 0; k < count; ++k) {
+                    int q = static_cast<int>(rng() % static_cast<unsigned>(levels + 1));
+                    if (k % group == 0) q = 0;
+                    if (k % group == 1) q = levels;
+                    flat[static_cast<std::size_t>(k)] = static_cast<T>(-2.0 + 0.5 * q); // step 0.5: exact
+                }
+                for (index_t i = 0; i < rows; ++i)
+                    for (index_t j = 0; j < cols; ++j) x[static_cast<std::size_t>(i * ld + j)] = flat[static_cast<std::size_t>(i * cols + j)];
+                store<T> s(store_scheme::quantized(b, group), 5, 9);
+                saved_buffer buf(s.saved_bytes(rows, cols));
+                s.compress(ctx, compact::const_matrix_view<T>(x.data(), rows, cols, ld), 1, buf.tensor);
+                std::vector<T> out(static_cast<std::size_t>(rows * ld), T(-1));
+                s.restore(ctx, buf.tensor, compact::matrix_view<T>(out.data(), rows, cols, ld));
+                bool exact = true, padding_kept = true;
+                for (index_t i = 0; i < rows; ++i)
+                    for (index_t j = 0; j < ld; ++j) {
+                        const T got = out[static_cast<std::size_t>(i * ld + j)];
+                        if (j < cols) exact = exact && got == x[static_cast<std::size_t>(i * ld + j)];
+                        else padding_kept = padding_kept && got == T(-1);
+                    }
+                INFO("bits=", b, " group=", group, " shape=(", rows, ", ", cols, ")");
+                CHECK(exact);
+                CHECK(padding_kept);
+            }
+}
+
+TEST_CASE("1-bit quantization of two-valued data (a ReLU mask, a binary input) is lossless")
+{
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(5);
+    const index_t rows = 33, cols = 91;
+    std::vector<float> x(static_cast<std::size_t>(rows * cols));
+    for (auto& v : x) v = (rng() & 1) ? 0.3f : -1.7f;
+    store<float> s(store_scheme::quantized(1, 128), 1, 2);
+    for (std::uint64_t step = 0; step < 20; ++step) CHECK(round_trip(s, ctx, x, rows, cols, step) == x);
+}
+
+TEST_CASE("8-bit error is at most one level, range / 255, on random data")
+{
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(8);
+    const index_t rows = 40, cols = 300, group = 256;
+    std::vector<float> x = compact_test::uniform<float>(rng, rows * cols, -3.0, 5.0);
+    for (std::size_t k = 0; k < x.size(); k += 97) x[k] *= 40.0f; // groups of very different ranges
+    store<float> s(store_scheme::quantized(8, group), 1, 2);
+    const std::vector<float> out = round_trip(s, ctx, x, rows, cols, 3);
+    double worst = 0;
+    for (index_t g = 0; g * group < rows * cols; ++g) {
+        const auto first = x.begin() + g * group, last = x.begin() + std::min(rows * cols, (g + 1) * group);
+        const double range = double(*std::max_element(first, last)) - double(*std::min_element(first, last));
+        for (auto it = first; it != last; ++it) {
+            const std::size_t k = static_cast<std::size_t>(it - x.begin());
+            worst = std::max(worst, std::abs(double(out[k]) - double(x[k])) / (range / 255.0));
+        }
+    }
+    CHECK_RELATIVE(worst, 1.0 + 1e-4); // float rounding of lo + q step
+}
+
+TEST_CASE("stochastic rounding is unbiased, with variance within range^2 / (4 B^2), at every width")
+{
+    // K independent encodings (steps) of one tensor. For value k the restored mean has standard deviation
+    // sigma_k = step sqrt(p_k (1 - p_k) / K), where p_k is its fractional position between two levels.
+    // Each value is checked at 6 sigma (two-sided p ~ 2e-9 per value, ~5e-6 over all values here), and the
+    // sum of the standardised errors at 5 sigma. A negative control shifts by a tenth of a level and
+    // must fail the same test.
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(21);
+    const index_t rows = 8, cols = 256, count = rows * cols;
+    const int K = 1500;
+    const std::vector<double> xd = [&] {
+        std::vector<double> v(static_cast<std::size_t>(count));
+        for (auto& e : v) e = static_cast<double>(static_cast<float>(compact_test::uniform<double>(rng, 1, -1, 2)[0]));
+        return v;
+    }();
+    const std::vector<float> x(xd.begin(), xd.end());
+    for (int b : widths) {
+        store<float> s(store_scheme::quantized(b, 256), 77, 4);
+        std::vector<double> sum(static_cast<std::size_t>(count)), sum_sq(static_cast<std::size_t>(count));
+        for (int step = 0; step < K; ++step) {
+            const std::vector<float> out = round_trip(s, ctx, x, rows, cols, static_cast<std::uint64_t>(step));
+            for (std::size_t k = 0; k < out.size(); ++k) {
+                sum[k] += out[k];
+                sum_sq[k] += double(out[k]) * double(out[k]);
+            }
+        }
+        const double levels = (1 << b) - 1;
+        double z_sum = 0, z_shifted = 0, worst_z = 0, var_ratio_worst = 0;
+        index_t random_values = 0;
+        for (index_t g = 0; g < rows; ++g) {
+            const auto first = xd.begin() + g * cols, last = first + cols;
+            const double lo = *std::min_element(first, last), hi = *std::max_element(first, last);
+            const double step = (hi - lo) / levels;
+            for (index_t j = 0; j < cols; ++j) {
+                const std::size_t k = static_cast<std::size_t>(g * cols + j);
+                const double t = (xd[k] - lo) / step, p = t - std::floor(t);
+                const double mean = sum[k] / K, var = sum_sq[k] / K - mean * mean;
+                var_ratio_worst = std::max(var_ratio_worst, var / (step * step / 4));
+                if (p < 1e-3 || p > 1 - 1e-3) continue; // on a level: no randomness to test
+                const double sigma = step * std::sqrt(p * (1 - p) / K);
+                const double z = (mean - xd[k]) / sigma;
+                worst_z = std::max(worst_z, std::abs(z));
+                z_sum += z;
+                z_shifted += (mean + 0.1 * step - xd[k]) / sigma;
+                ++random_values;
+            }
+        }
+        INFO("bits=", b);
+        CHECK(worst_z < 6.0);
+        CHECK(std::abs(z_sum / std::sqrt(double(random_values))) < 5.0);
+        CHECK(std::abs(z_shifted / std::sqrt(double(random_values))) > 5.0); // the test can fail
+        CHECK_RELATIVE(var_ratio_worst, 1.0 + 0.2); // p(1-p) <= 1/4, plus sampling error of K = 1500
+    }
+}
+
+TEST_CASE("average quantization restores the block means: exactly on its grid, and in expectation otherwise")
+{
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(4);
+    SUBCASE("means on the 2-bit grid are restored exactly, repeated over their 4 values; a short last run too")
+    {
+        const index_t rows = 3, cols = 43; // 129 values: 32 runs of 4 and a run of 1
+        std::vector<float> x(static_cast<std::size_t>(rows * cols));
+        // Means 0, 1, 2 or 3 (each group of 8 means holds 0 and 3): values mean +- d, summing to 4 mean.
+        for (index_t run = 0; run * 4 < rows * cols; ++run) {
+            float mean = static_cast<float>(rng() % 4);
+            if (run % 8 == 0) mean = 0;
+            if (run % 8 == 1) mean = 3;
+            const float d = static_cast<float>(rng() % 4) * 0.25f;
+            const float v[4] = {mean + d, mean - d, mean + 2 * d, mean - 2 * d};
+            for (index_t c = 0; c < 4 && run * 4 + c < rows * cols; ++c)
+                x[static_cast<std::size_t>(run * 4 + c)] = (run * 4 + 4 > rows * cols) ? mean : v[c];
+        }
+        store<float> s(store_scheme::average(8), 3, 3);
+        const std::vector<float> out = round_trip(s, ctx, x, rows, cols, 0);
+        for (index_t k = 0; k < rows * cols; ++k) {
+            const index_t run = k / 4, n = std::min<index_t>(4, rows * cols - 4 * run);
+            double mean = 0;
+            for (index_t c = 0; c < n; ++c) mean += x[static_cast<std::size_t>(4 * run + c)];
+            CHECK(out[static_cast<std::size_t>(k)] == doctest::Approx(mean / double(n)).epsilon(1e-6));
+        }
+    }
+    SUBCASE("random data: the mean over many steps converges to the block means (5 sigma)")
+    {
+        const index_t rows = 4, cols = 130, count = rows * cols;
+        const std::vector<float> x = compact_test::uniform<float>(rng, count, -1, 1);
+        store<float> s(store_scheme::average(128), 3, 3);
+        const int K = 1000;
+        std::vector<double> sum(static_cast<std::size_t>(count));
+        for (int step = 0; step < K; ++step) {
+            const auto out = round_trip(s, ctx, x, rows, cols, static_cast<std::uint64_t>(step));
+            for (std::size_t k = 0; k < out.size(); ++k) sum[k] += out[k];
+        }
+        double worst = 0;
+        for (index_t k = 0; k < count; ++k) {
+            const index_t run = k / 4, n = std::min<index_t>(4, count - 4 * run);
+            double mean = 0;
+            for (index_t c = 0; c < n; ++c) mean += x[static_cast<std::size_t>(4 * run + c)];
+            mean /= double(n);
+            // Means lie in [-1, 1]: a 2-bit level is at most 2/3, so sigma <= (1/3) / sqrt(K).
+            worst = std::max(worst, std::abs(sum[static_cast<std::size_t>(k)] / K - mean) / ((1.0 / 3) / std::sqrt(K)));
+        }
+        CHECK(worst < 5.0);
+    }
+}
+
+TEST_CASE("restore_rows gives the same values as a whole restore, slice by slice")
+{
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(6);
+    const index_t rows = 29, cols = 37;
+    const std::vector<float> x = compact_test::uniform<float>(rng, rows * cols, -1, 1);
+    for (store_scheme sc : {store_scheme::quantized(4, 64), store_scheme::average(16), store_scheme::full_precision()}) {
+        store<float> s(sc, 1, 1);
+        saved_buffer b(s.saved_bytes(rows, cols));
+        s.compress(ctx, cview_of(x, rows, cols), 0, b.tensor);
+        std::vector<float> whole(x.size());
+        s.restore(ctx, b.tensor, view_of(whole, rows, cols));
+        std::vector<float> sliced(x.size());
+        for (index_t r0 = 0; r0 < rows; r0 += 6) {
+            const index_t n = std::min<index_t>(6, rows - r0);
+            s.restore_rows(ctx, b.tensor, r0, compact::matrix_view<float>(sliced.data() + r0 * cols, n, cols));
+        }
+        CHECK(compact_test::bit_equal(whole, sliced));
+        if (sc.kind == compact::store_kind::full) CHECK(whole == x);
+    }
+}
+
+TEST_CASE("encodings are reproducible, independent of the thread count, and change with the step and variant")
+{
+    std::mt19937_64 rng(7);
+    const index_t rows = 300, cols = 500; // several thread parts
+    const std::vector<float> x = compact_test::uniform<float>(rng, rows * cols, -1, 1);
+    for (store_scheme sc : {store_scheme::quantized(2), store_scheme::average()}) {
+        store<float> s(sc, 42, 7);
+        auto bytes_of = [&](int threads, std::uint64_t step) {
+            saved_buffer b(s.saved_bytes(rows, cols));
+            s.compress(compact::cpu::context{threads}, cview_of(x, rows, cols), step, b.tensor);
+            return b.words;
+        };
+        CHECK(bytes_of(1, 3) == bytes_of(2, 3));
+        CHECK(bytes_of(2, 3) == bytes_of(2, 3));
+        CHECK(bytes_of(2, 3) != bytes_of(2, 4));
+        const auto base = bytes_of(2, 3);
+        s.settings().variant = 1;
+        CHECK(bytes_of(2, 3) != base);
+    }
+}
+
+TEST_CASE("ReLU and dropout masks: one bit per value, exact outputs and gradients, in place")
+{
+    compact::cpu::context ctx{2};
+    std::mt19937_64 rng(9);
+    const index_t rows = 70, cols = 1001; // 70070 values: several parts, a partial last byte
+    const std::vector<float> x = compact_test::uniform<float>(rng, rows * cols, -1, 1);
+    const std::vector<float> dy = compact_test::uniform<float>(rng, rows * cols, -1, 1);
+    std::vector<std::uint8_t> mask(compact::mask_bytes(rows, cols));
+    CHECK(mask.size() == (70070 + 7) / 8);
+
+    std::vector<float> y = x; // in place
+    compact::relu_forward<compact::cpu, float>(ctx, cview_of(y, rows, cols), view_of(y, rows, cols),
+                                               {mask.data(), mask.size()});
+    std::vector<float> dx = dy;
+    compact::relu_backward<compact::cpu, float>(ctx, mask.data(), cview_of(dx, rows, cols), view_of(dx, rows, cols));
+    bool ok = true;
+    for (std::size_t k = 0; k < x.size(); ++k) {
+        ok = ok && y[k] == (x[k] > 0 ? x[k] : 0.0f);
+        ok = ok && dx[k] == (x[k] > 0 ? dy[k] : 0.0f);
+    }
+    CHECK(ok);
+
+    const double p = 0.3;
+    const compact::noise_key key{5, 6, 7, 0};
+    std::vector<float> yd(x.size());
+    compact::dropout_forward<compact::cpu, float>(ctx, p, key, cview_of(x, rows, cols), view_of(yd, rows, cols),
+                                                  {mask.data(), mask.size()});
+    std::vector<float> dxd(x.size());
+    compact::dropout_backward<compact::cpu, float>(ctx, mask.data(), p, cview_of(dy, rows, cols),
+                                                   view_of(dxd, rows, cols));
+    index_t kept = 0;
+    ok = true;
+    const float scale = static_cast<float>(1.0 / (1.0 - p));
+    for (std::size_t k = 0; k < x.size(); ++k) {
+        const bool keep = (mask[k / 8] >> (k % 8)) & 1;
+        kept += keep;
+        ok = ok && yd[k] == (keep ? x[k] * scale : 0.0f) && dxd[k] == (keep ? dy[k] * scale : 0.0f);
+    }
+    CHECK(ok);
+    // Kept fraction 0.7 with sd sqrt(0.21 / 70070) = 0.0017: 5 sigma.
+    CHECK(std::abs(double(kept) / double(x.size()) - (1 - p)) < 5 * std::sqrt(p * (1 - p) / double(x.size())));
+    // Same key, other thread count: same mask.
+    std::vector<std::uint8_t> mask1(mask.size());
+    compact::dropout_forward<compact::cpu, float>(compact::cpu::context{1}, p, key, cview_of(x, rows, cols),
+                                                  view_of(yd, rows, cols), {mask1.data(), mask1.size()});
+    CHECK(mask1 == mask);
+}
+
+TEST_CASE("bad input names the argument and writes nothing")
+{
+    using compact_test::contains;
+    using compact_test::error_message_of;
+    compact::cpu::context ctx;
+    const index_t rows = 4, cols = 10;
+    std::vector<float> x(static_cast<std::size_t>(rows * cols), 1.0f);
+
+    CHECK(contains(error_message_of([] { store<float>(store_scheme::quantized(3), 0, 0); }),
+                   "bits=3 must be 1, 2, 4 or 8"));
+    CHECK(contains(error_message_of([] { store<float>(store_scheme::quantized(4, 100), 0, 0); }),
+                   "group=100 must be a multiple of 8"));
+    CHECK(contains(error_message_of([] { store<float>(store_scheme::quantized(4, 4096), 0, 0); }), "group=4096"));
+    CHECK(contains(error_message_of([] { store<float>(store_scheme{compact::store_kind::full, 8, 0}, 0, 0); }),
+                   "scheme full takes no bits"));
+
+    store<float> s(store_scheme::quantized(4, 8), 1, 1);
+    saved_buffer b(s.saved_bytes(rows, cols));
+    CHECK(contains(error_message_of([&] { s.compress(ctx, compact::const_matrix_view<float>(x.data(), 0, cols), 0, b.tensor); }),
+                   "empty tensor"));
+    compact::saved_tensor small{b.data(), s.saved_bytes(rows, cols) - 1};
+    CHECK(contains(error_message_of([&] { s.compress(ctx, cview_of(x, rows, cols), 0, small); }),
+                   "but x (4, 10) as int4/g8 needs"));
+    CHECK(!small.filled);
+    compact::saved_tensor misaligned{b.data() + 1, s.saved_bytes(rows, cols)};
+    CHECK(contains(error_message_of([&] { s.compress(ctx, cview_of(x, rows, cols), 0, misaligned); }), "aligned"));
+    s.settings().scheme = store_scheme::quantized(5, 8); // set directly, bypassing set_scheme
+    CHECK(contains(error_message_of([&] { s.compress(ctx, cview_of(x, rows, cols), 0, b.tensor); }), "bits=5"));
+    s.set_scheme(store_scheme::quantized(4, 8));
+
+    std::vector<float> out(x.size(), -3.0f);
+    CHECK(contains(error_message_of([&] { s.restore(ctx, b.tensor, view_of(out, rows, cols)); }), "holds nothing"));
+    s.compress(ctx, cview_of(x, rows, cols), 0, b.tensor);
+    store<float> other(store_scheme::quantized(4, 8), 1, 2);
+    CHECK(contains(error_message_of([&] { other.restore(ctx, b.tensor, view_of(out, rows, cols)); }),
+                   "written by the store of tensor 1, not by this one (tensor 2)"));
+    CHECK(contains(error_message_of([&] { s.restore(ctx, b.tensor, view_of(out, rows, cols + 1)); }),
+                   "out is (4, 11) at row 0 but the saved tensor is (4, 10)"));
+    CHECK(contains(error_message_of([&] { s.restore_rows(ctx, b.tensor, 2, view_of(out, 3, cols)); }), "at row 2"));
+    CHECK(contains(error_message_of([&] { s.compress(ctx, cview_of(x, rows, cols), std::uint64_t{1} << 32, b.tensor); }),
+                   "noise step 4294967296 must be below 2^32"));
+    CHECK(std::all_of(out.begin(), out.end(), [](float v) { return v == -3.0f; }));
+
+    std::vector<std::uint8_t> mask(compact::mask_bytes(rows, cols) - 1);
+    CHECK(contains(error_message_of([&] {
+                       compact::relu_forward<compact::cpu, float>(ctx, cview_of(x, rows, cols), view_of(out, rows, cols),
+                                                                  {mask.data(), mask.size()});
+                   }),
+                   "mask holds 4 bytes but (4, 10) needs 5"));
+    CHECK(contains(error_message_of([&] {
+                       compact::dropout_forward<compact::cpu, float>(ctx, 1.0, {}, cview_of(x, rows, cols),
+                                                                     view_of(out, rows, cols), {mask.data(), 5});
+                   }),
+                   "drop probability p=1 must be in [0, 1)"));
+    CHECK(contains(error_message_of([&] {
+                       compact::relu_backward<compact::cpu, float>(ctx, nullptr, cview_of(x, rows, cols),
+                                                                   view_of(out, rows, cols));
+                   }),
+                   "mask holds 0 bytes"));
+}
