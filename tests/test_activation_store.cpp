@@ -374,7 +374,7 @@ TEST_CASE("bad input names the argument and writes nothing")
                    "empty tensor"));
     compact::saved_tensor small{b.data(), s.saved_bytes(rows, cols) - 1};
     CHECK(contains(error_message_of([&] { s.compress(ctx, cview_of(x, rows, cols), 0, small); }),
-                   "but x (4, 10) as int4/g8 needs"));
+                   "but X (4, 10) as int4/g8 needs"));
     CHECK(!small.filled);
     compact::saved_tensor misaligned{b.data() + 1, s.saved_bytes(rows, cols)};
     CHECK(contains(error_message_of([&] { s.compress(ctx, cview_of(x, rows, cols), 0, misaligned); }), "aligned"));

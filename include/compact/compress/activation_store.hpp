@@ -49,6 +49,13 @@ struct store_settings {
     std::uint32_t variant = 0;
 };
 
+/// The compressor policy of a linear layer that keeps its input X in an activation store instead of
+/// projecting it: compressed_linear<Scalar, quantized, Backend> computes the full-shape weight gradient
+/// dY^T X^ from the restored X^ and trains with plain AdamW (SPEC section 5, ALAM / GACT).
+struct quantized {
+    store_scheme scheme = store_scheme::quantized(4, 256);
+};
+
 template <class Scalar, class Backend>
 class activation_store {
     COMPACT_CHECK_BACKEND(Backend);
@@ -88,24 +95,43 @@ public:
     /// Encodes x (rows, cols) into out.data; `step` selects fresh noise (for example the update count).
     void compress(const context& ctx, const_matrix_view<Scalar> x, std::uint64_t step, saved_tensor& out) const
     {
-        constexpr const char* where = "activation_store::compress";
-        detail::check_scheme(settings_.scheme, where);
-        detail::check_view(x, where, "x");
-        COMPACT_REQUIRE(!x.empty(), where, "x is ", shape_string(x), ": an empty tensor cannot be stored");
-        const noise_key key{seed_, tensor_, step, settings_.variant};
-        detail::check_noise_key(key, where);
-        const std::size_t bytes = saved_bytes(x.rows, x.cols);
-        COMPACT_REQUIRE(out.capacity >= bytes && out.data != nullptr, where, "saved tensor holds ", out.capacity,
-                        " bytes at ", static_cast<const void*>(out.data), " but x ", shape_string(x), " as ",
-                        to_string(settings_.scheme), " needs ", bytes);
-        COMPACT_REQUIRE(reinterpret_cast<std::uintptr_t>(out.data) % alignment == 0, where, "saved tensor data ",
-                        static_cast<const void*>(out.data), " must be aligned to ", alignment, " bytes");
-        Backend::template quantize<Scalar>(ctx, settings_.scheme, key, x, out.data);
+        check_compress(x, step, out, "activation_store::compress");
+        Backend::template quantize<Scalar>(ctx, settings_.scheme, {seed_, tensor_, step, settings_.variant}, x,
+                                           out.data);
         out.filled = true;
         out.rows = x.rows;
         out.cols = x.cols;
         out.scheme = settings_.scheme;
         out.tensor = tensor_;
+    }
+
+    /// The checks compress() makes, for callers that validate everything before writing anything.
+    void check_compress(const_matrix_view<Scalar> x, std::uint64_t step, const saved_tensor& out,
+                        const char* where) const
+    {
+        detail::check_scheme(settings_.scheme, where);
+        detail::check_view(x, where, "X");
+        COMPACT_REQUIRE(!x.empty(), where, "X is ", shape_string(x), ": an empty tensor cannot be stored");
+        detail::check_noise_key({seed_, tensor_, step, settings_.variant}, where);
+        const std::size_t bytes = saved_bytes(x.rows, x.cols);
+        COMPACT_REQUIRE(out.capacity >= bytes && out.data != nullptr, where, "saved tensor holds ", out.capacity,
+                        " bytes at ", static_cast<const void*>(out.data), " but X ", shape_string(x), " as ",
+                        to_string(settings_.scheme), " needs ", bytes);
+        COMPACT_REQUIRE(reinterpret_cast<std::uintptr_t>(out.data) % alignment == 0, where, "saved tensor data ",
+                        static_cast<const void*>(out.data), " must be aligned to ", alignment, " bytes");
+    }
+
+    /// The checks restore_rows() makes.
+    void check_restore(const saved_tensor& in, index_t row0, index_t rows, index_t cols, const char* where) const
+    {
+        COMPACT_REQUIRE(in.filled, where, "the saved tensor holds nothing: compress into it first");
+        COMPACT_REQUIRE(in.tensor == tensor_, where, "the saved tensor was written by the store of tensor ",
+                        in.tensor, ", not by this one (tensor ", tensor_, ")");
+        COMPACT_REQUIRE(in.data != nullptr && in.capacity >= stored_bytes<Scalar>(in.scheme, in.rows * in.cols),
+                        where, "the saved tensor's memory (", in.capacity, " bytes) no longer holds its ",
+                        to_string(in.scheme), " encoding of (", in.rows, ", ", in.cols, ")");
+        COMPACT_REQUIRE(cols == in.cols && row0 >= 0 && rows >= 0 && row0 + rows <= in.rows, where, "out is (", rows,
+                        ", ", cols, ") at row ", row0, " but the saved tensor is (", in.rows, ", ", in.cols, ")");
     }
 
     /// Writes the approximation of the whole tensor held by `in` into out (rows, cols).
@@ -119,16 +145,8 @@ public:
     void restore_rows(const context& ctx, const saved_tensor& in, index_t row0, matrix_view<Scalar> out) const
     {
         constexpr const char* where = "activation_store::restore";
-        COMPACT_REQUIRE(in.filled, where, "the saved tensor holds nothing: compress into it first");
-        COMPACT_REQUIRE(in.tensor == tensor_, where, "the saved tensor was written by the store of tensor ",
-                        in.tensor, ", not by this one (tensor ", tensor_, ")");
-        COMPACT_REQUIRE(in.data != nullptr && in.capacity >= stored_bytes<Scalar>(in.scheme, in.rows * in.cols),
-                        where, "the saved tensor's memory (", in.capacity, " bytes) no longer holds its ",
-                        to_string(in.scheme), " encoding of (", in.rows, ", ", in.cols, ")");
         detail::check_view(out, where, "out");
-        COMPACT_REQUIRE(out.cols == in.cols && row0 >= 0 && out.rows >= 0 && row0 + out.rows <= in.rows, where,
-                        "out is ", shape_string(out), " at row ", row0, " but the saved tensor is (", in.rows, ", ",
-                        in.cols, ")");
+        check_restore(in, row0, out.rows, out.cols, where);
         Backend::template dequantize<Scalar>(ctx, in.scheme, in.data, in.rows * in.cols, row0 * in.cols, out);
     }
 

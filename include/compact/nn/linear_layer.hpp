@@ -13,6 +13,12 @@
 //
 // Micro-batches: call forward/backward once per micro-batch (each backward right after its forward, as
 // Z holds one micro-batch) and step once; gradients accumulate in between.
+//
+// With the `quantized` policy (compress/activation_store.hpp) the layer keeps X encoded instead of Z,
+// its gradient is the full (m, n) G = dY^T X^ and its optimizer plain AdamW; the rounding noise of a
+// forward is keyed by the update count, so a rerun of the same step encodes identically (what
+// sensitivity probes rely on). Changing the scheme (set_scheme, or a bit allocator through settings())
+// resizes the saved buffer at the next forward if it grew: the one allocation outside the constructor.
 #pragma once
 
 #include "compact/core/config.hpp"
@@ -43,16 +49,19 @@ struct linear_options {
     bool keep_projection = false;
 };
 
-template <class Scalar, class RankPolicy, class Backend, class State = float>
+template <class Scalar, class Policy, class Backend, class State = float>
 class linear_layer {
 public:
-    using layer_type = compressed_linear<Scalar, RankPolicy, Backend>;
+    using layer_type = compressed_linear<Scalar, Policy, Backend>;
     using optimizer_type = subspace_adamw<Scalar, Backend, State>;
     using context = typename Backend::context;
     template <class T>
     using buffer = typename Backend::template buffer<T>;
 
-    linear_layer(index_t in, index_t out, const linear_options& options, RankPolicy policy = {})
+    /// True for the `quantized` policy (X kept in an activation store).
+    static constexpr bool stores_input = layer_type::stores_input;
+
+    linear_layer(index_t in, index_t out, const linear_options& options, Policy policy = {})
         : options_(options),
           layer_(in, out, options.seed, options.layer, policy, options.dist),
           optimizer_(out, layer_.projection(), options.moments)
@@ -61,7 +70,8 @@ public:
                         " must be at least 1 (it sizes the saved activation)");
         const index_t r = layer_.rank();
         weight_.assign(static_cast<std::size_t>(out * in), Scalar(0));
-        z_.assign(static_cast<std::size_t>(options.max_rows * r), Scalar(0));
+        if constexpr (stores_input) saved_.assign(layer_.saved_bytes(options.max_rows), std::byte{0});
+        else z_.assign(static_cast<std::size_t>(options.max_rows * r), Scalar(0));
         g_sub_.assign(static_cast<std::size_t>(out * r), Scalar(0));
         m_.assign(static_cast<std::size_t>(out * r), State(0));
         v_.assign(static_cast<std::size_t>(out * r), State(0));
@@ -72,7 +82,7 @@ public:
             bias_v_.assign(static_cast<std::size_t>(out), State(0));
         }
         if (keeps_projection()) projection_.assign(static_cast<std::size_t>(in * r), Scalar(0));
-        workspace_.assign(std::max(layer_.workspace_bytes(), optimizer_.workspace_bytes()), std::byte{0});
+        workspace_.assign(std::max(layer_.workspace_bytes(options.max_rows), optimizer_.workspace_bytes()), std::byte{0});
     }
 
     index_t in() const noexcept { return layer_.in(); }
@@ -81,6 +91,15 @@ public:
     /// The options the layer was built with (checkpoints compare them with a saved state).
     const linear_options& options() const noexcept { return options_; }
     const layer_type& layer() const noexcept { return layer_; }
+    /// The activation store's scheme and noise variant, for a bit allocator (stores_input only).
+    store_settings& settings() noexcept { return layer_.settings(); }
+    const store_scheme& scheme() const noexcept { return layer_.store().scheme(); }
+    void set_scheme(const store_scheme& s)
+    {
+        static_assert(stores_input, "compact: set_scheme is for layers with the quantized policy");
+        detail::check_scheme(s, "linear_layer::set_scheme");
+        layer_.settings().scheme = s;
+    }
     const optimizer_type& optimizer() const noexcept { return optimizer_; }
 
     /// The weight W (m, n) and bias (m, or null without bias), for initialisation and inspection.
@@ -134,7 +153,7 @@ public:
     std::uint64_t updates() const noexcept { return updates_; }
     std::uint64_t epoch() const noexcept { return options_.resample.epoch(updates_); }
 
-    /// Bytes kept between forward and backward for N rows, and for max_rows.
+    /// Bytes kept between forward and backward for N rows (with the current scheme for a store).
     std::size_t saved_bytes(index_t rows) const noexcept { return layer_.saved_bytes(rows); }
     /// Bytes of the kept projection (0 unless options.keep_projection).
     std::size_t projection_bytes() const noexcept { return projection_.size() * sizeof(Scalar); }
@@ -149,11 +168,19 @@ public:
     {
         COMPACT_REQUIRE(x.rows <= options_.max_rows, "linear_layer::forward", "X has ", x.rows,
                         " rows but the layer was built for max_rows=", options_.max_rows);
-        matrix_view<Scalar> z(z_.data(), x.rows, rank());
-        if (keeps_projection())
-            layer_.forward(ctx, x, weight(), bias(), y, z, kept_projection(ctx));
-        else
-            layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
+        if constexpr (stores_input) {
+            const std::size_t need = layer_.saved_bytes(x.rows);
+            if (saved_.size() < need) saved_.assign(need, std::byte{0});
+            saved_tensor_.data = saved_.data();
+            saved_tensor_.capacity = saved_.size();
+            layer_.forward(ctx, x, weight(), bias(), y, saved_tensor_, noise_step());
+        } else {
+            matrix_view<Scalar> z(z_.data(), x.rows, rank());
+            if (keeps_projection())
+                layer_.forward(ctx, x, weight(), bias(), y, z, kept_projection(ctx));
+            else
+                layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
+        }
         rows_ = x.rows;
     }
 
@@ -163,9 +190,14 @@ public:
         COMPACT_REQUIRE(rows_ >= 0, "linear_layer::backward", "called without a preceding forward");
         COMPACT_REQUIRE(dy.rows == rows_, "linear_layer::backward", "dY is ", shape_string(dy),
                         " but the last forward saved ", rows_, " rows");
-        const_matrix_view<Scalar> z(z_.data(), rows_, rank());
-        layer_.backward(ctx, dy, weight(), z, dx, {g_sub_.data(), out(), rank()}, options_.bias ? db_.data() : nullptr,
-                        has_gradient_ ? write_mode::accumulate : write_mode::overwrite);
+        const write_mode mode = has_gradient_ ? write_mode::accumulate : write_mode::overwrite;
+        Scalar* db = options_.bias ? db_.data() : nullptr;
+        if constexpr (stores_input) {
+            layer_.backward(ctx, dy, weight(), saved_tensor_, dx, {g_sub_.data(), out(), rank()}, db, ws(), mode);
+        } else {
+            const_matrix_view<Scalar> z(z_.data(), rows_, rank());
+            layer_.backward(ctx, dy, weight(), z, dx, {g_sub_.data(), out(), rank()}, db, mode);
+        }
         has_gradient_ = true;
         rows_ = -1;
     }
@@ -188,6 +220,10 @@ public:
 private:
     workspace ws() noexcept { return {workspace_.data(), workspace_.size()}; }
 
+    /// The noise stream of a store's encoding: the update count (below 2^32 by restore_counters' check
+    /// of epochs; wrapped here so a very long run keeps going).
+    std::uint64_t noise_step() const noexcept { return updates_ & 0xFFFFFFFFu; }
+
     /// The identity is never kept: its Z is a copy of X and its update needs no P.
     bool keeps_projection() const noexcept { return options_.keep_projection && !layer_.projection().is_identity(); }
 
@@ -208,7 +244,8 @@ private:
     optimizer_type optimizer_;
     buffer<Scalar> weight_, bias_, z_, g_sub_, db_, projection_;
     buffer<State> m_, v_, bias_m_, bias_v_;
-    buffer<std::byte> workspace_;
+    buffer<std::byte> workspace_, saved_;
+    saved_tensor saved_tensor_{};
     adam_counters counters_{}, bias_counters_{};
     std::uint64_t updates_ = 0;
     index_t rows_ = -1;
