@@ -127,6 +127,10 @@ public:
     /// step(), so that no accumulated gradient is lost).
     bool gradient_pending() const noexcept { return has_gradient_; }
 
+    /// Drops the gradient accumulated since the last step (for example after a sensitivity probe's
+    /// backward pass, which must not reach the optimizer); the next backward overwrites.
+    void discard_gradient() noexcept { has_gradient_ = false; }
+
     /// Sets the counters of a restored state, for checkpoint loading: the completed updates (which select
     /// P's epoch) and the counters of W's and b's moments. Write the weights and moments through the
     /// accessors above first; this discards any accumulated gradient and saved activation, and drops the
