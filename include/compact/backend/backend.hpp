@@ -34,6 +34,24 @@
 //         matrix_view<D> direction);
 //     template <class W, class S> static void adamw_update(const context&, const adam_coefficients&,
 //         const_matrix_view<W> g, matrix_view<S> m, matrix_view<S> v, matrix_view<W> w);
+//
+//     // Activation stores (compress/scheme.hpp fixes the bytes): encode x (row-major order, any ld) into
+//     // out (stored_bytes<T>(s, count) bytes, aligned for float and T); decode flat values
+//     // [first, first + out.rows out.cols) of an encoding of `count` values into out.
+//     template <class T> static void quantize(const context&, const store_scheme& s, const noise_key&,
+//                                             const_matrix_view<T> x, std::byte* out);
+//     template <class T> static void dequantize(const context&, const store_scheme& s, const std::byte* in,
+//                                               index_t count, index_t first, matrix_view<T> out);
+//     // 1-bit masks (value k at bit k % 8 of byte k / 8; outputs may alias inputs):
+//     //   relu_mask:    y = max(x, 0), bit = x > 0
+//     //   dropout_mask: bit = noise u_k >= p, y = bit ? x / (1 - p) : 0
+//     //   apply_mask:   dx = bit ? dy scale : 0
+//     template <class T> static void relu_mask(const context&, const_matrix_view<T> x, matrix_view<T> y,
+//                                              std::uint8_t* mask);
+//     template <class T> static void dropout_mask(const context&, double p, const noise_key&,
+//                                                 const_matrix_view<T> x, matrix_view<T> y, std::uint8_t* mask);
+//     template <class T> static void apply_mask(const context&, const std::uint8_t* mask, double scale,
+//                                               const_matrix_view<T> dy, matrix_view<T> dx);
 //   };
 //
 // Every primitive may assume its arguments were validated by the algorithm that calls it (shapes agree,

@@ -28,7 +28,6 @@
 #include "compact/core/matrix_view.hpp"
 #include "compact/random/philox.hpp"
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -163,15 +162,25 @@ COMPACT_HD inline philox_counter noise_words(const noise_stream& s, index_t jb)
 /// A noise word as u in [0, 1), exactly representable in float (24 bits).
 COMPACT_HD inline float noise_uniform(std::uint32_t word) { return static_cast<float>(word >> 8) * 0x1p-24f; }
 
-/// The stochastic-rounding code of x in a group [lo, hi] with `levels` = B and inv_step = B / (hi - lo).
-/// x = lo and x = hi give 0 and B exactly, so two-valued data survives even a 1-bit code unchanged.
+/// The stochastic-rounding code of x in a group [lo, hi] with `levels` = B and inv_step = B / (hi - lo),
+/// as a float holding an integer in [0, B] (branch-free, so loops over it vectorise). x = lo and x = hi
+/// give 0 and B exactly, so two-valued data survives even a 1-bit code unchanged.
+COMPACT_HD inline float stochastic_level(float x, float lo, float hi, float inv_step, float u, float levels)
+{
+    float t = (x - lo) * inv_step + u;
+    t = t > 0.0f ? t : 0.0f; // also maps NaN to 0
+    t = t < levels ? t : levels;
+    const float q = static_cast<float>(static_cast<int>(t)); // floor, as t >= 0
+    // x = hi gives B whatever rounding did to (hi - lo) inv_step; written as arithmetic, not a branch,
+    // because GCC keeps a branch here and then vectorises nothing.
+    const float top = x >= hi ? 1.0f : 0.0f;
+    return q + top * (levels - q);
+}
+
+/// stochastic_level as an integer code.
 COMPACT_HD inline std::uint32_t stochastic_code(float x, float lo, float hi, float inv_step, float u, float levels)
 {
-    float q = floorf((x - lo) * inv_step + u);
-    q = q > 0.0f ? q : 0.0f; // also maps NaN to 0
-    q = q < levels ? q : levels;
-    q = x >= hi ? levels : q;
-    return static_cast<std::uint32_t>(q);
+    return static_cast<std::uint32_t>(stochastic_level(x, lo, hi, inv_step, u, levels));
 }
 
 /// The value of code q in a group [lo, hi]: lo + q (hi - lo) / B, and exactly hi for q = B.

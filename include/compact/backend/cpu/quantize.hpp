@@ -105,8 +105,22 @@ inline void unpack_codes(int bits, const std::uint8_t* in, index_t len, std::uin
 inline void encode_group(const float* COMPACT_RESTRICT v, index_t len, index_t first, int bits, const noise_stream& ns,
                          float* COMPACT_RESTRICT meta, std::uint8_t* COMPACT_RESTRICT codes)
 {
+    // Min and max in 16 independent lanes, so the loop vectorises without reassociating a reduction.
+    constexpr index_t lanes = 16;
+    float lo_lane[lanes], hi_lane[lanes];
+    for (index_t j = 0; j < lanes; ++j) lo_lane[j] = hi_lane[j] = v[0];
+    const index_t whole = len / lanes * lanes;
+    for (index_t k = 0; k < whole; k += lanes)
+        for (index_t j = 0; j < lanes; ++j) {
+            lo_lane[j] = v[k + j] < lo_lane[j] ? v[k + j] : lo_lane[j];
+            hi_lane[j] = v[k + j] > hi_lane[j] ? v[k + j] : hi_lane[j];
+        }
     float lo = v[0], hi = v[0];
-    for (index_t k = 1; k < len; ++k) {
+    for (index_t j = 0; j < lanes; ++j) {
+        lo = lo_lane[j] < lo ? lo_lane[j] : lo;
+        hi = hi_lane[j] > hi ? hi_lane[j] : hi;
+    }
+    for (index_t k = whole; k < len; ++k) {
         lo = v[k] < lo ? v[k] : lo;
         hi = v[k] > hi ? v[k] : hi;
     }
@@ -124,7 +138,7 @@ inline void encode_group(const float* COMPACT_RESTRICT v, index_t len, index_t f
     }
     std::uint8_t q[max_store_group];
     for (index_t k = 0; k < len; ++k)
-        q[k] = static_cast<std::uint8_t>(stochastic_code(v[k], lo, hi, inv, u[k], levels));
+        q[k] = static_cast<std::uint8_t>(static_cast<int>(stochastic_level(v[k], lo, hi, inv, u[k], levels)));
     pack_codes(bits, q, len, codes);
     meta[0] = lo;
     meta[1] = hi;
