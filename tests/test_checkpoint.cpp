@@ -917,3 +917,66 @@ TEST_CASE("dtype, shape and configuration mismatches are rejected, naming the se
     CHECK(snap(first) == first_before);
     CHECK(snap(seed).updates == 0);
 }
+
+TEST_CASE("a layer with a quantized store resumes bit for bit, scheme included; a corrupt scheme is refused")
+{
+    // The stochastic rounding noise is keyed by the update count, which the checkpoint restores; the
+    // scheme (here changed mid-run, as a bit allocator would) comes back from the checkpoint too.
+    scratch_dir dir;
+    const teacher_problem<float> problem(16, 24, 10);
+    const auto options = options_for(compact::moment_policy::keep, false, 0, problem.rows / 2);
+    using q_layer = compact::linear_layer<float, compact::quantized, compact::cpu>;
+    const compact::quantized start{compact::store_scheme::quantized(2, 64)};
+    const compact::store_scheme later = compact::store_scheme::average(32);
+
+    q_layer straight(problem.n, problem.m, options, start);
+    initialise(straight, 1);
+    train(straight, problem, 0, 20);
+    straight.set_scheme(later);
+    train(straight, problem, 20, 50);
+
+    q_layer first(problem.n, problem.m, options, start);
+    initialise(first, 1);
+    train(first, problem, 0, 20);
+    first.set_scheme(later);
+    train(first, problem, 20, 30);
+    compact::save_checkpoint(dir.file("q.ckpt"), first);
+
+    q_layer resumed(problem.n, problem.m, options, start); // built with the starting scheme
+    compact::load_checkpoint(dir.file("q.ckpt"), resumed);
+    CHECK(resumed.scheme() == later);
+    train(resumed, problem, 30, 50);
+    CHECK(snap(resumed) == snap(straight));
+
+    compact::checkpoint_writer w;
+    compact::save_state(w, "q", first);
+    auto bytes = w.bytes();
+    const compact::checkpoint_reader good(bytes);
+    CHECK(good.scalar<std::uint64_t>("q/store_bits") == 2);
+    CHECK(good.scalar<std::uint64_t>("q/store_kind") == 2);
+    // A scheme compact never writes (3 bits), with valid checksums: rejected before the layer changes.
+    compact::checkpoint_writer bad;
+    for (const char* field : {"in", "out", "rank", "distribution", "seed", "layer_id", "moment_policy", "resample_gap",
+                              "keep_projection", "has_bias", "updates", "weight_step", "weight_epoch", "bias_step",
+                              "bias_epoch", "store_kind", "store_group"})
+        bad.add_scalar<std::uint64_t>(std::string("q/") + field, good.scalar<std::uint64_t>(std::string("q/") + field));
+    bad.add_scalar<std::uint64_t>("q/store_bits", 3);
+    for (const char* field : {"weight", "weight_m", "weight_v"}) {
+        const auto& s = good.expect<float>(std::string("q/") + field, good.find(std::string("q/") + field).shape);
+        std::vector<float> v(static_cast<std::size_t>(s.count));
+        good.copy(s, v.data(), s.count);
+        bad.add(std::string("q/") + field, v.data(), s.shape);
+    }
+    for (const char* field : {"bias", "bias_m", "bias_v"}) {
+        const auto& s = good.expect<float>(std::string("q/") + field, good.find(std::string("q/") + field).shape);
+        std::vector<float> v(static_cast<std::size_t>(s.count));
+        good.copy(s, v.data(), s.count);
+        bad.add(std::string("q/") + field, v.data(), s.shape);
+    }
+    const compact::checkpoint_reader corrupt(bad.bytes());
+    q_layer target(problem.n, problem.m, options, start);
+    const std::string message = error_of([&] { compact::load_state(corrupt, "q", target); });
+    CHECK(has(message, "average quantization uses 2-bit codes, got bits=3"));
+    CHECK(target.scheme() == start.scheme);
+    CHECK(target.updates() == 0);
+}

@@ -22,6 +22,9 @@
 //   weight_m         State    (m, r)    M of W
 //   weight_v         State    (m, r)    V of W
 //   bias_m, bias_v   State    (m)       M, V of b (with bias)
+//   store_kind       u64      ()        } for layers with the quantized policy only: the store's scheme
+//   store_bits       u64      ()        } (compress/scheme.hpp: kind 0 full, 1 quantized, 2 average), so
+//   store_group      u64      ()        } a resumed run encodes X as the saved one did; loading sets it
 //
 // The enum codes are part of the format: they never change meaning. P is not stored: it is regenerated
 // from (seed, layer_id, epoch), which is what makes the restored moments belong to the right subspace.
@@ -57,6 +60,7 @@
 
 #include "compact/backend/cpu/cpu.hpp"
 #include "compact/core/config.hpp"
+#include "compact/compress/scheme.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
 #include "compact/io/checkpoint.hpp"
@@ -115,7 +119,8 @@ std::vector<std::pair<const char*, std::uint64_t>> layer_config(const linear_lay
 inline constexpr const char* layer_fields[] = {
     "in",          "out",         "rank",      "distribution", "seed",      "layer_id",     "moment_policy",
     "resample_gap", "keep_projection", "has_bias", "updates",      "weight_step", "weight_epoch", "bias_step",
-    "bias_epoch",  "weight",      "weight_m",  "weight_v",     "bias_m",    "bias_v"};
+    "bias_epoch",  "weight",      "weight_m",  "weight_v",     "bias_m",    "bias_v",      "store_kind",
+    "store_bits",  "store_group"};
 
 inline void check_prefix(std::string_view prefix, const char* where)
 {
@@ -130,6 +135,7 @@ struct layer_tensor_sections {
                              *bias_m = nullptr, *bias_v = nullptr;
     std::uint64_t updates = 0;
     adam_counters weight_counters{}, bias_counters{};
+    store_scheme scheme{}; ///< the store's scheme, for layers with the quantized policy
 };
 
 template <class Scalar, class Policy, class Backend, class State>
@@ -178,6 +184,15 @@ layer_tensor_sections validate_layer_state(const checkpoint_reader& r, std::stri
                     where, "'", r.source(), "': counters under '", prefix, "' are inconsistent: weight_step=",
                     t.weight_counters.step, ", weight_epoch=", t.weight_counters.epoch, ", bias_step=",
                     t.bias_counters.step, " cannot follow updates=", t.updates, " (epoch ", epoch, ")");
+    if constexpr (linear_layer<Scalar, Policy, Backend, State>::stores_input) {
+        const auto kind = r.scalar<std::uint64_t>(name("store_kind")), bits = r.scalar<std::uint64_t>(name("store_bits")),
+                   group = r.scalar<std::uint64_t>(name("store_group"));
+        COMPACT_REQUIRE(kind <= 2 && bits <= 8 && group <= static_cast<std::uint64_t>(max_store_group), where, "'",
+                        r.source(), "': the store scheme under '", prefix, "' (kind ", kind, ", bits ", bits,
+                        ", group ", group, ") is not one compact writes");
+        t.scheme = {static_cast<store_kind>(kind), static_cast<int>(bits), static_cast<index_t>(group)};
+        check_scheme(t.scheme, where);
+    }
     return t;
 }
 
@@ -221,6 +236,11 @@ void save_state(checkpoint_writer& w, std::string_view prefix,
         w.add(name("bias_m"), layer.bias_first_moment(), {static_cast<std::uint64_t>(m)});
         w.add(name("bias_v"), layer.bias_second_moment(), {static_cast<std::uint64_t>(m)});
     }
+    if constexpr (linear_layer<Scalar, Policy, Backend, State>::stores_input) {
+        w.add_scalar<std::uint64_t>(name("store_kind"), static_cast<std::uint64_t>(layer.scheme().kind));
+        w.add_scalar<std::uint64_t>(name("store_bits"), static_cast<std::uint64_t>(layer.scheme().bits));
+        w.add_scalar<std::uint64_t>(name("store_group"), static_cast<std::uint64_t>(layer.scheme().group));
+    }
 }
 
 /// Checks that "<prefix>/..." of `r` is a complete state that `layer` can take (see the top of this
@@ -251,6 +271,7 @@ void load_state(const checkpoint_reader& r, std::string_view prefix,
     r.copy(*t.weight_v, layer.second_moment().data, mr);
     if (t.bias_m) r.copy(*t.bias_m, layer.bias_first_moment(), m);
     if (t.bias_v) r.copy(*t.bias_v, layer.bias_second_moment(), m);
+    if constexpr (linear_layer<Scalar, Policy, Backend, State>::stores_input) layer.set_scheme(t.scheme);
     layer.restore_counters(t.updates, t.weight_counters, t.bias_counters);
 }
 
