@@ -8,13 +8,18 @@
 // b/8 and writes 4, so a memcpy-speed encode + decode would take about 1x the copy time: the ratio
 // column is (encode + decode) / memcpy).
 //
+// Then one training step (forward + backward + AdamW) of a linear_layer (N, n) -> m with the quantized
+// policy, per scheme, against the uncompressed layer (rank::full) in the same run, steps interleaved:
+// what keeping X at b bits costs in time, beside what it saves in bytes.
+//
 // Checks first (exit 1 on failure): the encoding's size is stored_bytes; every restored value of a
 // b-bit scheme lies within one level of its input; average quantization restores the block means to
 // within one 2-bit level of the means.
 //
-//   quantize [--rows N] [--cols n] [--threads t] [--reps k] [--smoke]
+//   quantize [--rows N] [--cols n] [--out m] [--threads t] [--reps k] [--smoke]
 #include <compact/backend/cpu/cpu.hpp>
 #include <compact/compress/activation_store.hpp>
+#include <compact/nn/linear_layer.hpp>
 #include <compact/random/uniform.hpp>
 
 #include <algorithm>
@@ -38,6 +43,7 @@ using clock_type = std::chrono::steady_clock;
 struct options {
     index_t rows = 16384;
     index_t cols = 1024;
+    index_t out = 1024;
     int threads = 2;
     int reps = 15;
     bool smoke = false;
@@ -90,6 +96,45 @@ void check_round_trip(const std::vector<float>& x, const std::vector<float>& bac
     }
 }
 
+/// Step time of the quantized layer per scheme over the uncompressed layer (rank::full), interleaved.
+void layer_steps(const options& o, const cpu::context& ctx, const cpu::buffer<float>& x_data)
+{
+    const index_t rows = std::min<index_t>(o.rows, 4096), n = o.cols, m = o.out;
+    compact::linear_options lo;
+    lo.seed = 5;
+    lo.max_rows = rows;
+    compact::adamw_params hyper;
+    cpu::buffer<float> y(static_cast<std::size_t>(rows * m)), dy(y.size()), dx(static_cast<std::size_t>(rows * n));
+    compact::fill_uniform(compact::make_view(dy.data(), rows, m), -1e-3, 1e-3, 2, 2);
+    const compact::const_matrix_view<float> xv(x_data.data(), rows, n), dyv(dy.data(), rows, m);
+    const compact::matrix_view<float> yv(y.data(), rows, m), dxv(dx.data(), rows, n);
+    compact::linear_layer<float, compact::rank::full, cpu> base(n, m, lo);
+    auto step = [&](auto& layer) {
+        const auto t0 = clock_type::now();
+        layer.forward(ctx, xv, yv);
+        layer.backward(ctx, dyv, dxv);
+        layer.step(ctx, hyper);
+        return seconds_since(t0);
+    };
+    std::printf("\n## One training step of a (%lld x %lld) -> %lld float layer, quantized X vs uncompressed\n\n",
+                static_cast<long long>(rows), static_cast<long long>(n), static_cast<long long>(m));
+    std::printf("| scheme | saved for backward | step ratio to uncompressed (median of %d paired) |\n|---|---|---|\n",
+                o.reps);
+    for (const store_scheme& s : {store_scheme::quantized(8, 256), store_scheme::quantized(4, 256),
+                                  store_scheme::quantized(2, 256), store_scheme::average(128)}) {
+        compact::linear_layer<float, compact::quantized, cpu> q(n, m, lo, compact::quantized{s});
+        step(base), step(q); // warm-up
+        std::vector<double> ratio;
+        for (int r = 0; r < o.reps; ++r) {
+            const double tb = step(base), tq = step(q);
+            ratio.push_back(tq / tb);
+        }
+        std::printf("| %s | %.1f -> %.1f MiB | %.3f |\n", compact::to_string(s).c_str(),
+                    static_cast<double>(base.saved_bytes(rows)) / (1 << 20),
+                    static_cast<double>(q.saved_bytes(rows)) / (1 << 20), median(ratio));
+    }
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -106,17 +151,18 @@ try {
         };
         if (a == "--rows") o.rows = next();
         else if (a == "--cols") o.cols = next();
+        else if (a == "--out") o.out = next();
         else if (a == "--threads") o.threads = static_cast<int>(next());
         else if (a == "--reps") o.reps = static_cast<int>(next());
         else if (a == "--smoke") o.smoke = true;
         else {
-            std::fprintf(stderr, "usage: %s [--rows N] [--cols n] [--threads t] [--reps k] [--smoke]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--rows N] [--cols n] [--out m] [--threads t] [--reps k] [--smoke]\n", argv[0]);
             return 2;
         }
     }
-    if (o.smoke) o.rows = 64, o.cols = 300, o.reps = 2;
-    if (o.rows < 1 || o.cols < 1 || o.reps < 1 || o.threads < 1) {
-        std::fprintf(stderr, "quantize: --rows, --cols, --reps and --threads must be positive\n");
+    if (o.smoke) o.rows = 64, o.cols = 300, o.out = 40, o.reps = 2;
+    if (o.rows < 1 || o.cols < 1 || o.out < 1 || o.reps < 1 || o.threads < 1) {
+        std::fprintf(stderr, "quantize: --rows, --cols, --out, --reps and --threads must be positive\n");
         return 2;
     }
 
@@ -172,6 +218,7 @@ try {
         std::printf("| %s | %s | %zu | %.3f | %.1fx | %.1f | %.1f | %.2f |\n", compact::to_string(s).c_str(),
                     s.unbiased() ? "yes" : "no", bytes, bits, 32.0 / bits, input_gb / e, input_gb / d, (e + d) / copy_s);
     }
+    layer_steps(o, ctx, x);
     return 0;
 } catch (const std::exception& e) {
     std::fprintf(stderr, "quantize: %s\n", e.what());
