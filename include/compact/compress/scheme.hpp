@@ -162,12 +162,33 @@ COMPACT_HD inline philox_counter noise_words(const noise_stream& s, index_t jb)
 /// A noise word as u in [0, 1), exactly representable in float (24 bits).
 COMPACT_HD inline float noise_uniform(std::uint32_t word) { return static_cast<float>(word >> 8) * 0x1p-24f; }
 
+/// Float products and sums rounded one by one: nvcc would otherwise fuse a * b + c into one FMA and
+/// the device would write other bytes than the host. (Host builds for x86-64 without -mfma never fuse;
+/// a host build with FMA and GCC's default -ffp-contract=fast may, which only matters for comparing
+/// bytes across devices.)
+COMPACT_HD inline float mul_rn(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+COMPACT_HD inline float add_rn(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
 /// The stochastic-rounding code of x in a group [lo, hi] with `levels` = B and inv_step = B / (hi - lo),
 /// as a float holding an integer in [0, B] (branch-free, so loops over it vectorise). x = lo and x = hi
 /// give 0 and B exactly, so two-valued data survives even a 1-bit code unchanged.
 COMPACT_HD inline float stochastic_level(float x, float lo, float hi, float inv_step, float u, float levels)
 {
-    float t = (x - lo) * inv_step + u;
+    float t = add_rn(mul_rn(x - lo, inv_step), u);
     t = t > 0.0f ? t : 0.0f; // also maps NaN to 0
     t = t < levels ? t : levels;
     const float q = static_cast<float>(static_cast<int>(t)); // floor, as t >= 0
@@ -186,7 +207,7 @@ COMPACT_HD inline std::uint32_t stochastic_code(float x, float lo, float hi, flo
 /// The value of code q in a group [lo, hi]: lo + q (hi - lo) / B, and exactly hi for q = B.
 COMPACT_HD inline float restored_value(float q, float lo, float hi, float step, float levels)
 {
-    return q >= levels ? hi : lo + q * step;
+    return q >= levels ? hi : add_rn(lo, mul_rn(q, step));
 }
 
 /// levels / range, or 0 for a constant group (every code is 0 and x^ = lo exactly).

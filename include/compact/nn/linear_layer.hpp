@@ -94,9 +94,10 @@ public:
     /// The activation store's scheme and noise variant, for a bit allocator (stores_input only).
     store_settings& settings() noexcept { return layer_.settings(); }
     const store_scheme& scheme() const noexcept { return layer_.store().scheme(); }
+    template <bool Stores = stores_input> // a template, so explicit instantiations of other layers compile
     void set_scheme(const store_scheme& s)
     {
-        static_assert(stores_input, "compact: set_scheme is for layers with the quantized policy");
+        static_assert(Stores, "compact: set_scheme is for layers with the quantized policy");
         detail::check_scheme(s, "linear_layer::set_scheme");
         layer_.settings().scheme = s;
     }

@@ -18,6 +18,8 @@
 // - column_sums: one thread per column summing rows in order (deterministic, no atomics).
 // - add_row_vector, fill, axpby, adam_direction, adamw_update: one thread per element, evaluating the
 //   CPU backend's expressions in its order with each operation rounded separately (no FMA).
+// - quantize, dequantize, relu_mask, dropout_mask, apply_mask: the kernels of quantize.cuh (one block per
+//   group, one thread per mask byte), writing the CPU backend's bytes; scheme full is a device copy.
 //
 // Cost: the elementwise kernels are memory bound (one read and one write per element and operand);
 // gemm runs at cuBLAS speed.
@@ -26,7 +28,9 @@
 #include "compact/backend/backend.hpp"
 #include "compact/backend/cuda/device_buffer.cuh"
 #include "compact/backend/cuda/error.cuh"
+#include "compact/backend/cuda/quantize.cuh"
 #include "compact/backend/cuda/scalar.cuh"
+#include "compact/compress/scheme.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
@@ -39,6 +43,7 @@
 
 #include <climits>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 COMPACT_NAMESPACE_BEGIN
@@ -333,6 +338,60 @@ struct cuda {
         detail::adam_kernel<true, W, S, W, C><<<detail::cuda_grid(g.size()), detail::cuda_block, 0, ctx.stream>>>(
             constants<S>(k), static_cast<C>(k.step_size), static_cast<C>(k.decay), g, m, v, w);
         detail::check_launch(ctx.stream, "cuda::adamw_update");
+    }
+
+    // ------------------------------------------------------------------- quantized stores and masks
+    // The kernels are in backend/cuda/quantize.cuh; they write the bytes the CPU backend writes.
+
+    /// Encodes x (rows, cols) into out: stored_bytes<T>(s, rows * cols) device bytes, 4-byte aligned,
+    /// in compress/scheme.hpp's format, with the noise of `key`. __half / __nv_bfloat16 values are
+    /// quantized as float (scheme full copies them as they are).
+    template <class T>
+    static void quantize(const context& ctx, const store_scheme& s, const noise_key& key, const_matrix_view<T> x,
+                         std::byte* out)
+    {
+        detail::cuda_store::quantize(ctx.stream, s, key, x, out);
+    }
+
+    /// Decodes values [first, first + out.rows * out.cols) of the encoding `in` of `count` values into
+    /// out (row-major order across out's rows).
+    template <class T>
+    static void dequantize(const context& ctx, const store_scheme& s, const std::byte* in, index_t count,
+                           index_t first, matrix_view<T> out)
+    {
+        detail::cuda_store::dequantize(ctx.stream, s, in, count, first, out);
+    }
+
+    /// y = max(x, 0) and mask bit k = x_k > 0 (NaN gives 0); mask holds (rows cols + 7) / 8 device
+    /// bytes. y may be x.
+    template <class T>
+    static void relu_mask(const context& ctx, const_matrix_view<T> x, matrix_view<T> y, std::uint8_t* mask)
+    {
+        using C = detail::compute_t<T>;
+        detail::cuda_store::launch_mask<detail::cuda_store::mask_mode::relu, T>(ctx.stream, x, y, {C(1), 0.0f, {}},
+                                                                                nullptr, mask, "cuda::relu_mask");
+    }
+
+    /// Dropout: value k is kept (bit 1, y = x / (1 - p)) when its noise of `key` is >= p, else y = 0.
+    template <class T>
+    static void dropout_mask(const context& ctx, double p, const noise_key& key, const_matrix_view<T> x,
+                             matrix_view<T> y, std::uint8_t* mask)
+    {
+        using C = detail::compute_t<T>;
+        const detail::cuda_store::mask_constants<C> k{static_cast<C>(1.0 / (1.0 - p)), static_cast<float>(p),
+                                                      detail::make_noise_stream(key)};
+        detail::cuda_store::launch_mask<detail::cuda_store::mask_mode::dropout, T>(ctx.stream, x, y, k, nullptr,
+                                                                                   mask, "cuda::dropout_mask");
+    }
+
+    /// dx = mask bit ? dy scale : 0 (dx may be dy).
+    template <class T>
+    static void apply_mask(const context& ctx, const std::uint8_t* mask, double scale, const_matrix_view<T> dy,
+                           matrix_view<T> dx)
+    {
+        using C = detail::compute_t<T>;
+        detail::cuda_store::launch_mask<detail::cuda_store::mask_mode::apply, T>(
+            ctx.stream, dy, dx, {static_cast<C>(scale), 0.0f, {}}, mask, nullptr, "cuda::apply_mask");
     }
 
 private:
