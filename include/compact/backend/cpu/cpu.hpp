@@ -132,6 +132,17 @@ struct cpu {
         for (index_t p = 0; p < parts; ++p) f(p);
     }
 
+    /// parallel_for bound to a context, for the kernels in backend/cpu/quantize.hpp.
+    struct bound_parallel_for {
+        const context& ctx;
+        template <class F>
+        void operator()(index_t parts, F&& f) const
+        {
+            parallel_for(ctx, parts, f);
+        }
+    };
+    static bound_parallel_for parallel_for_in(const context& ctx) noexcept { return {ctx}; }
+
     // ---------------------------------------------------------------------------------------- GEMM
 
     template <class T>
@@ -332,12 +343,6 @@ struct cpu {
     }
 
 private:
-    /// parallel_for bound to a context, for the kernels in backend/cpu/quantize.hpp.
-    static auto parallel_for_in(const context& ctx)
-    {
-        return [&ctx](index_t parts, auto&& f) { parallel_for(ctx, parts, f); };
-    }
-
     /// Rows per elementwise part: about 32K elements, so a part amortises the thread hand-off.
     static index_t rows_per_part(index_t cols) noexcept { return std::max<index_t>(1, 32768 / std::max<index_t>(1, cols)); }
     static index_t row_parts(index_t rows, index_t cols) noexcept
