@@ -1,0 +1,1559 @@
+// char_transformer: a small decoder-only transformer trained on characters, uncompressed and with
+// compressed activations, forward and backward written out by hand.
+//
+// The model (LLaMA-style), top to bottom, for B sequences of T tokens (N = B T rows):
+//
+//   X0 = E[tokens] + Pos                          E (V, C) token embedding, Pos (T, C) learned positions
+//   for each of the L blocks:
+//     H = RMSNorm(X) g1                           [Q | K | V] = H [W_q | W_k | W_v]^T       (group "qkv")
+//     A = softmax(Q K^T / sqrt(hs) + causal mask) V, per head (H heads of hs = C / H)
+//     X = X + A W_o^T                                                                       ("attn-out")
+//     H = RMSNorm(X) g2                           [G | U] = H [W_gate | W_up]^T             ("gate-up")
+//     X = X + (silu(G) * U) W_down^T                                                        ("down")
+//   logits = (RMSNorm(X) gf) E^T                  the output head is tied to the embedding
+//   loss = mean softmax cross-entropy against the next character
+//
+// The linear layers go through compact (SPEC section 2). q, k and v read one input, so they form one
+// compact::input_group: one projection P (C, r) and one saved Z = H P (N, r) for all three, each member
+// with its own W and its own subspace-AdamW state built from the group's projection; gate and up form
+// another group; down is compressed on its own. The attention output projection is not compressed (the
+// paper's setup) unless --compress-attn-out. The uncompressed baseline is compact::rank::full through
+// the same code: P = I, r = n, Z a copy of the layer input, exact gradients and plain AdamW. Embeddings
+// and norm gains use compact::adamw.
+//
+// Memory is planned once (plan_activations): every tensor the forward pass keeps for backward, and
+// every scratch tensor, is carved from one allocation, and the byte counts reported are those of the
+// plan (the linear groups' Z from the library's saved_bytes queries). Attention keeps only Q, K, V and
+// each score row's log-sum-exp; backward recomputes the probabilities from them (as FlashAttention
+// does), so no (B, H, T, T) tensor is kept.
+//
+// Each configuration runs in a forked child, so that its peak resident memory (VmHWM) is its own.
+//
+// Usage: char_transformer [options]
+//   --text PATH         train on this file (default: the text of Debian's fortunes package, from
+//                       /usr/share/games/fortunes; without it, a short built-in text, with a warning)
+//   --steps S           optimizer steps per configuration (default 300)
+//   --rank n/2|n/4|n/8  the compressed configuration's rank (default n/4)
+//   --runs both|full|compressed   which configurations to train (default both)
+//   --compress-attn-out also compress the attention output projection
+//   --lr X              peak learning rate of every uncompressed parameter, the baseline's linear
+//                       layers included (default 3e-3)
+//   --lr-compressed X   peak learning rate of the compressed groups (default: --lr)
+//   --alpha X           subspace scale of the compressed groups: W -= lr alpha N P^T (default 1)
+//   --gap T             a new P every T updates (default 50; 0 keeps one P)
+//   --moments keep|reset|transfer  what subspace AdamW does with its moments at a new P (default keep)
+//   --wd X              decoupled weight decay of the linear layers (default 0)
+//   --warmup S          linear warm-up steps, then cosine decay to lr / 10 (default 100)
+//   --channels C --layers L --heads H --hidden F --context T --batch B   model and batch shape
+//   --eval-every S      steps between validation evaluations (default 100)
+//   --eval-windows W    validation windows per periodic evaluation (default 256)
+//   --threads N         CPU threads (default 0: all OpenMP threads)
+//   --seed S            initialisation, batch order, projections and sampling (default 1234)
+//   --sample N          characters to sample at the end (default 400); --temperature X (default 0.8)
+//   --markdown PATH     write the configuration, the results table and the samples as markdown
+//   --curves PREFIX     write the loss curves to PREFIX.full.csv and PREFIX.compressed.csv (columns step,
+//                       train_loss: the mean batch loss since the previous row, val_loss)
+//   --gradcheck         only check the hand-written backward against finite differences (float64)
+//   --smoke             a gradient check on a tiny model, then a few training steps of both
+//                       configurations on the built-in text (needs no package), checking that the
+//                       loss falls; single-threaded unless --threads says otherwise
+#include <compact/compact.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if COMPACT_HAS_OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using compact::index_t;
+using compact::op;
+using cpu = compact::cpu;
+using context = compact::cpu::context;
+using clock_type = std::chrono::steady_clock;
+template <class T>
+using buffer = cpu::buffer<T>;
+template <class T>
+using mat = compact::matrix_view<T>;
+template <class T>
+using cmat = compact::const_matrix_view<T>;
+
+constexpr double norm_eps = 1e-5;
+
+// ------------------------------------------------------------------------------------------- text
+
+// Written for this example, so that --smoke needs no package. Fortunes-like: '%' lines separate entries.
+constexpr const char* builtin_text =
+    "The lighthouse keeper wrote in his log every evening. The wind came from the west and the sea was\n"
+    "grey. A small boat passed the point at noon, and the gulls followed it into the harbour.\n"
+    "%\n"
+    "A good program reads like a letter from a careful friend: it says what it means, it keeps its\n"
+    "promises, and it tells you plainly when something has gone wrong.\n"
+    "%\n"
+    "The baker opened her shop before dawn. Bread, rolls and a few sweet buns sat in the window, and\n"
+    "the street smelled of warm flour. By eight o'clock the shelves were half empty.\n"
+    "%\n"
+    "Measure twice, cut once; and when the wood is cut, measure again to see what you have learned.\n"
+    "%\n"
+    "Every river remembers the rain that made it, and every road the feet that wore it smooth.\n"
+    "%\n"
+    "If a thing is worth doing, it is worth doing slowly enough to see it done well.\n"
+    "%\n"
+    "The cat sat on the warm stone wall and watched the garden, where the bees went from flower to\n"
+    "flower and the old dog slept in the shade of the apple tree.\n"
+    "%\n";
+
+struct corpus {
+    std::string source;                 // where the text came from
+    std::vector<unsigned char> chars;   // (V): id -> byte
+    std::vector<std::uint8_t> ids;      // the whole text as ids
+    std::size_t train_end = 0;          // ids [0, train_end) train, [train_end, size) validate
+    index_t vocab() const { return static_cast<index_t>(chars.size()); }
+
+    // Entropy of the training split's character frequencies (nats): the loss of the best model that
+    // ignores context, which a model that learns anything from context must beat.
+    double unigram_entropy() const
+    {
+        std::vector<double> count(chars.size(), 0.0);
+        for (std::size_t i = 0; i < train_end; ++i) count[ids[i]] += 1;
+        double h = 0;
+        for (double c : count)
+            if (c > 0) h -= c / static_cast<double>(train_end) * std::log(c / static_cast<double>(train_end));
+        return h;
+    }
+};
+
+// Drops "x\b" overstrikes (old terminals' bold and underline) and carriage returns.
+std::string clean_text(const std::string& raw)
+{
+    std::string out;
+    out.reserve(raw.size());
+    for (char c : raw) {
+        if (c == '\b') {
+            if (!out.empty()) out.pop_back();
+        } else if (c != '\r') {
+            out.push_back(c);
+        }
+    }
+    return out;
+}
+
+std::string read_file(const std::string& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw std::runtime_error("--text: cannot open '" + path + "'");
+    std::ostringstream text;
+    text << in.rdbuf();
+    return text.str();
+}
+
+// Every fortune file of `dir` in name order, skipping strfile's .dat and .u8 index files.
+std::string read_fortunes(const std::string& dir)
+{
+    std::vector<std::string> files;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+        const std::string ext = entry.path().extension().string();
+        if (entry.is_regular_file() && ext != ".dat" && ext != ".u8") files.push_back(entry.path().string());
+    }
+    std::sort(files.begin(), files.end());
+    std::string text;
+    for (const auto& f : files) text += read_file(f);
+    return text;
+}
+
+// Character vocabulary of the whole text; the first 90% trains, the last 10% validates.
+corpus make_corpus(const std::string& raw, std::string source)
+{
+    corpus c;
+    c.source = std::move(source);
+    const std::string text = clean_text(raw);
+    bool present[256] = {};
+    for (char ch : text) present[static_cast<unsigned char>(ch)] = true;
+    int id_of[256];
+    for (int b = 0; b < 256; ++b) {
+        id_of[b] = present[b] ? static_cast<int>(c.chars.size()) : -1;
+        if (present[b]) c.chars.push_back(static_cast<unsigned char>(b));
+    }
+    c.ids.reserve(text.size());
+    for (char ch : text) c.ids.push_back(static_cast<std::uint8_t>(id_of[static_cast<unsigned char>(ch)]));
+    c.train_end = c.ids.size() * 9 / 10;
+    return c;
+}
+
+// Bytes that would garble a terminal or a markdown code block are shown as '?'.
+std::string printable(const std::string& s)
+{
+    std::string out;
+    for (char ch : s) {
+        const auto b = static_cast<unsigned char>(ch);
+        out.push_back(b == '\n' || b == '\t' || (b >= 32 && b < 127) ? ch : '?');
+    }
+    return out;
+}
+
+// ------------------------------------------------------------------------------ elementwise kernels
+
+// Runs f(begin, end) over consecutive row ranges, spread over the context's threads. The ranges depend
+// on `rows` only, so results do not depend on the thread count.
+template <class F>
+void for_rows(const context& ctx, index_t rows, F&& f)
+{
+    constexpr index_t grain = 32;
+    cpu::parallel_for(ctx, (rows + grain - 1) / grain,
+                      [&](index_t p) { f(p * grain, std::min(rows, (p + 1) * grain)); });
+}
+
+int thread_index()
+{
+#if COMPACT_HAS_OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// Y = X rstd g, rstd = 1 / sqrt(mean_j X^2 + eps) per row. X, Y: (N, C); g: (C); rstd: (N).
+template <class T>
+void rmsnorm_forward(const context& ctx, cmat<T> x, const T* gain, mat<T> y, T* rstd)
+{
+    for_rows(ctx, x.rows, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i) {
+            const T* xi = x.row(i);
+            T sum = 0;
+            for (index_t j = 0; j < x.cols; ++j) sum += xi[j] * xi[j];
+            const T r = T(1) / std::sqrt(sum / static_cast<T>(x.cols) + static_cast<T>(norm_eps));
+            rstd[i] = r;
+            T* yi = y.row(i);
+            for (index_t j = 0; j < x.cols; ++j) yi[j] = xi[j] * r * gain[j];
+        }
+    });
+}
+
+// RMSNorm backward. With xhat = X rstd (so Y = xhat g):
+//   dX = rstd (dY g - xhat mean_j(dY g xhat)),   dg = sum over rows of dY xhat.
+// X, dY: (N, C); rstd: (N); dX: (N, C), overwritten or added to; dg: (C), overwritten.
+template <class T>
+void rmsnorm_backward(const context& ctx, cmat<T> x, const T* rstd, const T* gain, cmat<T> dy, mat<T> dx,
+                      bool accumulate, T* dgain)
+{
+    for_rows(ctx, x.rows, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i) {
+            const T *xi = x.row(i), *dyi = dy.row(i);
+            const T r = rstd[i];
+            T dot = 0;
+            for (index_t j = 0; j < x.cols; ++j) dot += dyi[j] * gain[j] * xi[j];
+            const T mean = dot * r / static_cast<T>(x.cols);
+            T* dxi = dx.row(i);
+            for (index_t j = 0; j < x.cols; ++j) {
+                const T v = r * (dyi[j] * gain[j] - xi[j] * r * mean);
+                dxi[j] = accumulate ? dxi[j] + v : v;
+            }
+        }
+    });
+    // Rows in order, so dg does not depend on the thread count; N C multiply-adds, serial is fine.
+    std::fill(dgain, dgain + x.cols, T(0));
+    for (index_t i = 0; i < x.rows; ++i)
+        for (index_t j = 0; j < x.cols; ++j) dgain[j] += dy(i, j) * x(i, j) * rstd[i];
+}
+
+// act = silu(gate) * up, silu(g) = g sigmoid(g). gate_up: (N, 2F) = [gate | up]; act: (N, F).
+template <class T>
+void swiglu_forward(const context& ctx, cmat<T> gate_up, mat<T> act)
+{
+    const index_t f = act.cols;
+    for_rows(ctx, act.rows, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i) {
+            const T* g = gate_up.row(i);
+            const T* u = g + f;
+            T* a = act.row(i);
+            for (index_t j = 0; j < f; ++j) a[j] = g[j] / (T(1) + std::exp(-g[j])) * u[j];
+        }
+    });
+}
+
+// d gate = d act * up * s (1 + g (1 - s)), d up = d act * g s, with s = sigmoid(gate).
+// gate_up, d_gate_up: (N, 2F); d_act: (N, F).
+template <class T>
+void swiglu_backward(const context& ctx, cmat<T> gate_up, cmat<T> d_act, mat<T> d_gate_up)
+{
+    const index_t f = d_act.cols;
+    for_rows(ctx, d_act.rows, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i) {
+            const T* g = gate_up.row(i);
+            const T* u = g + f;
+            const T* da = d_act.row(i);
+            T* dg = d_gate_up.row(i);
+            T* du = dg + f;
+            for (index_t j = 0; j < f; ++j) {
+                const T s = T(1) / (T(1) + std::exp(-g[j]));
+                dg[j] = da[j] * u[j] * s * (T(1) + g[j] * (T(1) - s));
+                du[j] = da[j] * g[j] * s;
+            }
+        }
+    });
+}
+
+// out = a + b, all (N, C).
+template <class T>
+void add(const context& ctx, cmat<T> a, cmat<T> b, mat<T> out)
+{
+    for_rows(ctx, out.rows, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i)
+            for (index_t j = 0; j < out.cols; ++j) out(i, j) = a(i, j) + b(i, j);
+    });
+}
+
+// Mean softmax cross-entropy of logits (N, V) against targets (N). Overwrites the logits with the
+// gradient of that mean, (softmax - onehot) / N, and returns the mean. row_loss: (N) scratch.
+template <class T>
+double cross_entropy(const context& ctx, mat<T> logits, const int* targets, double* row_loss)
+{
+    const double inv_n = 1.0 / static_cast<double>(logits.rows);
+    for_rows(ctx, logits.rows, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i) {
+            T* z = logits.row(i);
+            const double top = static_cast<double>(*std::max_element(z, z + logits.cols));
+            double sum = 0;
+            for (index_t j = 0; j < logits.cols; ++j) sum += std::exp(static_cast<double>(z[j]) - top);
+            const double lse = top + std::log(sum);
+            row_loss[i] = lse - static_cast<double>(z[targets[i]]);
+            for (index_t j = 0; j < logits.cols; ++j) {
+                const double p = std::exp(static_cast<double>(z[j]) - lse);
+                z[j] = static_cast<T>((p - (j == targets[i] ? 1.0 : 0.0)) * inv_n);
+            }
+        }
+    });
+    double total = 0;
+    for (index_t i = 0; i < logits.rows; ++i) total += row_loss[i];
+    return total * inv_n;
+}
+
+// ------------------------------------------------------------------------------------------- attention
+
+// Causal multi-head attention, forward, for `batch` sequences of `length` rows.
+// qkv: (N, 3C) = [Q | K | V], head h in columns [h hs, (h + 1) hs) of each; out: (N, C), heads side by
+// side; lse: (N, H), the log-sum-exp of each score row, which is all backward needs to recompute the
+// probabilities; scores: (threads T, T) scratch, one (T, T) block per thread.
+template <class T>
+void attention_forward(const context& ctx, cmat<T> qkv, index_t batch, index_t length, index_t heads, mat<T> out,
+                       mat<T> lse, mat<T> scores)
+{
+    const index_t c = out.cols, hs = c / heads, block_rows = scores.cols;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+    const context one{1}; // each (sequence, head) runs on one thread; the pairs are spread over threads
+    cpu::parallel_for(ctx, batch * heads, [&](index_t p) {
+        const index_t b = p / heads, h = p % heads, r0 = b * length;
+        const auto q = qkv.block(r0, h * hs, length, hs), k = qkv.block(r0, c + h * hs, length, hs),
+                   v = qkv.block(r0, 2 * c + h * hs, length, hs);
+        const mat<T> s = scores.block(thread_index() * block_rows, 0, length, length); // (T, T)
+        cpu::gemm<T>(one, op::none, op::transpose, scale, q, k, 0.0, s);             // S = Q K^T / sqrt(hs)
+        for (index_t i = 0; i < length; ++i) {
+            T* si = s.row(i);
+            const T top = *std::max_element(si, si + i + 1);
+            T sum = 0;
+            for (index_t j = 0; j <= i; ++j) sum += (si[j] = std::exp(si[j] - top));
+            for (index_t j = 0; j <= i; ++j) si[j] /= sum;
+            std::fill(si + i + 1, si + length, T(0)); // the causal mask
+            lse(r0 + i, h) = top + std::log(sum);
+        }
+        cpu::gemm<T>(one, op::none, op::none, 1.0, cmat<T>(s), v, 0.0, out.block(r0, h * hs, length, hs)); // P V
+    });
+}
+
+// Attention backward, recomputing P = exp(S - lse) from Q and K:
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = dS K / sqrt(hs),  dK = dS^T Q / sqrt(hs).
+// qkv: (N, 3C); lse: (N, H); d_out: (N, C); d_qkv: (N, 3C), overwritten; scores, d_scores: (threads T, T).
+template <class T>
+void attention_backward(const context& ctx, cmat<T> qkv, cmat<T> lse, cmat<T> d_out, index_t batch, index_t length,
+                        index_t heads, mat<T> d_qkv, mat<T> scores, mat<T> d_scores)
+{
+    const index_t c = d_out.cols, hs = c / heads, block_rows = scores.cols;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+    const context one{1};
+    cpu::parallel_for(ctx, batch * heads, [&](index_t p) {
+        const index_t b = p / heads, h = p % heads, r0 = b * length;
+        const auto q = qkv.block(r0, h * hs, length, hs), k = qkv.block(r0, c + h * hs, length, hs),
+                   v = qkv.block(r0, 2 * c + h * hs, length, hs);
+        const auto d_o = d_out.block(r0, h * hs, length, hs);
+        const mat<T> s = scores.block(thread_index() * block_rows, 0, length, length);    // (T, T): P
+        const mat<T> ds = d_scores.block(thread_index() * block_rows, 0, length, length); // (T, T): dP, dS
+        cpu::gemm<T>(one, op::none, op::transpose, scale, q, k, 0.0, s);
+        for (index_t i = 0; i < length; ++i) {
+            T* si = s.row(i);
+            const T l = lse(r0 + i, h);
+            for (index_t j = 0; j <= i; ++j) si[j] = std::exp(si[j] - l);
+            std::fill(si + i + 1, si + length, T(0));
+        }
+        cpu::gemm<T>(one, op::transpose, op::none, 1.0, cmat<T>(s), d_o, 0.0,
+                     d_qkv.block(r0, 2 * c + h * hs, length, hs)); // dV
+        cpu::gemm<T>(one, op::none, op::transpose, 1.0, d_o, v, 0.0, ds); // dP
+        for (index_t i = 0; i < length; ++i) {
+            const T* si = s.row(i);
+            T* di = ds.row(i);
+            T dot = 0;
+            for (index_t j = 0; j <= i; ++j) dot += si[j] * di[j];
+            for (index_t j = 0; j <= i; ++j) di[j] = si[j] * (di[j] - dot);
+            std::fill(di + i + 1, di + length, T(0));
+        }
+        cpu::gemm<T>(one, op::none, op::none, scale, cmat<T>(ds), k, 0.0, d_qkv.block(r0, h * hs, length, hs)); // dQ
+        cpu::gemm<T>(one, op::transpose, op::none, scale, cmat<T>(ds), q, 0.0,
+                     d_qkv.block(r0, c + h * hs, length, hs)); // dK
+    });
+}
+
+// ------------------------------------------------------------------------------------------ parameters
+
+// A parameter trained by plain AdamW (compact::adamw): value, gradient and moments of one shape.
+template <class T>
+struct dense_parameter {
+    index_t rows, cols;
+    buffer<T> value, grad;  // (rows, cols)
+    buffer<float> m, v;     // (rows, cols): AdamW moments
+    compact::adam_counters counters{};
+
+    dense_parameter(index_t r, index_t c)
+        : rows(r), cols(c), value(count(r, c)), grad(count(r, c)), m(count(r, c), 0.0f), v(count(r, c), 0.0f)
+    {
+    }
+    static std::size_t count(index_t r, index_t c) { return static_cast<std::size_t>(r * c); }
+    mat<T> w() { return {value.data(), rows, cols}; }
+    mat<T> g() { return {grad.data(), rows, cols}; }
+    cmat<T> w() const { return {value.data(), rows, cols}; }
+
+    void step(const context& ctx, const compact::adamw_params& h)
+    {
+        compact::adamw<cpu>::step<T, float>(ctx, h, w(), cmat<T>(grad.data(), rows, cols),
+                                            mat<float>(m.data(), rows, cols), mat<float>(v.data(), rows, cols),
+                                            counters);
+    }
+    std::size_t state_bytes() const { return compact::adamw<cpu>::state_bytes<float>(rows, cols); }
+};
+
+// Linear layers without bias that read one input X (N, n): q, k and v; gate and up; or one layer alone.
+// The compact::input_group compresses X once into Z = X P (N, r), the only thing the group keeps for
+// backward; each member k has its own W_k (m_k, n), subspace gradient G_k = dY_k^T Z (m_k, r) and
+// subspace-AdamW moments (m_k, r), its optimizer built from the group's projection. Outputs are side by
+// side: Y = [X W_0^T | X W_1^T | ...] (N, sum m_k). With rank::full, P = I and r = n: Z is a copy of X,
+// G_k the exact gradient and the optimizer plain AdamW.
+template <class T, class Policy>
+class linear_group {
+public:
+    using group_type = compact::input_group<T, Policy, cpu>;
+    using optimizer_type = compact::subspace_adamw<T, cpu>;
+
+    linear_group(index_t in, const std::vector<index_t>& outs, std::uint64_t seed, std::uint64_t id,
+                 compact::moment_policy moments)
+        : group_(in, outs, seed, id)
+    {
+        index_t offset = 0;
+        for (index_t m : outs) {
+            members_.emplace_back(m, offset, in, group_.rank(), group_.projection(), moments);
+            offset += m;
+        }
+    }
+
+    index_t in() const { return group_.projection().in(); }
+    index_t out() const { return members_.back().offset + members_.back().out; }
+    index_t rank() const { return group_.rank(); }
+    bool compressed() const { return !group_.projection().is_identity(); }
+    std::size_t size() const { return members_.size(); }
+    mat<T> weight(std::size_t k) { return members_[k].w(); }
+    cmat<T> gradient(std::size_t k) const { return members_[k].g(); }
+
+    /// Bytes kept for backward for N rows: one Z for the whole group (the library's query).
+    std::size_t saved_bytes(index_t rows) const { return group_.saved_bytes(rows); }
+    std::size_t workspace_bytes() const
+    {
+        std::size_t bytes = group_.workspace_bytes();
+        for (const auto& m : members_) bytes = std::max(bytes, m.optimizer.workspace_bytes());
+        return bytes;
+    }
+    std::size_t state_bytes() const
+    {
+        std::size_t bytes = 0;
+        for (const auto& m : members_) bytes += m.optimizer.state_bytes();
+        return bytes;
+    }
+    index_t parameter_count() const { return out() * in(); }
+
+    /// Y (N, sum m_k) from X (N, n); with a non-empty z, also Z = X P (N, r) of `epoch` for backward.
+    void forward(const context& ctx, cmat<T> x, mat<T> y, mat<T> z, std::uint64_t epoch, compact::workspace ws)
+    {
+        if (!z.empty()) group_.compress(ctx, x, epoch, z, ws);
+        for (std::size_t k = 0; k < members_.size(); ++k)
+            group_.layer(k).forward(ctx, x, members_[k].w(), nullptr, columns(y, k));
+    }
+
+    /// From dY (N, sum m_k) and forward's Z (N, r): G_k = dY_k^T Z for every member, and
+    /// dX = sum_k dY_k W_k (N, n), overwritten.
+    void backward(const context& ctx, cmat<T> dy, cmat<T> z, mat<T> dx)
+    {
+        for (std::size_t k = 0; k < members_.size(); ++k) {
+            member& layer = members_[k];
+            group_.layer(k).backward(ctx, columns(dy, k), layer.w(), z, dx, layer.g(), nullptr,
+                                     compact::write_mode::overwrite,
+                                     k == 0 ? compact::write_mode::overwrite : compact::write_mode::accumulate);
+        }
+    }
+
+    /// One subspace-AdamW update of every member, under the projection of `epoch`.
+    void step(const context& ctx, const compact::adamw_params& h, std::uint64_t epoch, compact::workspace ws)
+    {
+        for (member& layer : members_)
+            layer.optimizer.step(ctx, h, layer.w(), layer.g(), layer.first_moment(), layer.second_moment(),
+                                 layer.counters, epoch, ws);
+    }
+
+private:
+    struct member {
+        member(index_t out_features, index_t column, index_t in, index_t r,
+               const typename optimizer_type::projection_type& projection, compact::moment_policy moments)
+            : out(out_features), offset(column), in_features(in), rank(r),
+              optimizer(out_features, projection, moments), weight(size(out_features, in)),
+              gradient(size(out_features, r)), m(size(out_features, r), 0.0f), v(size(out_features, r), 0.0f)
+        {
+        }
+        static std::size_t size(index_t rows, index_t cols) { return static_cast<std::size_t>(rows * cols); }
+        mat<T> w() { return {weight.data(), out, in_features}; }
+        mat<T> g() { return {gradient.data(), out, rank}; }
+        cmat<T> g() const { return {gradient.data(), out, rank}; }
+        mat<float> first_moment() { return {m.data(), out, rank}; }
+        mat<float> second_moment() { return {v.data(), out, rank}; }
+
+        index_t out, offset, in_features, rank; // m_k, first column in Y, n, r
+        optimizer_type optimizer;
+        buffer<T> weight;   // W_k (m_k, n)
+        buffer<T> gradient; // G_k (m_k, r)
+        buffer<float> m, v; // (m_k, r): subspace-AdamW moments
+        compact::adam_counters counters{};
+    };
+
+    template <class V>
+    auto columns(V y, std::size_t k) const
+    {
+        return y.block(0, members_[k].offset, y.rows, members_[k].out);
+    }
+
+    group_type group_;
+    std::vector<member> members_;
+};
+
+// -------------------------------------------------------------------------------------------- model
+
+struct model_config {
+    index_t vocab = 0;       // V: distinct characters
+    index_t context = 128;   // T: tokens per sequence
+    index_t channels = 128;  // C
+    index_t layers = 4;      // L
+    index_t heads = 4;       // H; head size C / H
+    index_t hidden = 344;    // F: SwiGLU width, about 8 C / 3
+    index_t batch = 32;      // B: sequences per step
+    index_t rows() const { return batch * context; } // N: rows of every activation
+};
+
+// What the activation plan and the optimizer keep, in bytes, for one training step of N = B T rows.
+struct memory_report {
+    std::size_t saved_program = 0;        // kept for backward by this program's own code
+    std::size_t saved_compressed = 0;     // Z of the compressed groups (saved_bytes queries)
+    std::size_t saved_compressed_x = 0;   // what those groups would keep uncompressed: N n per group
+    std::size_t saved_uncompressed = 0;   // Z = X of the groups with P = I (saved_bytes queries)
+    std::size_t scratch = 0;              // reused within a step, not kept between forward and backward
+    std::size_t parameters = 0;           // weights
+    std::size_t optimizer = 0;            // AdamW moments, full-shape and subspace
+    std::size_t saved() const { return saved_program + saved_compressed + saved_uncompressed; }
+};
+
+// A scalar parameter tensor seen as flat values with its gradient (the gradient check walks these).
+template <class T>
+struct parameter_ref {
+    std::string name;
+    T* value;
+    const T* grad;
+    index_t count;
+};
+
+template <class T, class Policy, class OutPolicy>
+class transformer {
+public:
+    struct block {
+        dense_parameter<T> norm1, norm2;      // (1, C) RMSNorm gains
+        linear_group<T, Policy> qkv;          // W_q, W_k, W_v (C, C): one input, one Z
+        linear_group<T, OutPolicy> attn_out;  // W_o (C, C)
+        linear_group<T, Policy> gate_up;      // W_gate, W_up (F, C): one input, one Z
+        linear_group<T, Policy> down;         // W_down (C, F)
+    };
+
+    transformer(const model_config& cfg, std::uint64_t seed, compact::moment_policy moments, int threads)
+        : cfg_(cfg), token_embedding_(cfg.vocab, cfg.channels), position_embedding_(cfg.context, cfg.channels),
+          final_norm_(1, cfg.channels)
+    {
+        const index_t c = cfg.channels, f = cfg.hidden;
+        if (cfg.vocab < 2 || c < 1 || cfg.layers < 1 || cfg.heads < 1 || c % cfg.heads != 0 || f < 1 ||
+            cfg.context < 1 || cfg.batch < 1)
+            throw std::invalid_argument("model shape: need V >= 2 and C divisible by H, everything positive (C=" +
+                                        std::to_string(c) + ", H=" + std::to_string(cfg.heads) + ")");
+        for (index_t l = 0; l < cfg.layers; ++l) {
+            // Projection ids: one per group, unique in the run (SPEC section 1).
+            const auto id = static_cast<std::uint64_t>(4 * l);
+            blocks_.push_back(block{dense_parameter<T>(1, c), dense_parameter<T>(1, c),
+                                    linear_group<T, Policy>(c, {c, c, c}, seed, id + 1, moments),
+                                    linear_group<T, OutPolicy>(c, {c}, seed, id + 2, moments),
+                                    linear_group<T, Policy>(c, {f, f}, seed, id + 3, moments),
+                                    linear_group<T, Policy>(f, {c}, seed, id + 4, moments)});
+        }
+        initialise(seed);
+        threads_ = cpu::thread_count(context{threads});
+        plan_activations();
+        std::size_t ws = 0;
+        for (auto& b : blocks_)
+            ws = std::max({ws, b.qkv.workspace_bytes(), b.attn_out.workspace_bytes(), b.gate_up.workspace_bytes(),
+                           b.down.workspace_bytes()});
+        workspace_.assign(ws, std::byte{0});
+    }
+
+    const model_config& config() const { return cfg_; }
+    const memory_report& memory() const { return memory_; }
+    const block& layer(index_t l) const { return blocks_[static_cast<std::size_t>(l)]; }
+
+    index_t parameter_count() const
+    {
+        index_t count = (cfg_.vocab + cfg_.context + 1) * cfg_.channels;
+        for (const auto& b : blocks_)
+            count += 2 * cfg_.channels + b.qkv.parameter_count() + b.attn_out.parameter_count() +
+                     b.gate_up.parameter_count() + b.down.parameter_count();
+        return count;
+    }
+
+    /// Forward over `batch` sequences of `length` tokens (N = batch length rows, at most B T). With
+    /// targets, returns the mean cross-entropy and leaves its gradient for backward(); without, leaves
+    /// the logits (logits()). `training` keeps each linear group's Z, with the projections of `epoch`.
+    double forward(const context& ctx, const int* tokens, const int* targets, index_t batch, index_t length,
+                   bool training, std::uint64_t epoch)
+    {
+        const index_t n = batch * length;
+        if (length < 1 || length > cfg_.context || n > cfg_.rows())
+            throw std::invalid_argument("forward: " + std::to_string(batch) + " sequences of " +
+                                        std::to_string(length) + " tokens do not fit the planned B=" +
+                                        std::to_string(cfg_.batch) + ", T=" + std::to_string(cfg_.context));
+        batch_ = batch, length_ = length;
+        const auto rows = [n](mat<T> m) { return m.row_block(0, n); };
+        const auto z = [&](mat<T> m) { return training ? rows(m) : mat<T>{}; };
+        activations& a = acts_;
+
+        embed(tokens, rows(a.residual[0]));
+        for (std::size_t l = 0; l < blocks_.size(); ++l) {
+            block& b = blocks_[l];
+            rmsnorm_forward<T>(ctx, rows(a.residual[l]), b.norm1.value.data(), rows(a.normed), a.rstd1[l].data);
+            b.qkv.forward(ctx, rows(a.normed), rows(a.qkv[l]), z(a.z_qkv[l]), epoch, ws());
+            attention_forward<T>(ctx, rows(a.qkv[l]), batch, length, cfg_.heads, rows(a.attn), rows(a.lse[l]),
+                                 a.scores);
+            b.attn_out.forward(ctx, rows(a.attn), rows(a.proj), z(a.z_out[l]), epoch, ws());
+            add<T>(ctx, rows(a.residual[l]), rows(a.proj), rows(a.mid[l]));
+            rmsnorm_forward<T>(ctx, rows(a.mid[l]), b.norm2.value.data(), rows(a.normed), a.rstd2[l].data);
+            b.gate_up.forward(ctx, rows(a.normed), rows(a.gate_up[l]), z(a.z_gate_up[l]), epoch, ws());
+            swiglu_forward<T>(ctx, rows(a.gate_up[l]), rows(a.act));
+            b.down.forward(ctx, rows(a.act), rows(a.proj), z(a.z_down[l]), epoch, ws());
+            add<T>(ctx, rows(a.mid[l]), rows(a.proj), rows(a.residual[l + 1]));
+        }
+        rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), rows(a.final_normed),
+                           a.final_rstd.data);
+        cpu::gemm<T>(ctx, op::none, op::transpose, 1.0, rows(a.final_normed), token_embedding_.w(), 0.0,
+                     rows(a.logits)); // logits = Hf E^T (N, V)
+        if (!targets) return 0.0;
+        return cross_entropy<T>(ctx, rows(a.logits), targets, row_loss_.data());
+    }
+
+    /// The logits (N, V) of the last forward without targets.
+    cmat<T> logits() const { return acts_.logits.row_block(0, batch_ * length_); }
+
+    /// Gradients of the last forward's loss: full-shape for embeddings and norms, G_k for linear layers.
+    void backward(const context& ctx, const int* tokens)
+    {
+        const index_t n = batch_ * length_;
+        const auto rows = [n](mat<T> m) { return m.row_block(0, n); };
+        activations& a = acts_;
+
+        // Head (tied): dHf = dlogits E (N, C); dE = dlogits^T Hf (V, C), overwritten here, and the
+        // embedding's own gradient is added at the end.
+        cpu::gemm<T>(ctx, op::none, op::none, 1.0, rows(a.logits), token_embedding_.w(), 0.0, rows(a.d_normed));
+        cpu::gemm<T>(ctx, op::transpose, op::none, 1.0, rows(a.logits), rows(a.final_normed), 0.0,
+                     token_embedding_.g());
+        rmsnorm_backward<T>(ctx, rows(a.residual.back()), a.final_rstd.data, final_norm_.value.data(),
+                            rows(a.d_normed), rows(a.d_stream), false, final_norm_.grad.data());
+        for (std::size_t l = blocks_.size(); l-- > 0;) {
+            block& b = blocks_[l];
+            // d_stream holds dL/d(residual[l + 1]).
+            b.down.backward(ctx, rows(a.d_stream), rows(a.z_down[l]), rows(a.d_act));
+            swiglu_backward<T>(ctx, rows(a.gate_up[l]), rows(a.d_act), rows(a.d_gate_up));
+            b.gate_up.backward(ctx, rows(a.d_gate_up), rows(a.z_gate_up[l]), rows(a.d_normed));
+            rmsnorm_backward<T>(ctx, rows(a.mid[l]), a.rstd2[l].data, b.norm2.value.data(), rows(a.d_normed),
+                                rows(a.d_stream), true, b.norm2.grad.data());
+            // d_stream now holds dL/d(mid[l]).
+            b.attn_out.backward(ctx, rows(a.d_stream), rows(a.z_out[l]), rows(a.d_attn));
+            attention_backward<T>(ctx, rows(a.qkv[l]), rows(a.lse[l]), rows(a.d_attn), batch_, length_, cfg_.heads,
+                                  rows(a.d_qkv), a.scores, a.d_scores);
+            b.qkv.backward(ctx, rows(a.d_qkv), rows(a.z_qkv[l]), rows(a.d_normed));
+            rmsnorm_backward<T>(ctx, rows(a.residual[l]), a.rstd1[l].data, b.norm1.value.data(), rows(a.d_normed),
+                                rows(a.d_stream), true, b.norm1.grad.data());
+        }
+        embed_backward(tokens, rows(a.d_stream));
+    }
+
+    /// One optimizer update: plain AdamW with `dense` for embeddings and gains; for each linear group,
+    /// subspace AdamW with `compressed` if it is compressed, else with `uncompressed`.
+    void step(const context& ctx, const compact::adamw_params& dense, const compact::adamw_params& uncompressed,
+              const compact::adamw_params& compressed, std::uint64_t epoch)
+    {
+        token_embedding_.step(ctx, dense);
+        position_embedding_.step(ctx, dense);
+        final_norm_.step(ctx, dense);
+        auto linear = [&](auto& group) {
+            group.step(ctx, group.compressed() ? compressed : uncompressed, epoch, ws());
+        };
+        for (auto& b : blocks_) {
+            b.norm1.step(ctx, dense);
+            b.norm2.step(ctx, dense);
+            linear(b.qkv);
+            linear(b.attn_out);
+            linear(b.gate_up);
+            linear(b.down);
+        }
+    }
+
+    /// Every parameter with its gradient, for the gradient check (linear gradients are full-shape only
+    /// when P = I).
+    std::vector<parameter_ref<T>> parameters()
+    {
+        std::vector<parameter_ref<T>> out;
+        auto dense = [&](std::string name, dense_parameter<T>& p) {
+            out.push_back({std::move(name), p.value.data(), p.grad.data(), p.rows * p.cols});
+        };
+        auto linear = [&](const std::string& name, auto& group) {
+            if (group.rank() != group.in()) throw std::logic_error("parameters(): " + name + " is compressed");
+            for (std::size_t k = 0; k < group.size(); ++k)
+                out.push_back({name + "." + std::to_string(k), group.weight(k).data, group.gradient(k).data,
+                               group.weight(k).size()});
+        };
+        dense("token_embedding", token_embedding_);
+        dense("position_embedding", position_embedding_);
+        for (std::size_t l = 0; l < blocks_.size(); ++l) {
+            const std::string p = "block" + std::to_string(l) + ".";
+            dense(p + "norm1", blocks_[l].norm1);
+            linear(p + "qkv", blocks_[l].qkv);
+            linear(p + "attn_out", blocks_[l].attn_out);
+            dense(p + "norm2", blocks_[l].norm2);
+            linear(p + "gate_up", blocks_[l].gate_up);
+            linear(p + "down", blocks_[l].down);
+        }
+        dense("final_norm", final_norm_);
+        return out;
+    }
+
+private:
+    // Everything the forward pass keeps for backward, and the scratch reused within a step; N = B T.
+    struct activations {
+        // Kept for backward by this program (vectors hold one per layer l < L unless noted).
+        std::vector<mat<T>> residual;   // L + 1 of (N, C): the stream entering block l; [L] the final norm's input
+        std::vector<mat<T>> rstd1;      // (N, 1): 1 / rms of residual[l]
+        std::vector<mat<T>> qkv;        // (N, 3C): [Q | K | V]
+        std::vector<mat<T>> lse;        // (N, H): log-sum-exp of each attention score row
+        std::vector<mat<T>> mid;        // (N, C): the stream after attention
+        std::vector<mat<T>> rstd2;      // (N, 1): 1 / rms of mid[l]
+        std::vector<mat<T>> gate_up;    // (N, 2F): [gate | up], SwiGLU's pre-activations
+        mat<T> final_rstd;              // (N, 1)
+        mat<T> final_normed;            // (N, C): the tied head's input
+        mat<T> logits;                  // (N, V): logits, then their gradient after the loss
+        // Kept for backward by the library: each linear group's Z = X P (r = n and Z = X with P = I).
+        std::vector<mat<T>> z_qkv;      // (N, r_qkv)
+        std::vector<mat<T>> z_out;      // (N, r_out)
+        std::vector<mat<T>> z_gate_up;  // (N, r_gate_up)
+        std::vector<mat<T>> z_down;     // (N, r_down)
+        // Scratch, reused by every block.
+        mat<T> normed;                  // (N, C): a norm's output, the input of qkv or gate-up
+        mat<T> attn;                    // (N, C): attention output, the input of attn-out
+        mat<T> act;                     // (N, F): SwiGLU output, the input of down
+        mat<T> proj;                    // (N, C): attn-out or down output, before the residual add
+        mat<T> d_stream;                // (N, C): gradient of the residual stream
+        mat<T> d_normed;                // (N, C)
+        mat<T> d_attn;                  // (N, C)
+        mat<T> d_qkv;                   // (N, 3C)
+        mat<T> d_gate_up;               // (N, 2F)
+        mat<T> d_act;                   // (N, F)
+        mat<T> scores;                  // (threads T, T): a (T, T) score block per thread
+        mat<T> d_scores;                // (threads T, T)
+        buffer<T> memory;               // all of the above
+    };
+
+    // The activation plan: one allocation, carved in two passes (count, then assign), with the bytes of
+    // every kept tensor counted on the way. The Z sizes are the library's saved_bytes answers.
+    void plan_activations()
+    {
+        const index_t n = cfg_.rows(), c = cfg_.channels, f = cfg_.hidden, layers = cfg_.layers;
+        activations& a = acts_;
+        for (int pass = 0; pass < 2; ++pass) {
+            T* base = pass == 0 ? nullptr : a.memory.data();
+            std::size_t used = 0;
+            memory_ = memory_report{};
+            auto take = [&](index_t rows, index_t cols, std::size_t& account) {
+                const auto count = static_cast<std::size_t>(rows * cols);
+                const mat<T> v(base ? base + used : nullptr, rows, cols);
+                used += (count + 15) / 16 * 16; // keeps every tensor 64-byte aligned in float
+                account += count * sizeof(T);
+                return v;
+            };
+            auto take_z = [&](const auto& group) {
+                const std::size_t bytes = group.saved_bytes(n);
+                if (bytes != static_cast<std::size_t>(n * group.rank()) * sizeof(T))
+                    throw std::logic_error("saved_bytes(N) disagrees with N r sizeof(T)");
+                std::size_t counted = 0;
+                const mat<T> v = take(n, group.rank(), counted);
+                if (group.compressed()) {
+                    memory_.saved_compressed += bytes;
+                    memory_.saved_compressed_x += static_cast<std::size_t>(n * group.in()) * sizeof(T);
+                } else {
+                    memory_.saved_uncompressed += bytes;
+                }
+                return v;
+            };
+            std::size_t& kept = memory_.saved_program;
+            std::size_t& scratch = memory_.scratch;
+            a.residual.clear(), a.rstd1.clear(), a.qkv.clear(), a.lse.clear(), a.mid.clear(), a.rstd2.clear();
+            a.gate_up.clear(), a.z_qkv.clear(), a.z_out.clear(), a.z_gate_up.clear(), a.z_down.clear();
+            for (index_t l = 0; l <= layers; ++l) a.residual.push_back(take(n, c, kept));
+            for (index_t l = 0; l < layers; ++l) {
+                const block& b = blocks_[static_cast<std::size_t>(l)];
+                a.rstd1.push_back(take(n, 1, kept));
+                a.qkv.push_back(take(n, 3 * c, kept));
+                a.lse.push_back(take(n, cfg_.heads, kept));
+                a.mid.push_back(take(n, c, kept));
+                a.rstd2.push_back(take(n, 1, kept));
+                a.gate_up.push_back(take(n, 2 * f, kept));
+                a.z_qkv.push_back(take_z(b.qkv));
+                a.z_out.push_back(take_z(b.attn_out));
+                a.z_gate_up.push_back(take_z(b.gate_up));
+                a.z_down.push_back(take_z(b.down));
+            }
+            a.final_rstd = take(n, 1, kept);
+            a.final_normed = take(n, c, kept);
+            a.logits = take(n, cfg_.vocab, kept);
+            kept += static_cast<std::size_t>(n) * sizeof(int); // the token ids, for the embedding's backward
+            a.normed = take(n, c, scratch);
+            a.attn = take(n, c, scratch);
+            a.act = take(n, f, scratch);
+            a.proj = take(n, c, scratch);
+            a.d_stream = take(n, c, scratch);
+            a.d_normed = take(n, c, scratch);
+            a.d_attn = take(n, c, scratch);
+            a.d_qkv = take(n, 3 * c, scratch);
+            a.d_gate_up = take(n, 2 * f, scratch);
+            a.d_act = take(n, f, scratch);
+            a.scores = take(threads_ * cfg_.context, cfg_.context, scratch);
+            a.d_scores = take(threads_ * cfg_.context, cfg_.context, scratch);
+            if (pass == 0) a.memory.assign(used, T(0));
+        }
+        row_loss_.assign(static_cast<std::size_t>(n), 0.0);
+        memory_.scratch += row_loss_.size() * sizeof(double);
+
+        auto dense = [&](const dense_parameter<T>& p) {
+            memory_.parameters += p.value.size() * sizeof(T);
+            memory_.optimizer += p.state_bytes();
+        };
+        auto linear = [&](const auto& g) {
+            memory_.parameters += static_cast<std::size_t>(g.parameter_count()) * sizeof(T);
+            memory_.optimizer += g.state_bytes();
+        };
+        dense(token_embedding_), dense(position_embedding_), dense(final_norm_);
+        for (const auto& b : blocks_) {
+            dense(b.norm1), dense(b.norm2);
+            linear(b.qkv), linear(b.attn_out), linear(b.gate_up), linear(b.down);
+        }
+    }
+
+    // Uniform initial values from compact::fill_uniform, one stream per tensor. Embeddings: standard
+    // deviation 0.02; linear layers: PyTorch's U(-1/sqrt(n), 1/sqrt(n)), the two that write into the
+    // residual stream (attn-out, down) scaled by 1/sqrt(2L) as in GPT-2; gains 1.
+    void initialise(std::uint64_t seed)
+    {
+        std::uint64_t stream = 1;
+        const double embedding_bound = 0.02 * std::sqrt(3.0);
+        compact::fill_uniform(token_embedding_.w(), -embedding_bound, embedding_bound, seed, stream++);
+        compact::fill_uniform(position_embedding_.w(), -embedding_bound, embedding_bound, seed, stream++);
+        auto ones = [](dense_parameter<T>& p) { std::fill(p.value.begin(), p.value.end(), T(1)); };
+        ones(final_norm_);
+        const double residual_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(cfg_.layers));
+        auto linear = [&](auto& group, double scale) {
+            const double bound = scale / std::sqrt(static_cast<double>(group.in()));
+            for (std::size_t k = 0; k < group.size(); ++k)
+                compact::fill_uniform(group.weight(k), -bound, bound, seed, stream++);
+        };
+        for (auto& b : blocks_) {
+            ones(b.norm1), ones(b.norm2);
+            linear(b.qkv, 1.0);
+            linear(b.attn_out, residual_scale);
+            linear(b.gate_up, 1.0);
+            linear(b.down, residual_scale);
+        }
+    }
+
+    // X0 (N, C): row b T + t = E[token] + Pos[t].
+    void embed(const int* tokens, mat<T> x0) const
+    {
+        for (index_t i = 0; i < x0.rows; ++i) {
+            const T* e = token_embedding_.value.data() + tokens[i] * cfg_.channels;
+            const T* p = position_embedding_.value.data() + (i % length_) * cfg_.channels;
+            for (index_t j = 0; j < x0.cols; ++j) x0(i, j) = e[j] + p[j];
+        }
+    }
+
+    // dE[token] += dX0 row (on top of the head's part); dPos[t] = sum over sequences. dX0: (N, C).
+    void embed_backward(const int* tokens, cmat<T> dx0)
+    {
+        std::fill(position_embedding_.grad.begin(), position_embedding_.grad.end(), T(0));
+        for (index_t i = 0; i < dx0.rows; ++i) {
+            T* de = token_embedding_.grad.data() + tokens[i] * cfg_.channels;
+            T* dp = position_embedding_.grad.data() + (i % length_) * cfg_.channels;
+            for (index_t j = 0; j < dx0.cols; ++j) de[j] += dx0(i, j), dp[j] += dx0(i, j);
+        }
+    }
+
+    compact::workspace ws() { return {workspace_.data(), workspace_.size()}; }
+
+    model_config cfg_;
+    dense_parameter<T> token_embedding_;    // E (V, C), also the output head
+    dense_parameter<T> position_embedding_; // Pos (T, C)
+    dense_parameter<T> final_norm_;         // (1, C)
+    std::vector<block> blocks_;
+    activations acts_;
+    std::vector<double> row_loss_;          // (N): per-row losses, summed in order
+    buffer<std::byte> workspace_;           // for P while it is regenerated (forward and optimizer)
+    memory_report memory_;
+    index_t threads_ = 1;
+    index_t batch_ = 0, length_ = 0;        // of the last forward
+};
+
+// ------------------------------------------------------------------------------------------- training
+
+struct train_settings {
+    int steps = 300;
+    double lr = 3e-3;
+    double lr_compressed = 0; // 0: the same as lr
+    double alpha = 1.0;
+    double weight_decay = 0.0;
+    int warmup = 100;
+    std::uint64_t gap = 50;
+    compact::moment_policy moments = compact::moment_policy::keep;
+    int eval_every = 100;
+    index_t eval_windows = 256;
+    int threads = 0;
+    std::uint64_t seed = 1234;
+    int sample_chars = 400;
+    double temperature = 0.8;
+    std::string curves;
+};
+
+// Learning-rate multiplier: linear warm-up, then cosine decay to 0.1.
+double lr_factor(int step, const train_settings& s)
+{
+    if (step < s.warmup) return static_cast<double>(step + 1) / static_cast<double>(s.warmup);
+    const double progress = static_cast<double>(step - s.warmup) / static_cast<double>(std::max(1, s.steps - s.warmup));
+    return 0.1 + 0.45 * (1.0 + std::cos(3.14159265358979323846 * std::min(1.0, progress)));
+}
+
+// Summary of one configuration's run, passed from the child process to the parent as plain bytes.
+struct run_summary {
+    char name[32];
+    std::int64_t in[4], rank[4];    // qkv, attn-out, gate-up, down
+    std::int64_t parameters;
+    double initial_val_loss, train_loss, val_loss, last_batch_loss;
+    double train_seconds, tokens_per_second;
+    std::uint64_t saved_program, saved_compressed, saved_compressed_x, saved_uncompressed, scratch;
+    std::uint64_t parameter_bytes, optimizer_bytes;
+    long peak_rss_kib;
+    char sample[1536];
+};
+
+long peak_rss_kib()
+{
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line))
+        if (line.rfind("VmHWM:", 0) == 0) return std::atol(line.c_str() + 6);
+    return -1;
+}
+
+// `count` window starts spread evenly over [begin, end - length - 1] (each window has length + 1 ids).
+std::vector<std::size_t> spread_windows(std::size_t begin, std::size_t end, index_t length, std::size_t count)
+{
+    const std::size_t span = static_cast<std::size_t>(length) + 1;
+    if (end < begin + span) throw std::invalid_argument("text split too short for one window of T + 1 characters");
+    const std::size_t last = end - span;
+    std::vector<std::size_t> starts;
+    for (std::size_t k = 0; k < count; ++k)
+        starts.push_back(begin + (count == 1 ? 0 : (last - begin) * k / (count - 1)));
+    return starts;
+}
+
+// Inputs ids[p + t] and targets ids[p + t + 1] for each window start p. tokens, targets: (rows, length).
+void fill_windows(const corpus& c, const std::size_t* starts, index_t rows, index_t length, std::vector<int>& tokens,
+                  std::vector<int>& targets)
+{
+    for (index_t b = 0; b < rows; ++b)
+        for (index_t t = 0; t < length; ++t) {
+            const std::size_t p = starts[b] + static_cast<std::size_t>(t);
+            tokens[static_cast<std::size_t>(b * length + t)] = c.ids[p];
+            targets[static_cast<std::size_t>(b * length + t)] = c.ids[p + 1];
+        }
+}
+
+// Mean loss over the windows at `starts`, in batches of at most B, without keeping Z.
+template <class Model>
+double evaluate(Model& model, const context& ctx, const corpus& c, const std::vector<std::size_t>& starts,
+                std::vector<int>& tokens, std::vector<int>& targets)
+{
+    const index_t b = model.config().batch, t = model.config().context;
+    double total = 0;
+    for (std::size_t s = 0; s < starts.size(); s += static_cast<std::size_t>(b)) {
+        const index_t rows = std::min<index_t>(b, static_cast<index_t>(starts.size() - s));
+        fill_windows(c, starts.data() + s, rows, t, tokens, targets);
+        total += model.forward(ctx, tokens.data(), targets.data(), rows, t, false, 0) * static_cast<double>(rows);
+    }
+    return total / static_cast<double>(starts.size());
+}
+
+// Temperature sampling of `count` characters after `prompt`, with a fixed seed.
+template <class Model>
+std::string sample_text(Model& model, const context& ctx, const corpus& c, const std::string& prompt, int count,
+                        double temperature, std::uint64_t seed)
+{
+    std::vector<int> sequence;
+    for (char ch : prompt) {
+        const auto it = std::find(c.chars.begin(), c.chars.end(), static_cast<unsigned char>(ch));
+        if (it != c.chars.end()) sequence.push_back(static_cast<int>(it - c.chars.begin()));
+    }
+    if (sequence.empty()) sequence.push_back(0);
+    std::mt19937_64 rng(seed);
+    std::string out = prompt;
+    std::vector<double> p(static_cast<std::size_t>(c.vocab()));
+    for (int i = 0; i < count; ++i) {
+        const index_t length = std::min<index_t>(model.config().context, static_cast<index_t>(sequence.size()));
+        model.forward(ctx, sequence.data() + sequence.size() - static_cast<std::size_t>(length), nullptr, 1, length,
+                      false, 0);
+        const auto* z = model.logits().row(length - 1);
+        const double top = static_cast<double>(*std::max_element(z, z + c.vocab()));
+        double sum = 0;
+        for (index_t j = 0; j < c.vocab(); ++j)
+            sum += (p[static_cast<std::size_t>(j)] = std::exp((static_cast<double>(z[j]) - top) / temperature));
+        double u = static_cast<double>(rng() >> 11) * 0x1p-53 * sum;
+        int next = static_cast<int>(c.vocab()) - 1;
+        for (index_t j = 0; j < c.vocab(); ++j)
+            if ((u -= p[static_cast<std::size_t>(j)]) < 0) {
+                next = static_cast<int>(j);
+                break;
+            }
+        sequence.push_back(next);
+        out.push_back(static_cast<char>(c.chars[static_cast<std::size_t>(next)]));
+    }
+    return out;
+}
+
+// Trains one configuration and returns its summary; prints progress as it goes.
+template <class Policy, class OutPolicy>
+run_summary train(const char* name, const char* tag, const model_config& cfg, const train_settings& s,
+                  const corpus& text)
+{
+    using model_type = transformer<float, Policy, OutPolicy>;
+    const context ctx{s.threads};
+    model_type model(cfg, s.seed, s.moments, s.threads);
+    const compact::resampling resample{s.gap};
+
+    run_summary out{};
+    std::snprintf(out.name, sizeof out.name, "%s", name);
+    const auto& b0 = model.layer(0);
+    const std::int64_t ins[4] = {b0.qkv.in(), b0.attn_out.in(), b0.gate_up.in(), b0.down.in()};
+    const std::int64_t ranks[4] = {b0.qkv.rank(), b0.attn_out.rank(), b0.gate_up.rank(), b0.down.rank()};
+    std::copy(ins, ins + 4, out.in);
+    std::copy(ranks, ranks + 4, out.rank);
+    out.parameters = model.parameter_count();
+
+    const index_t b = cfg.batch, t = cfg.context;
+    std::vector<int> tokens(static_cast<std::size_t>(b * t)), targets(static_cast<std::size_t>(b * t));
+    const std::size_t n_val = text.ids.size() - text.train_end;
+    const auto val_periodic =
+        spread_windows(text.train_end, text.ids.size(), t, static_cast<std::size_t>(s.eval_windows));
+    // Final evaluation: as many windows as fit the validation split without overlap, and as many from train.
+    const std::size_t final_count = std::max<std::size_t>(1, n_val / static_cast<std::size_t>(t + 1));
+    const auto val_final = spread_windows(text.train_end, text.ids.size(), t, final_count);
+    const auto train_final = spread_windows(0, text.train_end, t, final_count);
+
+    std::FILE* curve = nullptr;
+    if (!s.curves.empty()) {
+        const std::string path = s.curves + "." + tag + ".csv";
+        curve = std::fopen(path.c_str(), "w");
+        if (!curve) throw std::runtime_error("--curves: cannot write '" + path + "'");
+        std::fprintf(curve, "step,train_loss,val_loss\n");
+    }
+    out.initial_val_loss = evaluate(model, ctx, text, val_periodic, tokens, targets);
+    if (curve) std::fprintf(curve, "0,NaN,%.6f\n", out.initial_val_loss);
+    std::printf("  %-10s step %5d  val %.4f\n", name, 0, out.initial_val_loss);
+    std::fflush(stdout);
+
+    std::mt19937_64 order(s.seed); // the same batches for every configuration
+    std::vector<std::size_t> starts(static_cast<std::size_t>(b));
+    const std::size_t positions = text.train_end - static_cast<std::size_t>(t) - 1;
+    double since_eval = 0, seconds = 0;
+    int count = 0;
+    for (int step = 0; step < s.steps; ++step) {
+        const auto start = clock_type::now();
+        for (auto& p : starts) p = static_cast<std::size_t>(order() % positions);
+        fill_windows(text, starts.data(), b, t, tokens, targets);
+        const std::uint64_t epoch = resample.epoch(static_cast<std::uint64_t>(step));
+        const double loss = model.forward(ctx, tokens.data(), targets.data(), b, t, true, epoch);
+        model.backward(ctx, tokens.data());
+        const double f = lr_factor(step, s);
+        compact::adamw_params dense, full, compressed;
+        dense.lr = full.lr = s.lr * f;
+        full.weight_decay = s.weight_decay;
+        compressed.lr = (s.lr_compressed > 0 ? s.lr_compressed : s.lr) * f;
+        compressed.weight_decay = s.weight_decay;
+        compressed.alpha = s.alpha;
+        model.step(ctx, dense, full, compressed, epoch);
+        seconds += std::chrono::duration<double>(clock_type::now() - start).count();
+        if (!std::isfinite(loss))
+            throw std::runtime_error(std::string(name) + ": the loss is not finite at step " + std::to_string(step));
+        since_eval += loss;
+        ++count;
+        if ((step + 1) % s.eval_every == 0 || step + 1 == s.steps) {
+            const double val = evaluate(model, ctx, text, val_periodic, tokens, targets);
+            out.last_batch_loss = since_eval / count;
+            std::printf("  %-10s step %5d  train %.4f  val %.4f (ppl %.2f)  %.0f tokens/s\n", name, step + 1,
+                        out.last_batch_loss, val, std::exp(val),
+                        static_cast<double>(b * t) * (step + 1) / seconds);
+            std::fflush(stdout);
+            if (curve) std::fprintf(curve, "%d,%.6f,%.6f\n", step + 1, out.last_batch_loss, val);
+            since_eval = 0, count = 0;
+        }
+    }
+    if (curve) std::fclose(curve);
+    out.train_seconds = seconds;
+    out.tokens_per_second = static_cast<double>(b * t) * s.steps / seconds;
+    out.val_loss = evaluate(model, ctx, text, val_final, tokens, targets);
+    out.train_loss = evaluate(model, ctx, text, train_final, tokens, targets);
+    const memory_report& m = model.memory();
+    out.saved_program = m.saved_program, out.saved_compressed = m.saved_compressed;
+    out.saved_compressed_x = m.saved_compressed_x, out.saved_uncompressed = m.saved_uncompressed;
+    out.scratch = m.scratch, out.parameter_bytes = m.parameters, out.optimizer_bytes = m.optimizer;
+    const std::string sample = printable(sample_text(model, ctx, text, "%\n", s.sample_chars, s.temperature, s.seed));
+    std::snprintf(out.sample, sizeof out.sample, "%s", sample.c_str());
+    out.peak_rss_kib = peak_rss_kib();
+    return out;
+}
+
+// Runs `body` in a forked child, so that the child's VmHWM is this configuration's alone; the summary
+// comes back through a pipe. The parent never starts OpenMP threads, so the child may.
+run_summary run_isolated(const std::function<run_summary()>& body)
+{
+    std::fflush(stdout), std::fflush(stderr);
+    int fds[2];
+    if (pipe(fds) != 0) throw std::runtime_error("pipe failed");
+    const pid_t pid = fork();
+    if (pid < 0) throw std::runtime_error("fork failed");
+    if (pid == 0) {
+        close(fds[0]);
+        int rc = 0;
+        run_summary s{};
+        try {
+            s = body();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "error: %s\n", e.what());
+            rc = 1;
+        }
+        const char* p = reinterpret_cast<const char*>(&s);
+        for (std::size_t done = 0; rc == 0 && done < sizeof s;) {
+            const ssize_t w = write(fds[1], p + done, sizeof s - done);
+            if (w <= 0) rc = 1;
+            else done += static_cast<std::size_t>(w);
+        }
+        std::fflush(stdout), std::fflush(stderr);
+        _exit(rc);
+    }
+    close(fds[1]);
+    run_summary s{};
+    std::size_t got = 0;
+    char* p = reinterpret_cast<char*>(&s);
+    while (got < sizeof s) {
+        const ssize_t r = read(fds[0], p + got, sizeof s - got);
+        if (r <= 0) break;
+        got += static_cast<std::size_t>(r);
+    }
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (got != sizeof s || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        throw std::runtime_error("the training run failed (see its message above)");
+    return s;
+}
+
+// --------------------------------------------------------------------------------------- gradient check
+
+// Compares the hand-written backward with central differences of the loss, in float64, for every
+// parameter of a tiny model with rank::full (P = I, so each linear gradient is the exact full-shape one).
+// Relative error per tensor: |fd - backward|_2 / |fd|_2. The five-point stencil with h = 1e-4 has a
+// truncation error of order h^4 and a rounding error of order 1e-16 |loss| / h, about 1e-12 here, so
+// errors near 1e-8 are expected (the largest in tensors whose gradient is small, like W_q at
+// initialisation). 1e-6 leaves that margin, while a term that is off by as little as 0.1% gives errors
+// above 1e-4.
+bool gradient_check(const corpus& text, model_config cfg)
+{
+    using model_type = transformer<double, compact::rank::full, compact::rank::full>;
+    cfg.vocab = text.vocab();
+    const context ctx{1};
+    model_type model(cfg, 7, compact::moment_policy::keep, 1);
+    const index_t b = cfg.batch, t = cfg.context;
+    std::vector<int> tokens(static_cast<std::size_t>(b * t)), targets(static_cast<std::size_t>(b * t));
+    const auto starts = spread_windows(0, text.ids.size(), t, static_cast<std::size_t>(b));
+    fill_windows(text, starts.data(), b, t, tokens, targets);
+    model.forward(ctx, tokens.data(), targets.data(), b, t, true, 0);
+    model.backward(ctx, tokens.data());
+
+    constexpr double h = 1e-4, tolerance = 1e-6;
+    double worst = 0;
+    std::string worst_name;
+    index_t checked = 0;
+    for (const auto& p : model.parameters()) {
+        double diff2 = 0, fd2 = 0;
+        for (index_t i = 0; i < p.count; ++i) {
+            const double saved = p.value[i];
+            auto loss_at = [&](double offset) {
+                p.value[i] = saved + offset;
+                return model.forward(ctx, tokens.data(), targets.data(), b, t, false, 0);
+            };
+            // The five-point stencil: truncation error O(h^4) instead of the central difference's O(h^2).
+            const double fd = (8 * (loss_at(h / 2) - loss_at(-h / 2)) - (loss_at(h) - loss_at(-h))) / (6 * h);
+            p.value[i] = saved;
+            diff2 += (fd - p.grad[i]) * (fd - p.grad[i]);
+            fd2 += fd * fd;
+        }
+        const double rel = std::sqrt(diff2 / std::max(fd2, 1e-300));
+        if (rel >= worst) worst = rel, worst_name = p.name;
+        checked += p.count;
+    }
+    const bool pass = worst < tolerance;
+    std::printf("gradient check (float64, rank::full, C=%lld L=%lld H=%lld F=%lld T=%lld B=%lld): %lld parameters, "
+                "worst relative error %.2e in %s (tolerance %.0e): %s\n",
+                static_cast<long long>(cfg.channels), static_cast<long long>(cfg.layers),
+                static_cast<long long>(cfg.heads), static_cast<long long>(cfg.hidden),
+                static_cast<long long>(cfg.context), static_cast<long long>(cfg.batch),
+                static_cast<long long>(checked), worst, worst_name.c_str(), tolerance, pass ? "pass" : "FAIL");
+    return pass;
+}
+
+// ------------------------------------------------------------------------------------------- reporting
+
+std::string mib(std::uint64_t bytes)
+{
+    char text[32];
+    std::snprintf(text, sizeof text, "%.2f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
+    return text;
+}
+
+std::string ranks_string(const run_summary& r)
+{
+    std::string s;
+    for (int k = 0; k < 4; ++k)
+        s += (k ? ", " : "") + std::to_string(r.rank[k]) + (r.rank[k] == r.in[k] ? "" : "/" + std::to_string(r.in[k]));
+    return s;
+}
+
+void write_report(std::FILE* out, const model_config& cfg, const train_settings& s, const corpus& text,
+                  const std::vector<run_summary>& runs, const char* rank_name, bool compress_attn_out)
+{
+    const run_summary& r0 = runs.front();
+    std::fprintf(out, "### Model and training\n\n");
+    std::fprintf(out, "- text: %s, %zu characters after removing overstrikes; vocabulary V = %lld; train %zu / "
+                      "validation %zu characters (90/10 by position)\n",
+                 text.source.c_str(), text.ids.size(), static_cast<long long>(text.vocab()), text.train_end,
+                 text.ids.size() - text.train_end);
+    std::fprintf(out, "- model: C = %lld, L = %lld, H = %lld (head size %lld), SwiGLU F = %lld, context T = %lld, "
+                      "tied head, learned positions; %lld parameters\n",
+                 static_cast<long long>(cfg.channels), static_cast<long long>(cfg.layers),
+                 static_cast<long long>(cfg.heads), static_cast<long long>(cfg.channels / cfg.heads),
+                 static_cast<long long>(cfg.hidden), static_cast<long long>(cfg.context),
+                 static_cast<long long>(r0.parameters));
+    std::fprintf(out, "- batch: B = %lld sequences, N = %lld tokens per step; %d steps; evaluation every %d steps on "
+                      "%lld validation windows\n",
+                 static_cast<long long>(cfg.batch), static_cast<long long>(cfg.rows()), s.steps, s.eval_every,
+                 static_cast<long long>(s.eval_windows));
+    std::fprintf(out, "- optimizer: AdamW (beta 0.9, 0.999, eps 1e-6), lr %g with %d warm-up steps and cosine decay "
+                      "to lr/10, weight decay %g on linear layers; compressed groups: lr %g, alpha %g, "
+                      "a new P every %llu steps, moments %s\n",
+                 s.lr, s.warmup, s.weight_decay, s.lr_compressed > 0 ? s.lr_compressed : s.lr, s.alpha,
+                 static_cast<unsigned long long>(s.gap), compact::to_string(s.moments));
+    std::fprintf(out, "- compressed run: r = %s for q/k/v (one group), gate/up (one group) and down; attention output "
+                      "%s\n\n",
+                 rank_name, compress_attn_out ? "compressed too (--compress-attn-out)" : "not compressed");
+
+    std::fprintf(out, "### Results\n\n");
+    std::fprintf(out, "Losses are mean cross-entropy (nats per character) at the end, on %zu validation windows "
+                      "(the whole validation split, without overlap) and as many training windows; "
+                      "perplexity = exp(loss).\n\n",
+                 std::max<std::size_t>(1, (text.ids.size() - text.train_end) /
+                                              static_cast<std::size_t>(cfg.context + 1)));
+    std::fprintf(out, "| run | ranks: qkv, attn-out, gate-up, down | train loss | train ppl | val loss | val ppl | "
+                      "tokens/s | time |\n|---|---|---|---|---|---|---|---|\n");
+    for (const auto& r : runs)
+        std::fprintf(out, "| %s | %s | %.4f | %.3f | %.4f | %.3f | %.0f | %.0f s |\n", r.name, ranks_string(r).c_str(),
+                     r.train_loss, std::exp(r.train_loss), r.val_loss, std::exp(r.val_loss), r.tokens_per_second,
+                     r.train_seconds);
+    std::fprintf(out, "\nMemory per training step (N = %lld tokens; from the activation plan, the linear groups' Z "
+                      "from saved_bytes):\n\n",
+                 static_cast<long long>(cfg.rows()));
+    std::fprintf(out, "| run | saved for backward, total | compressed groups' Z (as X: n/r) | uncompressed groups' Z "
+                      "(= X) | the program's own | scratch | weights | optimizer state | peak RSS (VmHWM) |\n"
+                      "|---|---|---|---|---|---|---|---|---|\n");
+    for (const auto& r : runs) {
+        std::string compressed = "-";
+        if (r.saved_compressed > 0) {
+            char ratio[64];
+            std::snprintf(ratio, sizeof ratio, " (%s: %.1fx)", mib(r.saved_compressed_x).c_str(),
+                          static_cast<double>(r.saved_compressed_x) / static_cast<double>(r.saved_compressed));
+            compressed = mib(r.saved_compressed) + ratio;
+        }
+        std::fprintf(out, "| %s | %s | %s | %s | %s | %s | %s | %s | %.1f MiB |\n", r.name,
+                     mib(r.saved_program + r.saved_compressed + r.saved_uncompressed).c_str(), compressed.c_str(),
+                     mib(r.saved_uncompressed).c_str(), mib(r.saved_program).c_str(), mib(r.scratch).c_str(),
+                     mib(r.parameter_bytes).c_str(), mib(r.optimizer_bytes).c_str(),
+                     static_cast<double>(r.peak_rss_kib) / 1024.0);
+    }
+    if (runs.size() == 2) {
+        const double base = runs[0].val_loss, other = runs[1].val_loss;
+        const double gap = 100.0 * (other - base) / base;
+        std::fprintf(out, "\nValidation loss of %s relative to %s at equal steps: %+.2f%% (target: within 3%%: %s). "
+                          "Saved activations: %.1f%% of the uncompressed run's.\n",
+                     runs[1].name, runs[0].name, gap, std::fabs(gap) <= 3.0 ? "met" : "missed",
+                     100.0 * static_cast<double>(runs[1].saved_program + runs[1].saved_compressed +
+                                                 runs[1].saved_uncompressed) /
+                         static_cast<double>(runs[0].saved_program + runs[0].saved_compressed +
+                                             runs[0].saved_uncompressed));
+    }
+    std::fprintf(out, "\n### Samples\n\nTemperature %.2f, seed %llu, %d characters after the prompt \"%%\\n\".\n",
+                 s.temperature, static_cast<unsigned long long>(s.seed), s.sample_chars);
+    for (const auto& r : runs) std::fprintf(out, "\n%s:\n\n```text\n%s\n```\n", r.name, r.sample);
+}
+
+// ---------------------------------------------------------------------------------------------- main
+
+int usage(const char* program, const std::string& problem)
+{
+    if (!problem.empty()) std::fprintf(stderr, "%s: %s\n", program, problem.c_str());
+    std::fprintf(stderr,
+                 "usage: %s [--text PATH] [--steps S] [--rank n/2|n/4|n/8] [--runs both|full|compressed]\n"
+                 "  [--compress-attn-out] [--lr X] [--lr-compressed X] [--alpha X] [--gap T]\n"
+                 "  [--moments keep|reset|transfer] [--wd X] [--warmup S] [--channels C] [--layers L] [--heads H]\n"
+                 "  [--hidden F] [--context T] [--batch B] [--eval-every S] [--eval-windows W] [--threads N]\n"
+                 "  [--seed S] [--sample N] [--temperature X] [--markdown PATH] [--curves PREFIX] [--gradcheck]\n"
+                 "  [--smoke]\n",
+                 program);
+    return 2;
+}
+
+template <class Policy>
+run_summary run_compressed(const char* name, const model_config& cfg, const train_settings& s, const corpus& text,
+                           bool compress_attn_out)
+{
+    return run_isolated([&] {
+        return compress_attn_out ? train<Policy, Policy>(name, "compressed", cfg, s, text)
+                                 : train<Policy, compact::rank::full>(name, "compressed", cfg, s, text);
+    });
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    model_config cfg;
+    train_settings s;
+    std::string text_path, markdown, rank_name = "n/4", runs_wanted = "both";
+    bool smoke = false, gradcheck_only = false, compress_attn_out = false, threads_given = false;
+    try {
+        for (int i = 1; i < argc; ++i) {
+            const std::string arg = argv[i];
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
+                return argv[++i];
+            };
+            auto number = [&]() {
+                const std::string v = value();
+                char* end = nullptr;
+                const double x = std::strtod(v.c_str(), &end);
+                if (end == v.c_str() || *end != '\0' || !std::isfinite(x))
+                    throw std::invalid_argument(arg + " expects a number, got '" + v + "'");
+                return x;
+            };
+            auto integer = [&](double low) {
+                const double x = number();
+                if (x != std::floor(x) || x < low)
+                    throw std::invalid_argument(arg + " expects an integer >= " +
+                                                std::to_string(static_cast<long long>(low)));
+                return static_cast<long long>(x);
+            };
+            if (arg == "--smoke") smoke = true;
+            else if (arg == "--gradcheck") gradcheck_only = true;
+            else if (arg == "--compress-attn-out") compress_attn_out = true;
+            else if (arg == "--text") text_path = value();
+            else if (arg == "--steps") s.steps = static_cast<int>(integer(1));
+            else if (arg == "--rank") rank_name = value();
+            else if (arg == "--runs") runs_wanted = value();
+            else if (arg == "--lr") s.lr = number();
+            else if (arg == "--lr-compressed") s.lr_compressed = number();
+            else if (arg == "--alpha") s.alpha = number();
+            else if (arg == "--gap") s.gap = static_cast<std::uint64_t>(integer(0));
+            else if (arg == "--wd") s.weight_decay = number();
+            else if (arg == "--warmup") s.warmup = static_cast<int>(integer(0));
+            else if (arg == "--channels") cfg.channels = integer(1);
+            else if (arg == "--layers") cfg.layers = integer(1);
+            else if (arg == "--heads") cfg.heads = integer(1);
+            else if (arg == "--hidden") cfg.hidden = integer(1);
+            else if (arg == "--context") cfg.context = integer(1);
+            else if (arg == "--batch") cfg.batch = integer(1);
+            else if (arg == "--eval-every") s.eval_every = static_cast<int>(integer(1));
+            else if (arg == "--eval-windows") s.eval_windows = integer(1);
+            else if (arg == "--threads") s.threads = static_cast<int>(integer(0)), threads_given = true;
+            else if (arg == "--seed") s.seed = static_cast<std::uint64_t>(integer(0));
+            else if (arg == "--sample") s.sample_chars = static_cast<int>(integer(0));
+            else if (arg == "--temperature") s.temperature = number();
+            else if (arg == "--markdown") markdown = value();
+            else if (arg == "--curves") s.curves = value();
+            else if (arg == "--moments") {
+                const std::string m = value();
+                if (m == "keep") s.moments = compact::moment_policy::keep;
+                else if (m == "reset") s.moments = compact::moment_policy::reset;
+                else if (m == "transfer") s.moments = compact::moment_policy::transfer;
+                else throw std::invalid_argument("--moments expects keep, reset or transfer, got '" + m + "'");
+            } else {
+                throw std::invalid_argument("unknown argument '" + arg + "'");
+            }
+        }
+        if (rank_name != "n/2" && rank_name != "n/4" && rank_name != "n/8")
+            throw std::invalid_argument("--rank expects n/2, n/4 or n/8, got '" + rank_name + "'");
+        if (runs_wanted != "both" && runs_wanted != "full" && runs_wanted != "compressed")
+            throw std::invalid_argument("--runs expects both, full or compressed, got '" + runs_wanted + "'");
+        if (s.lr <= 0 || s.lr_compressed < 0 || s.alpha <= 0 || s.temperature <= 0 || s.weight_decay < 0)
+            throw std::invalid_argument("--lr, --alpha and --temperature must be positive, --lr-compressed and --wd "
+                                        "non-negative");
+    } catch (const std::exception& e) {
+        return usage(argv[0], e.what());
+    }
+
+    try {
+        const corpus builtin = make_corpus(builtin_text, "the built-in text");
+        model_config tiny{0, 6, 8, 2, 2, 12, 2}; // V from the text, T, C, L, H, F, B
+        if (gradcheck_only) {
+            const model_config small{0, 8, 16, 2, 4, 40, 3};
+            run_isolated([&] {
+                if (!gradient_check(builtin, small)) throw std::runtime_error("gradient check failed");
+                return run_summary{};
+            });
+            return 0;
+        }
+        if (smoke) {
+            // A tiny gradient check, then both configurations for a few steps on the built-in text.
+            run_isolated([&] {
+                if (!gradient_check(builtin, tiny)) throw std::runtime_error("gradient check failed");
+                return run_summary{};
+            });
+            cfg = model_config{0, 32, 32, 2, 2, 88, 8};
+            s.steps = 200, s.warmup = 10, s.lr = 1e-2, s.eval_every = 20, s.eval_windows = 16, s.sample_chars = 80;
+            if (!threads_given) s.threads = 1;
+        }
+
+        corpus text;
+        if (smoke) {
+            text = builtin;
+        } else if (!text_path.empty()) {
+            text = make_corpus(read_file(text_path), text_path);
+        } else if (std::filesystem::is_directory("/usr/share/games/fortunes")) {
+            text = make_corpus(read_fortunes("/usr/share/games/fortunes"), "Debian's fortunes package "
+                                                                          "(/usr/share/games/fortunes)");
+        } else {
+            std::fprintf(stderr, "warning: /usr/share/games/fortunes not found (Debian package 'fortunes'); "
+                                 "training on the short built-in text instead, which the model will memorise\n");
+            text = builtin;
+        }
+        cfg.vocab = text.vocab();
+        if (text.ids.size() - text.train_end < static_cast<std::size_t>(cfg.context) + 2 ||
+            text.train_end < static_cast<std::size_t>(cfg.context) + 2)
+            throw std::invalid_argument("the text is too short for context T=" + std::to_string(cfg.context));
+
+        std::printf("char_transformer: %s, %zu characters, V=%lld; C=%lld L=%lld H=%lld F=%lld T=%lld B=%lld, "
+                    "%d steps\n",
+                    text.source.c_str(), text.ids.size(), static_cast<long long>(cfg.vocab),
+                    static_cast<long long>(cfg.channels), static_cast<long long>(cfg.layers),
+                    static_cast<long long>(cfg.heads), static_cast<long long>(cfg.hidden),
+                    static_cast<long long>(cfg.context), static_cast<long long>(cfg.batch), s.steps);
+
+        std::vector<run_summary> runs;
+        if (runs_wanted != "compressed")
+            runs.push_back(run_isolated(
+                [&] { return train<compact::rank::full, compact::rank::full>("full", "full", cfg, s, text); }));
+        if (runs_wanted != "full") {
+            const std::string name = "r=" + rank_name;
+            const char* n = name.c_str();
+            if (rank_name == "n/2")
+                runs.push_back(run_compressed<compact::rank::ratio<1, 2>>(n, cfg, s, text, compress_attn_out));
+            else if (rank_name == "n/4")
+                runs.push_back(run_compressed<compact::rank::ratio<1, 4>>(n, cfg, s, text, compress_attn_out));
+            else
+                runs.push_back(run_compressed<compact::rank::ratio<1, 8>>(n, cfg, s, text, compress_attn_out));
+        }
+
+        std::printf("\n");
+        write_report(stdout, cfg, s, text, runs, rank_name.c_str(), compress_attn_out);
+        if (!markdown.empty()) {
+            std::FILE* f = std::fopen(markdown.c_str(), "w");
+            if (!f) throw std::runtime_error("--markdown: cannot write '" + markdown + "'");
+            write_report(f, cfg, s, text, runs, rank_name.c_str(), compress_attn_out);
+            std::fclose(f);
+        }
+
+        if (smoke) {
+            // Training must have taken the loss below the unigram entropy: it learned from context.
+            const double floor = text.unigram_entropy();
+            for (const auto& r : runs)
+                if (!(r.last_batch_loss < floor && r.last_batch_loss < r.initial_val_loss)) {
+                    std::fprintf(stderr, "smoke: %s's training loss %.4f is not below the unigram entropy %.4f and "
+                                         "its initial loss %.4f\n",
+                                 r.name, r.last_batch_loss, floor, r.initial_val_loss);
+                    return 1;
+                }
+            std::printf("smoke: every configuration's training loss fell from about ln V to below the text's unigram "
+                        "entropy %.4f\n", floor);
+        }
+        return 0;
+    } catch (const compact::error& e) {
+        std::fprintf(stderr, "compact error: %s\n", e.what());
+        return 1;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
