@@ -33,6 +33,8 @@
 
 #include <compact/compact.hpp>
 
+#include "bench_support.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -53,10 +55,7 @@ namespace {
 using compact::cpu;
 using compact::index_t;
 using compact::op;
-using clock_type = std::chrono::steady_clock;
-
-template <class T>
-using buffer = cpu::buffer<T>;
+using namespace compact_bench;
 
 // ------------------------------------------------------------------------------------- command line
 
@@ -124,30 +123,6 @@ bool parse(int argc, char** argv, options& o)
 
 // ------------------------------------------------------------------------------------------ helpers
 
-double seconds_between(clock_type::time_point a, clock_type::time_point b)
-{
-    return std::chrono::duration<double>(b - a).count();
-}
-
-double median(std::vector<double> v)
-{
-    if (v.empty()) return 0;
-    std::sort(v.begin(), v.end());
-    const std::size_t h = v.size() / 2;
-    return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
-}
-
-double minimum(const std::vector<double>& v) { return v.empty() ? 0 : *std::min_element(v.begin(), v.end()); }
-
-/// Median over rounds of a[i] / b[i]: both steps of a round ran back to back, so a slowdown that lasts
-/// longer than a round (another job on the machine) cancels out of the ratio.
-double paired_ratio(const std::vector<double>& a, const std::vector<double>& b)
-{
-    std::vector<double> r;
-    for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
-    return median(r);
-}
-
 std::string bytes_string(double b)
 {
     char s[32];
@@ -155,18 +130,6 @@ std::string bytes_string(double b)
     else if (b >= 1024.0) std::snprintf(s, sizeof s, "%.1f KiB", b / 1024.0);
     else std::snprintf(s, sizeof s, "%.0f B", b);
     return s;
-}
-
-std::string cpu_model()
-{
-    std::ifstream f("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(f, line))
-        if (line.rfind("model name", 0) == 0) {
-            const auto colon = line.find(':');
-            if (colon != std::string::npos) return line.substr(line.find_first_not_of(" \t", colon + 1));
-        }
-    return "unknown";
 }
 
 /// CPU seconds spent by the whole machine (from /proc/stat, Linux; negative elsewhere) and by this process
@@ -228,20 +191,6 @@ std::string vector_isa()
     return s;
 }
 
-std::string today()
-{
-    const std::time_t now = std::time(nullptr);
-    char s[64];
-    std::strftime(s, sizeof s, "%Y-%m-%d %H:%M:%S %Z", std::localtime(&now));
-    return s;
-}
-
-template <class T>
-compact::matrix_view<T> view_of(buffer<T>& b, index_t rows, index_t cols)
-{
-    return compact::make_view(b.data(), rows, cols);
-}
-
 /// ||a - b|| / ||b|| (Frobenius), accumulated in double.
 double relative_error(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b)
 {
@@ -257,53 +206,6 @@ double relative_error(compact::const_matrix_view<float> a, compact::const_matrix
 
 /// Float64 references, one row of a product at a time: the checks use a sample of rows, which catches
 /// any transposition or indexing error at a fraction of the cost of the full products.
-struct reference {
-    /// Row i of a * b^T, a (R, k), b (C, k).
-    static std::vector<double> row_abt(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b,
-                                       index_t i)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.rows));
-        for (index_t j = 0; j < b.rows; ++j) {
-            double s = 0;
-            for (index_t k = 0; k < a.cols; ++k) s += static_cast<double>(a(i, k)) * static_cast<double>(b(j, k));
-            out[static_cast<std::size_t>(j)] = s;
-        }
-        return out;
-    }
-    /// Row i of a * b, a (R, k), b (k, C).
-    static std::vector<double> row_ab(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b,
-                                      index_t i)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.cols), 0.0);
-        for (index_t k = 0; k < a.cols; ++k) {
-            const double s = static_cast<double>(a(i, k));
-            for (index_t j = 0; j < b.cols; ++j) out[static_cast<std::size_t>(j)] += s * static_cast<double>(b(k, j));
-        }
-        return out;
-    }
-    /// Row i of a^T * b, a (k, R), b (k, C).
-    static std::vector<double> row_atb(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b,
-                                       index_t i)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.cols), 0.0);
-        for (index_t k = 0; k < a.rows; ++k) {
-            const double s = static_cast<double>(a(k, i));
-            for (index_t j = 0; j < b.cols; ++j) out[static_cast<std::size_t>(j)] += s * static_cast<double>(b(k, j));
-        }
-        return out;
-    }
-    /// Row vector times b (k, C).
-    static std::vector<double> vec_b(const std::vector<double>& v, compact::const_matrix_view<float> b)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.cols), 0.0);
-        for (index_t k = 0; k < b.rows; ++k)
-            for (index_t j = 0; j < b.cols; ++j)
-                out[static_cast<std::size_t>(j)] += v[static_cast<std::size_t>(k)] * static_cast<double>(b(k, j));
-        return out;
-    }
-};
-
-/// ||got - ref|| / ||ref|| (Frobenius) over the given rows; ref_row(i) is row i of the float64 reference.
 template <class RowRef>
 double sampled_error(compact::const_matrix_view<float> got, const std::vector<index_t>& rows, RowRef&& ref_row)
 {
@@ -320,16 +222,6 @@ double sampled_error(compact::const_matrix_view<float> got, const std::vector<in
 }
 
 /// Up to `count` rows of [0, total), evenly spread, first and last included.
-std::vector<index_t> sample_rows(index_t total, index_t count)
-{
-    std::vector<index_t> rows;
-    if (total <= count) {
-        for (index_t i = 0; i < total; ++i) rows.push_back(i);
-        return rows;
-    }
-    for (index_t k = 0; k < count; ++k) rows.push_back(k * (total - 1) / (count - 1));
-    return rows;
-}
 
 // ------------------------------------------------------------------------------------------- steps
 

@@ -34,6 +34,8 @@
 
 #include <compact/compact.hpp>
 
+#include "bench_support.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -57,10 +59,7 @@ namespace {
 using compact::cpu;
 using compact::index_t;
 using compact::op;
-using clock_type = std::chrono::steady_clock;
-
-template <class T>
-using buffer = cpu::buffer<T>;
+using namespace compact_bench;
 
 const compact::adamw_params hyper{1e-3, 0.9, 0.999, 1e-6, 0.01, 1.0};
 
@@ -229,29 +228,6 @@ std::vector<std::pair<index_t, std::string>> suite_ranks(index_t n)
 
 // ------------------------------------------------------------------------------------------ helpers
 
-double seconds_between(clock_type::time_point a, clock_type::time_point b)
-{
-    return std::chrono::duration<double>(b - a).count();
-}
-
-double median(std::vector<double> v)
-{
-    if (v.empty()) return 0;
-    std::sort(v.begin(), v.end());
-    const std::size_t h = v.size() / 2;
-    return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
-}
-
-double minimum(const std::vector<double>& v) { return v.empty() ? 0 : *std::min_element(v.begin(), v.end()); }
-
-/// Median over rounds of a[i] / b[i]: a and b ran back to back in round i.
-double paired_ratio(const std::vector<double>& a, const std::vector<double>& b)
-{
-    std::vector<double> r;
-    for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
-    return median(r);
-}
-
 double as_double(index_t v) { return static_cast<double>(v); }
 std::size_t count_of(index_t rows, index_t cols) { return static_cast<std::size_t>(rows * cols); }
 
@@ -267,18 +243,6 @@ std::string bytes_string(double b)
     if (b >= 1024.0 * 1024.0) return format("%.1f MiB", b / (1024.0 * 1024.0));
     if (b >= 1024.0) return format("%.1f KiB", b / 1024.0);
     return format("%.0f B", b);
-}
-
-std::string cpu_model()
-{
-    std::ifstream f("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(f, line))
-        if (line.rfind("model name", 0) == 0) {
-            const auto colon = line.find(':');
-            if (colon != std::string::npos) return line.substr(line.find_first_not_of(" \t", colon + 1));
-        }
-    return "unknown";
 }
 
 /// The 1-minute load average (Linux), negative when unknown.
@@ -336,25 +300,6 @@ std::string compiler()
 #else
     return "unknown";
 #endif
-}
-
-std::string today()
-{
-    const std::time_t now = std::time(nullptr);
-    char s[64];
-    std::strftime(s, sizeof s, "%Y-%m-%d %H:%M:%S %Z", std::localtime(&now));
-    return s;
-}
-
-template <class T>
-compact::matrix_view<T> view_of(buffer<T>& b, index_t rows, index_t cols)
-{
-    return compact::make_view(b.data(), rows, cols);
-}
-template <class T>
-compact::const_matrix_view<T> view_of(const buffer<T>& b, index_t rows, index_t cols)
-{
-    return compact::make_view(b.data(), rows, cols);
 }
 
 // ------------------------------------------------------------------------------------------ problem
@@ -576,74 +521,6 @@ double rows_error(compact::const_matrix_view<float> got, const std::vector<index
 }
 
 /// Up to `count` rows of [0, total), evenly spread, first and last included.
-std::vector<index_t> sample_rows(index_t total, index_t count)
-{
-    std::vector<index_t> rows;
-    if (total <= count) {
-        for (index_t i = 0; i < total; ++i) rows.push_back(i);
-        return rows;
-    }
-    for (index_t k = 0; k < count; ++k) rows.push_back(k * (total - 1) / (count - 1));
-    return rows;
-}
-
-/// Float64 rows of the products the checks need.
-struct reference {
-    /// Row i of a b^T; a (R, k), b (C, k).
-    static std::vector<double> row_abt(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b,
-                                       index_t i)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.rows));
-        for (index_t j = 0; j < b.rows; ++j) {
-            double s = 0;
-            for (index_t k = 0; k < a.cols; ++k) s += static_cast<double>(a(i, k)) * static_cast<double>(b(j, k));
-            out[static_cast<std::size_t>(j)] = s;
-        }
-        return out;
-    }
-    /// Row i of a b; a (R, k), b (k, C).
-    static std::vector<double> row_ab(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b,
-                                      index_t i)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.cols), 0.0);
-        for (index_t k = 0; k < a.cols; ++k) {
-            const double s = static_cast<double>(a(i, k));
-            for (index_t j = 0; j < b.cols; ++j) out[static_cast<std::size_t>(j)] += s * static_cast<double>(b(k, j));
-        }
-        return out;
-    }
-    /// Row i of a^T b; a (k, R), b (k, C).
-    static std::vector<double> row_atb(compact::const_matrix_view<float> a, compact::const_matrix_view<float> b,
-                                       index_t i)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.cols), 0.0);
-        for (index_t k = 0; k < a.rows; ++k) {
-            const double s = static_cast<double>(a(k, i));
-            for (index_t j = 0; j < b.cols; ++j) out[static_cast<std::size_t>(j)] += s * static_cast<double>(b(k, j));
-        }
-        return out;
-    }
-    /// v b for a row vector v (k) and b (k, C).
-    static std::vector<double> vec_b(const std::vector<double>& v, compact::const_matrix_view<float> b)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.cols), 0.0);
-        for (index_t k = 0; k < b.rows; ++k)
-            for (index_t j = 0; j < b.cols; ++j)
-                out[static_cast<std::size_t>(j)] += v[static_cast<std::size_t>(k)] * static_cast<double>(b(k, j));
-        return out;
-    }
-    /// v b^T for a row vector v (k) and b (C, k).
-    static std::vector<double> vec_bt(const std::vector<double>& v, compact::const_matrix_view<float> b)
-    {
-        std::vector<double> out(static_cast<std::size_t>(b.rows), 0.0);
-        for (index_t j = 0; j < b.rows; ++j) {
-            double s = 0;
-            for (index_t k = 0; k < b.cols; ++k) s += v[static_cast<std::size_t>(k)] * static_cast<double>(b(j, k));
-            out[static_cast<std::size_t>(j)] = s;
-        }
-        return out;
-    }
-};
 
 /// One step of every variant from the initial state, checked against the uncompressed step and float64.
 void check_shape(const cpu::context& ctx, const problem& prob, uncompressed_step& base,
