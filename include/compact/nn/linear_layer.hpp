@@ -175,7 +175,11 @@ public:
                         " rows but the layer was built for max_rows=", options_.max_rows);
         if constexpr (stores_input) {
             const std::size_t need = layer_.saved_bytes(x.rows);
-            if (saved_.size() < need) saved_.assign(need, std::byte{0});
+            if (saved_.size() < need) {
+                rows_ = -1; // the previous forward's encoding goes with the old buffer
+                saved_tensor_ = {};
+                saved_.assign(need, std::byte{0});
+            }
             saved_tensor_.data = saved_.data();
             saved_tensor_.capacity = saved_.size();
             layer_.forward(ctx, x, weight(), bias(), y, saved_tensor_, noise_step());
@@ -225,8 +229,8 @@ public:
 private:
     workspace ws() noexcept { return {workspace_.data(), workspace_.size()}; }
 
-    /// The noise stream of a store's encoding: the update count (below 2^32 by restore_counters' check
-    /// of epochs; wrapped here so a very long run keeps going).
+    /// The noise stream of a store's encoding: the update count, wrapped to the 32 bits the noise
+    /// counter holds.
     std::uint64_t noise_step() const noexcept { return updates_ & 0xFFFFFFFFu; }
 
     /// The identity is never kept: its Z is a copy of X and its update needs no P.
