@@ -135,7 +135,7 @@ changes is worth 0.2-0.4 points here, and most other differences in the table ar
 Resampling often (T = 10) costs a point; the paper's lr 1e-2 with alpha 0.25 (a step of the same
 scale as lr 2.5e-3 with alpha 1) is no better than lr 1e-3 with alpha 1. A first run with a constant
 lr (15 epochs, moments keep) ended at 89.41% uncompressed and 88.74% at n/4, but its test accuracy
-moved by up to 0.9 points from one epoch to the next, which is why these runs decay the lr on a cosine.
+moved by up to a point from one epoch to the next, which is why these runs decay the lr on a cosine.
 
 Memory, read with the table: at batch 128 the saved activations are small next to the weights
 (7.1 MiB, the same in every row), so the peak RSS differences come from what compression shrinks
@@ -146,9 +146,17 @@ row's peak includes the program and the data set (the 60000 training images are 
 Time: compressed rows are slower per epoch here, as SPEC section 2's count predicts for so few rows.
 A step of a compressed layer costs 2·N·n·m + N·r·(n+m) multiply-adds plus m·r·n in the optimizer
 (G_sub·Pᵀ), which does not shrink with N: at N = 128 and r = n/4 it is nearly as large as the rest of
-the step. Regenerating each Gaussian P (n, r) twice per step adds more, most at n/2; the second table
-keeps P instead. The speed-up of SPEC section 2 needs N well above r: see cpu-2026-11-23.md (one
-layer, N = 4096: 0.84x the uncompressed time at n/4).
+the step. Summed over this network (fc1 computes no dX) the count is 2.49x the uncompressed
+multiply-adds at n/2, 1.55x at n/4 and 1.08x at n/8. Regenerating each Gaussian P (n, r) twice per
+step adds more, most at n/2; the second table keeps P, and its ratios follow the count. The speed-up
+of SPEC section 2 needs N well above r: see cpu-2026-11-23.md (one layer, N = 4096: 0.84x the
+uncompressed time at n/4).
+
+The times were taken one configuration after another while other jobs shared the two cores (see the
+load averages above), so the ratios within a table are rough. Measured separately on the same machine
+while it was quiet (load average 0.4, 1 epoch, the same build), an epoch took 8.9 s uncompressed,
+31.6 s at n/2 (3.6x), 19.7 s at n/4 (2.2x) and 13.9 s at n/8 (1.6x); with P kept, 16.9 s at n/4
+(1.9x) and 9.4 s at n/8 (1.07x).
 EOF
   cat <<EOF
 
