@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates bench/results/fashion_mnist.md and bench/results/fashion_mnist.png: trains
-# examples/fashion_mnist's four configurations for the full number of epochs, then times the compressed
-# ones again with their projections kept (--keep-projection, 2 epochs), and writes the tables, the per-epoch
+# examples/fashion_mnist's six configurations (uncompressed, three projection ranks, ALAM and GACT stores)
+# for the full number of epochs, then times the projection ones again with their projections kept
+# (--keep-projection, 2 epochs), and writes the tables, the per-epoch
 # curves, the plot and the check of the targets. Installs the data set and gnuplot-nox with the build
 # dependencies. Training is deterministic (same seed, any thread count): only the times change between
-# runs. Takes about 15 minutes on an idle 2-core machine.
+# runs. Takes about 25 minutes on an idle 2-core machine.
 #   bash bench/run_fashion_mnist.sh [EPOCHS]      (default 10)
 # COMPACT_BUILD_DIR=DIR builds there (Release) instead of the release preset's build/release.
 set -euo pipefail
@@ -24,7 +25,7 @@ export OMP_WAIT_POLICY=passive
 epochs=${1:-10}
 threads=2
 flags=(--epochs "$epochs" --batch 128 --threads "$threads")
-kept_flags=(--epochs 2 --batch 128 --threads "$threads" --keep-projection)
+kept_flags=(--epochs 2 --batch 128 --threads "$threads" --keep-projection --configs full,n/2,n/4,n/8)
 program=$build/examples/fashion_mnist
 results=bench/results
 work=$(mktemp -d)
@@ -46,6 +47,10 @@ final_accuracy() {
 full=$(final_accuracy full)
 quarter=$(final_accuracy n/4)
 gap=$(awk -v f="$full" -v q="$quarter" 'BEGIN { printf "%.2f", f - q }')
+alam=$(final_accuracy alam)
+gact=$(final_accuracy gact)
+alam_gap=$(awk -v f="$full" -v q="$alam" 'BEGIN { printf "%.2f", f - q }')
+gact_gap=$(awk -v f="$full" -v q="$gact" 'BEGIN { printf "%.2f", f - q }')
 # "met" when $1 <= $2 numerically, else "missed by" the difference.
 at_most() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 <= b + 0) print "met"; else printf "missed by %.2f points", a - b }'; }
 full_target=$(at_most 88 "$full")
@@ -106,6 +111,11 @@ EOF
   the layers' Z is $(z_ratio n/2), $(z_ratio n/4) and $(z_ratio n/8) of the uncompressed bytes at n/2, n/4 and n/8, exactly, as
   the per-layer lines above show (Z1, Z2, Z3 at batch 128). With the two 1-bit ReLU masks included,
   which compression does not touch, the totals shrink slightly less.
+- quantized stores (no target of their own; for comparison): ALAM at a 1-bit budget ${alam}% (${alam_gap}
+  points below uncompressed), GACT at 4 bits ${gact}% (${gact_gap} points below), with the layers' saved
+  inputs at $(z_ratio alam) and $(z_ratio gact) of the uncompressed bytes, metadata included. Their weight
+  gradient is the full dY^T X^ and their optimizer plain AdamW (state as uncompressed): what they save
+  is the activation only.
 
 EOF
   cat <<EOF

@@ -10,6 +10,12 @@
 //   full  rank::full: r = n with P = I, exactly the uncompressed layers and plain AdamW;
 //   n/2, n/4, n/8  rank::ratio<1, k>: every layer keeps Z = X P (N, n/k) for backward instead of its
 //         input X (N, n), and AdamW runs in that (n/k)-dimensional subspace (SPEC sections 2-3).
+//   alam  the quantized policy: each layer keeps its input X in an activation store, with bit widths
+//         chosen by ALAM's allocator: a budget of 1 bit per value on average, the ladder 8, 4, 2, 1 bits
+//         (groups of 128) and average quantization (0.5 bit), sensitivities from GradNormVar probes at
+//         step 0 and at 10% of the run (SPEC section 5). The weight gradient is the full dY^T X^.
+//   gact  the same with GACT's allocator: a budget of 4 bits per value, the ladder 8, 4, 2, 1 bits in
+//         groups of 256 and no averaging, sensitivities from probes of the flat gradient every 1000 steps.
 // Each configuration trains in a forked child process, so that the peak resident memory reported for it
 // (the child's ru_maxrss, from wait4) is its own; the child sends its figures back through a pipe.
 //
@@ -24,6 +30,12 @@
 // and 2049 (labels), 28x28 images, 60000 training and 10000 test items, labels below 10. Pixels are
 // scaled to [0, 1] and standardised with the training set's mean and standard deviation.
 //
+// For alam and gact the table's "ranks" column shows each layer's store (int4/g256: 4-bit codes in
+// groups of 256; aq/g128: average quantization) as allocated at the end of the run, and the saved bytes
+// are those of that allocation (codes and per-group metadata). A probe reruns forward and backward on
+// the step's batch with one store changed and no optimizer step (9 reruns per estimate); the probes are
+// included in the epoch's time.
+//
 // Hyper-parameters: see `configurations` below, where each row's recipe is set and explained. The
 // learning rate follows a cosine from its peak to 0 over the run (--constant-lr keeps it flat).
 //
@@ -34,7 +46,7 @@
 // updates it lasts (n r more floats per layer). What compression saves is memory.
 //
 // Usage: fashion_mnist [--epochs E] [--batch N] [--threads T] [--train-limit K] [--test-limit K]
-//                      [--configs full,n/2,n/4,n/8] [--lr X] [--alpha A] [--gap T]
+//                      [--configs full,n/2,n/4,n/8,alam,gact] [--lr X] [--alpha A] [--gap T]
 //                      [--moments keep|reset|transfer] [--keep-projection] [--constant-lr] [--hidden H]
 //                      [--seed S] [--data DIR] [--curves FILE] [--markdown] [--smoke]
 //   --epochs E       passes over the training set (default 2)
@@ -55,8 +67,9 @@
 //   --markdown       print the table as Markdown
 //   --smoke          8 steps per configuration on a slice of the data (or on generated IDX files when
 //                    the package is absent), hidden width 256, one thread; checks that the IDX reader
-//                    rejects corrupt headers, that the test loss falls, and that each layer's saved
-//                    bytes shrink by exactly n/r
+//                    rejects corrupt headers, that the test loss falls, that each projected layer's
+//                    saved bytes shrink by exactly n/r, and that each store's bytes are what its
+//                    allocated scheme stores, within the allocator's budget
 #include <compact/compact.hpp>
 
 #include <algorithm>
@@ -338,7 +351,13 @@ struct run_summary {
     std::uint64_t mask_bytes = 0;                               // the two ReLU masks, 1 bit per unit
     std::uint64_t state_bytes = 0;                              // optimizer moments of all parameters
     std::uint64_t projection_bytes = 0;                         // kept P of all layers (--keep-projection)
+    index_t rows = 0;                                           // N of saved_layer_bytes: the batch
     bool projected = true; // saved bytes are N r values per layer (SPEC section 2): --smoke checks n/r
+    // Quantized stores (projected false): each layer's scheme at the end of the run, the allocator's
+    // budget in bits per value (nominal: metadata not charged) and how many allocations it made.
+    std::array<compact::store_scheme, layer_count> schemes{};
+    double budget_bits = 0;
+    int allocations = 0;
     recipe used{};
     int epochs = 0; // epoch_records that follow: epochs + 1 (epoch 0 first)
 };
@@ -356,6 +375,18 @@ std::uint64_t saved_activation_bytes(const run_summary& s)
     std::uint64_t total = s.mask_bytes;
     for (std::uint64_t b : s.saved_layer_bytes) total += b;
     return total;
+}
+
+// The stores' mean nominal bits per value (what an allocation budget charges) over a full batch.
+double nominal_bits_per_value(const run_summary& m)
+{
+    double bits = 0, values = 0;
+    for (std::size_t l = 0; l < m.schemes.size(); ++l) {
+        const auto count = static_cast<double>(m.rows * m.in[l]);
+        bits += compact::nominal_bits<float>(m.schemes[l]) * count;
+        values += count;
+    }
+    return bits / values;
 }
 
 // Progress: a bar on a terminal, otherwise one line per epoch; both on stderr.
@@ -466,17 +497,17 @@ std::vector<index_t> shuffled(index_t count, std::uint64_t seed, int epoch)
     return order;
 }
 
-// Training one configuration: the three layers share the rank policy.
+// Training one configuration: the three layers share the policy (a rank policy, or compact::quantized).
 
 template <class Policy>
 class mlp {
 public:
     using layer = compact::linear_layer<float, Policy, compact::cpu>;
 
-    mlp(const settings& s, const recipe& r)
-        : fc1_(pixels, s.hidden, options(s, r, 1)),
-          fc2_(s.hidden, s.hidden, options(s, r, 2)),
-          fc3_(s.hidden, classes, options(s, r, 3)),
+    mlp(const settings& s, const recipe& r, Policy policy = {})
+        : fc1_(pixels, s.hidden, options(s, r, 1), policy),
+          fc2_(s.hidden, s.hidden, options(s, r, 2), policy),
+          fc3_(s.hidden, classes, options(s, r, 3), policy),
           x_(static_cast<std::size_t>(s.batch * pixels)),
           h1_(static_cast<std::size_t>(s.batch * s.hidden)),
           h2_(h1_.size()),
@@ -493,9 +524,9 @@ public:
         init_uniform(fc3_, s.seed, 14);
     }
 
-    // One update on X (N, 784) and labels (N); N <= batch. Returns the batch's summed loss and hits.
-    score train_step(const compact::cpu::context& ctx, const compact::adamw_params& hyper, index_t rows,
-                     const std::vector<int>& labels)
+    // Forward and backward on X (N, 784) and labels (N), N <= batch, leaving the gradients in the
+    // layers. Returns the batch's summed loss and hits.
+    score forward_backward(const compact::cpu::context& ctx, index_t rows, const std::vector<int>& labels)
     {
         const auto x = buffer(x_, rows, pixels);
         const auto h1 = buffer(h1_, rows, fc1_.out()), h2 = buffer(h2_, rows, fc2_.out());
@@ -512,13 +543,28 @@ public:
         fc2_.backward(ctx, dh2, dh1);
         relu_backward(ctx, mask1_, dh1);
         fc1_.backward(ctx, dh1, {}); // the input needs no gradient
-        fc1_.step(ctx, hyper);
-        fc2_.step(ctx, hyper);
-        fc3_.step(ctx, hyper);
         return s;
     }
 
-    // The input buffer X (rows, 784) of the next train_step.
+    void step(const compact::cpu::context& ctx, const compact::adamw_params& hyper)
+    {
+        for (layer* l : layers()) l->step(ctx, hyper);
+    }
+
+    // A sensitivity probe: every parameter gradient of the last backward, in a fixed order; then the
+    // gradients are dropped, so that the probe's backward never reaches the optimizer.
+    void probe_gradients(compact::gradient_probe& probe)
+    {
+        for (layer* l : layers()) {
+            probe.add(l->gradient());
+            probe.add(l->bias_gradient(), static_cast<std::size_t>(l->out()));
+            l->discard_gradient();
+        }
+    }
+
+    std::array<layer*, layer_count> layers() noexcept { return {&fc1_, &fc2_, &fc3_}; }
+
+    // The input buffer X (rows, 784) of the next forward_backward.
     compact::matrix_view<float> input(index_t rows) { return buffer(x_, rows, pixels); }
 
     // Inference keeps nothing for backward: the layers' plain forward (no Z), in chunks of `batch` rows
@@ -560,7 +606,13 @@ public:
             out.projection_bytes += layers[i]->projection_bytes();
         }
         out.mask_bytes = (mask1_.size() + mask2_.size()) * sizeof(std::uint8_t);
+        out.rows = batch;
         out.used = r;
+        if constexpr (layer::stores_input) {
+            out.projected = false;
+            for (int l = 0; l < layer_count; ++l)
+                out.schemes[static_cast<std::size_t>(l)] = layers[static_cast<std::size_t>(l)]->scheme();
+        }
         return out;
     }
 
@@ -604,13 +656,13 @@ private:
     std::vector<std::uint8_t> mask1_, mask2_; // (batch * hidden) bits: H > 0, kept for backward
 };
 
-// Trains one configuration for s.epochs; returns its summary and per-epoch curve (epoch 0 first).
-template <class Policy>
-std::pair<run_summary, std::vector<epoch_record>> train_mlp(const std::string& name, const settings& s,
-                                                            const data_set& d, const recipe& r)
+// Trains `model` for s.epochs; returns its per-epoch curve (epoch 0 first). before_step(ctx, global
+// step, rows, labels) runs after each batch is gathered and before its training step.
+template <class Model, class BeforeStep>
+std::vector<epoch_record> train(Model& model, const std::string& name, const settings& s, const data_set& d,
+                                const recipe& r, BeforeStep&& before_step)
 {
     const compact::cpu::context ctx{s.threads};
-    mlp<Policy> model(s, r);
     compact::adamw_params hyper;
     hyper.lr = r.lr;
     hyper.alpha = r.alpha; // W -= lr alpha N P^T in the subspace; biases get plain AdamW at lr
@@ -643,7 +695,11 @@ std::pair<run_summary, std::vector<epoch_record>> train_mlp(const std::string& n
                 const double done = static_cast<double>((epoch - 1) * steps + step) / total_steps;
                 hyper.lr = r.lr * 0.5 * (1.0 + std::cos(3.14159265358979323846 * done));
             }
-            const score b = model.train_step(ctx, hyper, rows, labels);
+            before_step(ctx, static_cast<std::uint64_t>(epoch - 1) * static_cast<std::uint64_t>(steps) +
+                                 static_cast<std::uint64_t>(step),
+                        rows, labels);
+            const score b = model.forward_backward(ctx, rows, labels);
+            model.step(ctx, hyper);
             loss += b.loss;
             correct += b.correct;
             bar.step(epoch, step + 1, loss / static_cast<double>(first + rows), start);
@@ -656,7 +712,73 @@ std::pair<run_summary, std::vector<epoch_record>> train_mlp(const std::string& n
         curve.push_back(e);
         bar.epoch_done(epoch, e);
     }
-    return {model.summary(s.batch, r), curve};
+    return curve;
+}
+
+// A projection configuration: the three layers share the rank policy.
+template <class Policy>
+std::pair<run_summary, std::vector<epoch_record>> train_mlp(const std::string& name, const settings& s,
+                                                            const data_set& d, const recipe& r)
+{
+    mlp<Policy> model(s, r);
+    auto curve = train(model, name, s, d, r, [](const compact::cpu::context&, std::uint64_t, index_t,
+                                                const std::vector<int>&) {});
+    return {model.summary(s.batch, r), std::move(curve)};
+}
+
+// The bit allocators of the quantized configurations (SPEC section 5).
+struct alam_allocator {
+    static compact::bit_allocator make(std::uint64_t total_steps)
+    {
+        compact::allocation_options o;
+        o.average_bits = 1;
+        o.group = 128;
+        o.average_rung = true;
+        o.average_group = 128;
+        return {o, compact::sensitivity_method::grad_norm_var,
+                compact::allocation_schedule::start_and_fraction(total_steps, 0.1)};
+    }
+};
+
+struct gact_allocator {
+    static compact::bit_allocator make(std::uint64_t)
+    {
+        compact::allocation_options o;
+        o.average_bits = 4;
+        o.group = 256;
+        o.average_rung = false;
+        return {o, compact::sensitivity_method::gact, compact::allocation_schedule::every(1000)};
+    }
+};
+
+// A quantized configuration: each layer keeps X in an activation store whose scheme the allocator sets
+// at its scheduled steps, from probes that rerun forward and backward on the step's batch.
+template <class Allocator>
+std::pair<run_summary, std::vector<epoch_record>> train_quantized(const std::string& name, const settings& s,
+                                                                  const data_set& d, const recipe& r)
+{
+    // The stores start at 8 bits, the widest quantized rung, so that an allocation never has to grow
+    // the saved buffers (which linear_layer would do at the next forward).
+    const compact::quantized policy{compact::store_scheme::quantized(8, 128)};
+    mlp<compact::quantized> model(s, r, policy);
+    const index_t steps = (d.train.count + s.batch - 1) / s.batch;
+    compact::bit_allocator allocator = Allocator::make(static_cast<std::uint64_t>(steps) * static_cast<std::uint64_t>(s.epochs));
+    // D_l: the values each store holds per full batch.
+    for (auto* l : model.layers()) allocator.add(l->settings(), s.batch * l->in());
+    int allocations = 0;
+    auto curve = train(model, name, s, d, r,
+                       [&](const compact::cpu::context& ctx, std::uint64_t step, index_t rows,
+                           const std::vector<int>& labels) {
+                           const bool changed = allocator.update(step, [&](compact::gradient_probe& probe) {
+                               model.forward_backward(ctx, rows, labels);
+                               model.probe_gradients(probe);
+                           });
+                           allocations += changed ? 1 : 0;
+                       });
+    run_summary summary = model.summary(s.batch, r);
+    summary.budget_bits = allocator.options().average_bits;
+    summary.allocations = allocations;
+    return {summary, std::move(curve)};
 }
 
 // The configurations. A row is a name, a runner and a recipe; a new kind of layer (a quantized
@@ -691,6 +813,10 @@ const std::vector<configuration>& configurations()
         {"n/2", &train_mlp<compact::rank::ratio<1, 2>>, compressed_recipe, true},
         {"n/4", &train_mlp<compact::rank::ratio<1, 4>>, compressed_recipe, true},
         {"n/8", &train_mlp<compact::rank::ratio<1, 8>>, compressed_recipe, true},
+        // Each layer keeps X quantized, at the widths an allocator chooses; plain AdamW on the full
+        // gradient dY^T X^, at the uncompressed lr.
+        {"alam", &train_quantized<alam_allocator>, uncompressed_recipe, false},
+        {"gact", &train_quantized<gact_allocator>, uncompressed_recipe, false},
     };
     return all;
 }
@@ -810,7 +936,7 @@ double seconds_per_epoch(const run_result& r)
 
 void print_table(const settings& s, const data_set& d, const std::vector<run_result>& runs, long parent_rss_kib)
 {
-    const std::vector<std::string> head{"config",          "ranks (fc1, fc2, fc3)", "test acc", "test loss",
+    const std::vector<std::string> head{"config",          "ranks or stores (fc1, fc2, fc3)", "test acc", "test loss",
                                         "saved activations/step", "vs full", "optimizer state", "peak RSS",
                                         "time/epoch"};
     std::vector<std::vector<std::string>> rows;
@@ -825,8 +951,10 @@ void print_table(const settings& s, const data_set& d, const std::vector<run_res
         const run_summary& m = r.summary;
         const epoch_record& last = r.curve.back();
         const double seconds = seconds_per_epoch(r);
-        const std::string ranks =
-            std::to_string(m.rank[0]) + ", " + std::to_string(m.rank[1]) + ", " + std::to_string(m.rank[2]);
+        const std::string ranks = m.projected ? std::to_string(m.rank[0]) + ", " + std::to_string(m.rank[1]) + ", " +
+                                                    std::to_string(m.rank[2])
+                                              : compact::to_string(m.schemes[0]) + ", " + compact::to_string(m.schemes[1]) +
+                                                    ", " + compact::to_string(m.schemes[2]);
         const std::uint64_t saved = saved_activation_bytes(m);
         std::string share = "-";
         if (base) {
@@ -872,6 +1000,16 @@ void print_table(const settings& s, const data_set& d, const std::vector<run_res
     for (const run_result& r : runs) {
         if (!r.ok) continue;
         const run_summary& m = r.summary;
+        if (!m.projected) {
+            std::printf("%s%-4s saved per step: X1 %s + X2 %s + X3 %s (stores %s, %s, %s: %.3f nominal bits per value "
+                        "against a budget of %g, %d allocation%s) + ReLU masks %s; lr %g, plain AdamW\n",
+                        s.markdown ? "- " : "", r.name.c_str(), kib(m.saved_layer_bytes[0]).c_str(),
+                        kib(m.saved_layer_bytes[1]).c_str(), kib(m.saved_layer_bytes[2]).c_str(),
+                        compact::to_string(m.schemes[0]).c_str(), compact::to_string(m.schemes[1]).c_str(),
+                        compact::to_string(m.schemes[2]).c_str(), nominal_bits_per_value(m), m.budget_bits, m.allocations,
+                        m.allocations == 1 ? "" : "s", kib(m.mask_bytes).c_str(), m.used.lr);
+            continue;
+        }
         std::printf("%s%-4s saved per step: Z1 %s + Z2 %s + Z3 %s + ReLU masks %s; layer ranks n/r = %.0f, %.0f, %.0f; "
                     "lr %g, alpha %g, T %llu, moments %s%s\n",
                     s.markdown ? "- " : "", r.name.c_str(), kib(m.saved_layer_bytes[0]).c_str(),
@@ -883,7 +1021,7 @@ void print_table(const settings& s, const data_set& d, const std::vector<run_res
                     m.projection_bytes ? ("; P kept: " + mib(m.projection_bytes)).c_str() : "");
     }
     std::printf("\n%sSaved activations: what backward reads, per step of %lld rows: the layers' saved_bytes (Z; X itself "
-                "for full) and two 1-bit ReLU masks. Optimizer state: AdamW moments of weights and biases. Peak RSS: "
+                "for full; X's encoding for alam and gact) and two 1-bit ReLU masks. Optimizer state: AdamW moments of weights and biases. Peak RSS: "
                 "the configuration's child process (wait4 ru_maxrss), including the %.1f MiB the program and the data "
                 "set held when it was forked. Time/epoch: training only, evaluation excluded.\n",
                 s.markdown ? "" : "", static_cast<long long>(s.batch), static_cast<double>(parent_rss_kib) / 1024.0);
@@ -1008,6 +1146,26 @@ bool check_runs(const std::vector<run_result>& runs)
         const bool falls = after < before;
         std::printf("  %-4s test loss %.4f -> %.4f: %s\n", r.name.c_str(), before, after, falls ? "falls" : "FAILED to fall");
         ok = ok && falls;
+    }
+    // A store keeps exactly what its scheme stores for a full batch, and the allocation fits its budget.
+    for (const run_result& r : runs) {
+        if (!r.ok || r.summary.projected) continue;
+        const run_summary& m = r.summary;
+        for (std::size_t l = 0; l < m.schemes.size(); ++l) {
+            const index_t count = m.rows * m.in[l];
+            const std::size_t expected = compact::stored_bytes<float>(m.schemes[l], count);
+            const bool exact = m.saved_layer_bytes[l] == expected;
+            std::printf("  %-4s fc%zu store %s keeps %llu bytes for %lld values: %s\n", r.name.c_str(), l + 1,
+                        compact::to_string(m.schemes[l]).c_str(), static_cast<unsigned long long>(m.saved_layer_bytes[l]),
+                        static_cast<long long>(count), exact ? "as its scheme stores" : "MISMATCH");
+            ok = ok && exact;
+        }
+        const double bits = nominal_bits_per_value(m);
+        const bool within = m.allocations >= 1 && bits <= m.budget_bits;
+        std::printf("  %-4s %d allocation%s, %.3f nominal bits per value against a budget of %g: %s\n", r.name.c_str(),
+                    m.allocations, m.allocations == 1 ? "" : "s", bits, m.budget_bits,
+                    within ? "within" : "FAILED");
+        ok = ok && within;
     }
     if (!base) return ok;
     for (const run_result& r : runs) {
@@ -1156,7 +1314,7 @@ int main(int argc, char** argv)
     for (const std::string& name : s.configs) {
         const auto& all = configurations();
         if (std::none_of(all.begin(), all.end(), [&](const configuration& c) { return name == c.name; }))
-            return usage(argv[0], "unknown configuration '" + name + "' in --configs (known: full, n/2, n/4, n/8)");
+            return usage(argv[0], "unknown configuration '" + name + "' in --configs (known: full, n/2, n/4, n/8, alam, gact)");
     }
     // The smoke run: one short epoch on a slice, on one thread (CI runs tests side by side).
     if (s.smoke) {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 using compact::index_t;
@@ -81,10 +82,14 @@ TEST_CASE("the allocation follows the continuous optimum to within one ladder st
 {
     // Synthetic sensitivities C_l = D_l 4^{k_l} with spread exponents: the continuous optimum is
     // b_l = b_avg + (k_l - mean k) (weighted by D). The allocated rung must lie within one rung of the two
-    // rungs that bracket b_l (clamped to the ladder).
+    // rungs that bracket b_l (clamped to the ladder's top). A b_l below the ladder's bottom is no target:
+    // the budget such a tensor cannot give up goes to the others, and the improvement may spend leftover
+    // budget on it (its 1-bit codes are the model's largest variance per bit), so those tensors are not
+    // checked. The improvement may also lift a small tensor further when that lowers the model's total
+    // (the continuous solution approximates 1/(2^b - 1)^2 by 4^-b); at most 1% of tensors may sit higher.
     const std::vector<double> ladder_bits = {32, 8, 4, 2, 1};
     auto rng = compact_test::make_rng(3);
-    int checked = 0;
+    int checked = 0, higher = 0;
     for (int trial = 0; trial < 300; ++trial) {
         const std::size_t L = 4 + rng() % 20;
         std::vector<double> c(L);
@@ -99,18 +104,89 @@ TEST_CASE("the allocation follows the continuous optimum to within one ladder st
         const compact::bit_allocation a = compact::allocate_bits(c, d, o);
         const std::vector<double> b = compact::continuous_bits(c, d, o.average_bits);
         for (std::size_t l = 0; l < L; ++l) {
-            const double target = std::clamp(b[l], 1.0, 32.0);
+            if (b[l] < 1.0) continue;
+            const double target = std::min(b[l], 32.0);
             std::size_t upper = 0; // the lowest rung with bits >= target
             while (upper + 1 < ladder_bits.size() && ladder_bits[upper + 1] >= target) ++upper;
             const std::size_t lower = ladder_bits[upper] == target ? upper : std::min(upper + 1, ladder_bits.size() - 1);
             CAPTURE(trial);
             CAPTURE(b[l]);
-            CHECK(a.rung[l] + 1 >= upper);
+            higher += a.rung[l] + 1 < upper ? 1 : 0;
             CHECK(a.rung[l] <= lower + 1);
             ++checked;
         }
     }
     CHECK(checked > 1000);
+    MESSAGE(higher, " of ", checked, " tensors more than one rung above the continuous optimum");
+    CHECK(higher * 100 <= checked);
+}
+
+TEST_CASE("the allocation is close to the exact optimum of the ladder problem")
+{
+    // Exhaustive search over every assignment of rungs to up to 6 tensors (6^6 assignments) gives the
+    // optimum of the variance model under the budget; the greedy result must fit the budget and stay
+    // within a small factor of it on most instances.
+    auto rng = compact_test::make_rng(11);
+    std::vector<double> ratios;
+    for (int trial = 0; trial < 200; ++trial) {
+        const std::size_t L = 2 + rng() % 5;
+        std::vector<double> c(L);
+        std::vector<index_t> d(L);
+        for (std::size_t l = 0; l < L; ++l) {
+            d[l] = static_cast<index_t>(100 + rng() % 5000);
+            c[l] = static_cast<double>(d[l]) * std::pow(4.0, compact_test::uniform(rng, -3, 3));
+        }
+        compact::allocation_options o;
+        o.average_rung = trial % 2 == 0;
+        o.average_bits = compact_test::uniform(rng, o.average_rung ? 0.5 : 1.0, 6);
+        const auto ladder = compact::allocation_ladder(o);
+        double total = 0;
+        for (index_t v : d) total += static_cast<double>(v);
+        double best = std::numeric_limits<double>::infinity();
+        std::vector<std::size_t> pick(L, 0);
+        for (;;) {
+            double bits = 0, variance = 0;
+            for (std::size_t l = 0; l < L; ++l) {
+                bits += ladder[pick[l]].budget_bits * static_cast<double>(d[l]);
+                variance += c[l] * ladder[pick[l]].variance;
+            }
+            if (bits <= o.average_bits * total * (1 + 1e-12)) best = std::min(best, variance);
+            std::size_t k = 0;
+            while (k < L && ++pick[k] == ladder.size()) pick[k++] = 0;
+            if (k == L) break;
+        }
+        const compact::bit_allocation a = compact::allocate_bits(c, d, o);
+        CAPTURE(trial);
+        CHECK(charged_bits(a, d) <= o.average_bits * (1 + 1e-9));
+        REQUIRE(std::isfinite(best));
+        CHECK(a.variance >= best * (1 - 1e-12));
+        const double ratio = best > 0 ? a.variance / best : (a.variance == 0 ? 1.0 : 1e9);
+        ratios.push_back(ratio);
+    }
+    std::sort(ratios.begin(), ratios.end());
+    const double median = ratios[ratios.size() / 2], p95 = ratios[ratios.size() * 95 / 100], worst = ratios.back();
+    MESSAGE("variance over the exact optimum: median ", median, ", 95th percentile ", p95, ", largest ", worst);
+    CHECK(median < 1.01);
+    // Observed with this seed: median 1, 95th percentile 1.57, largest 2.82 (greedy on a knapsack with
+    // two to six items; the descent alone, without the improvement, reaches 3.8).
+    CHECK(p95 < 1.7);
+    CHECK(worst < 3.0);
+}
+
+TEST_CASE("three tensors of similar size at a 1-bit budget use the budget (ALAM's setting)")
+{
+    // The descent alone takes all three to average quantization (0.5 bit); the fill spends the rest.
+    const std::vector<index_t> d = {100352, 131072, 131072};
+    const std::vector<double> c = {3.0, 1.0, 2.0};
+    compact::allocation_options o;
+    o.average_bits = 1;
+    o.group = 128;
+    const auto a = compact::allocate_bits(c, d, o);
+    CHECK(charged_bits(a, d) <= 1.0);
+    CHECK(charged_bits(a, d) > 0.9);
+    CHECK(a.schemes[0] == store_scheme::quantized(2, 128));
+    CHECK(a.schemes[1].kind == compact::store_kind::average);
+    CHECK(a.schemes[2].kind == compact::store_kind::average);
 }
 
 TEST_CASE("average quantization takes the least sensitive tensors below 1 bit, leaving bits for the sensitive ones")
