@@ -127,7 +127,7 @@ struct snapshot {
     using scalar = typename Layer::layer_type::scalar_type;
     using state = std::remove_reference_t<decltype(*std::declval<Layer&>().first_moment().data)>;
     std::vector<scalar> weight, bias;
-    std::vector<state> m, v, bias_m, bias_v;
+    std::vector<state> m, v, bias_m, bias_v, master, master_bias;
     compact::adam_counters counters{}, bias_counters{};
     std::uint64_t updates = 0;
 
@@ -138,6 +138,8 @@ struct snapshot {
           v(copy_of<state>(layer.second_moment())),
           bias_m(copy_of<state>(layer.bias_first_moment(), layer.out())),
           bias_v(copy_of<state>(layer.bias_second_moment(), layer.out())),
+          master(copy_of<state>(layer.master_weight())),
+          master_bias(copy_of<state>(layer.master_bias(), layer.out())),
           counters(layer.counters()),
           bias_counters(layer.bias_counters()),
           updates(layer.updates())
@@ -147,7 +149,8 @@ struct snapshot {
     bool operator==(const snapshot& o) const
     {
         return bit_equal(weight, o.weight) && bit_equal(bias, o.bias) && bit_equal(m, o.m) && bit_equal(v, o.v) &&
-               bit_equal(bias_m, o.bias_m) && bit_equal(bias_v, o.bias_v) && counters.step == o.counters.step &&
+               bit_equal(bias_m, o.bias_m) && bit_equal(bias_v, o.bias_v) && bit_equal(master, o.master) &&
+               bit_equal(master_bias, o.master_bias) && counters.step == o.counters.step &&
                counters.epoch == o.counters.epoch && bias_counters.step == o.bias_counters.step &&
                bias_counters.epoch == o.bias_counters.epoch && updates == o.updates;
     }
@@ -979,4 +982,124 @@ TEST_CASE("a layer with a quantized store resumes bit for bit, scheme included; 
     CHECK(has(message, "average quantization uses 2-bit codes, got bits=3"));
     CHECK(target.scheme() == start.scheme);
     CHECK(target.updates() == 0);
+}
+
+// ==================================================================================== master weights
+
+TEST_CASE("a layer with master weights resumes bit for bit, master copies included")
+{
+    using layer_type = ratio_layer<float, double>;
+    scratch_dir dir;
+    const teacher_problem<float> problem(16, 24, 10);
+    using compact::moment_policy;
+    for (const auto policy : {moment_policy::keep, moment_policy::transfer})
+        for (const bool keep_projection : {false, true}) {
+            CAPTURE(compact::to_string(policy));
+            CAPTURE(keep_projection);
+            auto options = options_for(policy, keep_projection, 7, problem.rows / 2);
+            options.master_weights = true;
+            layer_type straight(problem.n, problem.m, options);
+            initialise(straight, 1);
+            train(straight, problem, 0, 100);
+
+            const auto path = dir.file("master.ckpt");
+            {
+                layer_type first(problem.n, problem.m, options);
+                initialise(first, 1);
+                train(first, problem, 0, 40);
+                compact::save_checkpoint(path, first);
+                const auto r = compact::checkpoint_reader::read_file(path);
+                CHECK(r.contains("layers/0/master_weight"));
+                CHECK(r.contains("layers/0/master_bias"));
+            }
+            layer_type resumed(problem.n, problem.m, options);
+            initialise(resumed, 99);
+            train(resumed, problem, 500, 503); // a master of its own, replaced by the loaded one
+            compact::load_checkpoint(path, resumed);
+            CHECK(resumed.master_valid());
+            train(resumed, problem, 40, 100);
+            CHECK(snap(resumed) == snap(straight));
+        }
+}
+
+TEST_CASE("master weights and older checkpoints: missing master taken from W, extra master refused, "
+          "saved before the first step")
+{
+    scratch_dir dir;
+    const teacher_problem<float> problem(16, 24, 10);
+    auto plain_options = options_for(compact::moment_policy::keep, false, 7, 8);
+    auto master_options = plain_options;
+    master_options.master_weights = true;
+    using layer_type = ratio_layer<float, double>;
+
+    SUBCASE("a checkpoint without master sections loads into a layer with master weights")
+    {
+        layer_type plain(problem.n, problem.m, plain_options);
+        initialise(plain, 1);
+        train(plain, problem, 0, 20);
+        compact::save_checkpoint(dir.file("plain.ckpt"), plain);
+        CHECK_FALSE(compact::checkpoint_reader::read_file(dir.file("plain.ckpt")).contains("layers/0/master_weight"));
+
+        layer_type lazy(problem.n, problem.m, master_options), explicit_sync(problem.n, problem.m, master_options);
+        initialise(lazy, 5);
+        train(lazy, problem, 0, 3);
+        compact::load_checkpoint(dir.file("plain.ckpt"), lazy);
+        compact::load_checkpoint(dir.file("plain.ckpt"), explicit_sync);
+        CHECK_FALSE(lazy.master_valid()); // its own master is stale: the next step takes W and b
+        explicit_sync.sync_master({});
+        CHECK(explicit_sync.master_valid());
+        const auto w = copy_of<float>(explicit_sync.weight());
+        const auto master = copy_of<double>(explicit_sync.master_weight());
+        bool widened = true;
+        for (std::size_t i = 0; i < w.size(); ++i) widened = widened && master[i] == static_cast<double>(w[i]);
+        CHECK(widened);
+        train(lazy, problem, 20, 30);
+        train(explicit_sync, problem, 20, 30);
+        CHECK(lazy.master_valid());
+        CHECK(snap(lazy) == snap(explicit_sync));
+    }
+    SUBCASE("a checkpoint with master sections is refused by a layer without master weights")
+    {
+        layer_type with_master(problem.n, problem.m, master_options);
+        initialise(with_master, 1);
+        train(with_master, problem, 0, 5);
+        compact::save_checkpoint(dir.file("master.ckpt"), with_master);
+        layer_type plain(problem.n, problem.m, plain_options);
+        initialise(plain, 2);
+        const auto before = snap(plain);
+        const std::string message = error_of([&] { compact::load_checkpoint(dir.file("master.ckpt"), plain); });
+        CHECK(has(message, "section 'layers/0/master_weight' holds master weights but the layer was built without "
+                           "options.master_weights"));
+        CHECK(snap(plain) == before);
+    }
+    SUBCASE("saved before its first step, a layer with master weights writes none and resumes bit for bit")
+    {
+        layer_type straight(problem.n, problem.m, master_options), saved(problem.n, problem.m, master_options),
+            resumed(problem.n, problem.m, master_options);
+        initialise(straight, 3);
+        initialise(saved, 3);
+        train(straight, problem, 0, 15);
+        CHECK_FALSE(saved.master_valid());
+        compact::save_checkpoint(dir.file("early.ckpt"), saved);
+        CHECK_FALSE(compact::checkpoint_reader::read_file(dir.file("early.ckpt")).contains("layers/0/master_weight"));
+        compact::load_checkpoint(dir.file("early.ckpt"), resumed);
+        train(resumed, problem, 0, 15);
+        CHECK(snap(resumed) == snap(straight));
+    }
+    SUBCASE("with weight_storage::caller the master copies are still saved")
+    {
+        layer_type layer(problem.n, problem.m, master_options);
+        initialise(layer, 4);
+        train(layer, problem, 0, 2);
+        compact::checkpoint_writer w;
+        compact::save_state(w, "x", layer, compact::weight_storage::caller);
+        const compact::checkpoint_reader r(w.bytes());
+        CHECK_FALSE(r.contains("x/weight"));
+        CHECK(r.contains("x/master_weight"));
+        CHECK(r.contains("x/master_bias"));
+        layer_type target(problem.n, problem.m, master_options);
+        compact::load_state(r, "x", target, compact::weight_storage::caller);
+        CHECK(target.master_valid());
+        CHECK(bit_equal(copy_of<double>(target.master_weight()), copy_of<double>(layer.master_weight())));
+    }
 }

@@ -641,3 +641,201 @@ TEST_CASE_TEMPLATE("linear_layer errors name the problem", Cfg, COMPACT_TEST_CON
     CHECK_THROWS_WITH_AS(layer.step(ctx, hyper()), Contains("no gradient"), compact::error);
     CHECK(layer.updates() == 1);
 }
+
+// =================================================================================== master weights
+
+namespace {
+
+/// W and b in +-[0.5, 1), where half an ulp of float is 2^-25 = 3.0e-8.
+template <class Layer>
+void initialise_large(Layer& layer, std::uint64_t seed)
+{
+    using scalar = typename Layer::layer_type::scalar_type;
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<double> d(0.5, 1.0);
+    std::bernoulli_distribution negative(0.5);
+    auto draw = [&] { return static_cast<scalar>(negative(rng) ? -d(rng) : d(rng)); };
+    auto w = layer.weight();
+    for (index_t i = 0; i < w.rows; ++i)
+        for (index_t j = 0; j < w.cols; ++j) w(i, j) = draw();
+    for (index_t o = 0; o < layer.out(); ++o) layer.bias()[o] = draw();
+}
+
+template <class T>
+std::vector<double> change_from(const std::vector<T>& w, const std::vector<double>& start)
+{
+    std::vector<double> d(start.size());
+    for (std::size_t i = 0; i < d.size(); ++i) d[i] = static_cast<double>(w[i]) - start[i];
+    return d;
+}
+
+template <class Policy>
+void master_weights_track_float64(double lr)
+{
+    using compact::cpu;
+    const cpu::context ctx{};
+    const regression<float> problem(32, 64, 12, 0x3a57);
+    regression<double> problem_ref(32, 64, 12, 0x3a57);
+    problem_ref.x = to_double(problem.x); // the float problem's very values
+    problem_ref.target = to_double(problem.target);
+    compact::linear_options options;
+    options.seed = 11;
+    options.layer = 4;
+    options.max_rows = problem.rows;
+    options.resample.gap = 0; // one P: W drifts steadily, step after step
+    compact::linear_layer<float, Policy, cpu, double> plain(problem.n, problem.m, options);
+    compact::linear_layer<double, Policy, cpu, double> reference(problem.n, problem.m, options);
+    options.master_weights = true;
+    compact::linear_layer<float, Policy, cpu, double> master(problem.n, problem.m, options);
+    initialise_large(plain, 8);
+    initialise_large(master, 8);
+    initialise_large(reference, 8); // the same values, rounded to float above
+    for (index_t i = 0; i < problem.m * problem.n; ++i)
+        reference.weight().data[i] = static_cast<double>(master.weight().data[i]);
+    for (index_t o = 0; o < problem.m; ++o) reference.bias()[o] = static_cast<double>(master.bias()[o]);
+    const auto w_start = to_double(copy_of<float>(master.weight()));
+    const std::vector<double> b_start(master.bias(), master.bias() + problem.m);
+
+    const auto h = hyper(lr, 1.0, 0.1);
+    for (int s = 0; s < 1000; ++s) {
+        train_step(plain, ctx, problem, h);
+        train_step(master, ctx, problem, h);
+        train_step(reference, ctx, problem_ref, h);
+    }
+    const auto change_ref = change_from(copy_of<double>(reference.weight()), w_start);
+    const std::vector<double> b_ref(reference.bias(), reference.bias() + problem.m);
+    const auto b_change_ref = change_from(b_ref, b_start);
+    // The float layer's gradients differ from float64's by float rounding (about 1e-7 relative), which
+    // AdamW's normalised direction passes on; the master accumulates them in double: the change of W
+    // (about 1000 lr) matches float64 to 1e-4.
+    CHECK_RELATIVE(relative_error(change_from(copy_of<double>(master.master_weight()), w_start), change_ref), 1e-4);
+    CHECK_RELATIVE(relative_error(change_from(std::vector<double>(master.master_bias(), master.master_bias() + problem.m),
+                                              b_start),
+                                  b_change_ref),
+                   1e-4);
+    // W is the master rounded: its change is right to half an ulp (3e-8) against about 1000 lr.
+    CHECK_RELATIVE(relative_error(change_from(copy_of<float>(master.weight()), w_start), change_ref), 0.05);
+    // Negative control: float weights alone lose (nearly) every update.
+    const double plain_error = relative_error(change_from(copy_of<float>(plain.weight()), w_start), change_ref);
+    INFO("float weights without a master: relative error of the change ", plain_error);
+    if (print_errors()) MESSAGE("float weights without a master: relative error of the change ", plain_error);
+    CHECK(plain_error > 0.5);
+}
+
+} // namespace
+
+TEST_CASE("linear_layer with master_weights trains float weights at a learning rate where float alone stalls")
+{
+    // lr such that AdamW's step (at most about 3.2 lr, times |N P^T| for the subspace) stays below half
+    // an ulp of weights in [0.5, 1).
+    SUBCASE("rank::full (identity path)") { master_weights_track_float64<compact::rank::full>(5e-9); }
+    SUBCASE("rank::ratio<1, 4> (subspace path)") { master_weights_track_float64<compact::rank::ratio<1, 4>>(1e-9); }
+}
+
+TEST_CASE("linear_layer with master_weights is the caller-memory API with a master, bit for bit")
+{
+    using compact::cpu;
+    const cpu::context ctx{};
+    const regression<float> problem(24, 40, 10, 0x1e);
+    const index_t rows = problem.rows, n = problem.n, m = problem.m;
+    compact::linear_options options;
+    options.seed = 0xfeed;
+    options.layer = 2;
+    options.max_rows = rows;
+    options.resample.gap = 4;
+    options.moments = compact::moment_policy::transfer;
+    options.master_weights = true;
+    using Policy = compact::rank::ratio<1, 4>;
+    compact::linear_layer<float, Policy, cpu, double> layer(n, m, options);
+    initialise(layer, 3);
+    CHECK_FALSE(layer.master_valid());
+
+    const compact::compressed_linear<float, Policy, cpu> manual(n, m, options.seed, options.layer);
+    const compact::subspace_adamw<float, cpu, double> optimizer(m, manual.projection(), options.moments);
+    const index_t r = manual.rank();
+    auto w = copy_of<float>(layer.weight());
+    std::vector<float> b(layer.bias(), layer.bias() + m);
+    std::vector<double> master(w.begin(), w.end()), master_b(b.begin(), b.end());
+    std::vector<float> y(rows * m), z(rows * r), dy, g_sub(m * r), db(m);
+    std::vector<double> wm(m * r, 0.0), wv(m * r, 0.0), bm(m, 0.0), bv(m, 0.0);
+    compact::adam_counters w_counters, b_counters;
+    std::vector<unsigned char> ws(std::max(manual.workspace_bytes(), optimizer.workspace_bytes(true)));
+    const auto h = hyper(1e-3, 0.5, 0.1);
+    for (int s = 0; s < 10; ++s) {
+        const std::uint64_t epoch = options.resample.epoch(static_cast<std::uint64_t>(s));
+        train_step(layer, ctx, problem, h);
+        manual.forward(ctx, problem.inputs(0, rows), cview_of(w, m, n), b.data(), view_of(y, rows, m), view_of(z, rows, r),
+                       epoch, {ws.data(), ws.size()});
+        problem.gradient(0, cview_of(y, rows, m), dy);
+        manual.backward(ctx, cview_of(dy, rows, m), cview_of(w, m, n), cview_of(z, rows, r), {}, view_of(g_sub, m, r),
+                        db.data());
+        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g_sub, m, r), view_of(wm, m, r), view_of(wv, m, r), w_counters,
+                       epoch, {ws.data(), ws.size()}, {}, view_of(master, m, n));
+        compact::adamw<cpu>::step(ctx, h, view_of(b, 1, m), cview_of(db, 1, m), view_of(bm, 1, m), view_of(bv, 1, m),
+                                  b_counters, view_of(master_b, 1, m));
+        CHECK(layer.master_valid());
+    }
+    CHECK(bit_equal(copy_of<float>(layer.weight()), w));
+    CHECK(bit_equal(copy_of<double>(layer.master_weight()), master));
+    CHECK(bit_equal(std::vector<double>(layer.master_bias(), layer.master_bias() + m), master_b));
+    CHECK(bit_equal(std::vector<float>(layer.bias(), layer.bias() + m), b));
+    CHECK(bit_equal(copy_of<double>(layer.first_moment()), wm));
+}
+
+TEST_CASE("linear_layer master weights: taken from W at the first step, sync_master after changing W, memory")
+{
+    using compact::cpu;
+    using Layer = compact::linear_layer<float, compact::rank::ratio<1, 4>, cpu, double>;
+    using doctest::Contains;
+    const cpu::context ctx{};
+    const regression<float> problem(16, 32, 8, 0x51);
+    compact::linear_options options;
+    options.max_rows = problem.rows;
+    Layer plain(problem.n, problem.m, options);
+    options.master_weights = true;
+    Layer layer(problem.n, problem.m, options);
+    const index_t m = problem.m, n = problem.n, r = layer.rank();
+
+    // Memory: the master copies of W (m, n) and b (m) in State.
+    CHECK(layer.state_bytes() == plain.state_bytes() + static_cast<std::size_t>(m * n + m) * sizeof(double));
+    CHECK(plain.state_bytes() == static_cast<std::size_t>(2 * m * r + 2 * m) * sizeof(double));
+    CHECK(plain.master_weight().empty());
+    CHECK(plain.master_weight().data == nullptr);
+    CHECK(plain.master_bias() == nullptr);
+    CHECK_FALSE(plain.master_valid());
+    plain.sync_master(ctx); // nothing to do
+    CHECK_FALSE(plain.master_valid());
+    CHECK_THROWS_WITH_AS(plain.restore_counters(0, {}, {}, true),
+                         Contains("linear_layer::restore_counters: master_restored is set but the layer was built "
+                                  "without options.master_weights"),
+                         compact::error);
+    options.bias = false;
+    Layer no_bias(problem.n, problem.m, options);
+    CHECK(no_bias.master_bias() == nullptr);
+    CHECK(no_bias.master_weight().rows == m);
+    CHECK(no_bias.state_bytes() == static_cast<std::size_t>(2 * m * r + m * n) * sizeof(double));
+
+    // The master follows whatever W holds at the first step.
+    initialise(layer, 12);
+    CHECK_FALSE(layer.master_valid());
+    const auto h = hyper(1e-3, 1.0, 0.0);
+    train_step(layer, ctx, problem, h);
+    CHECK(layer.master_valid());
+    auto widened_equals_w = [&] {
+        const auto w = copy_of<float>(layer.weight());
+        const auto master = copy_of<double>(layer.master_weight());
+        bool same = true;
+        for (std::size_t i = 0; i < w.size(); ++i) same = same && master[i] == static_cast<double>(w[i]);
+        return same;
+    };
+    CHECK_FALSE(widened_equals_w()); // lr 1e-3 moved the master by more than float's rounding keeps
+    // A change of W between steps is overwritten by the next step, unless sync_master() follows it.
+    layer.weight()(0, 0) = 2.0f;
+    train_step(layer, ctx, problem, h);
+    CHECK(std::abs(layer.weight()(0, 0) - 2.0f) > 0.5f);
+    layer.weight()(0, 0) = 2.0f;
+    layer.sync_master(ctx);
+    CHECK(widened_equals_w());
+    train_step(layer, ctx, problem, h);
+    CHECK(std::abs(layer.weight()(0, 0) - 2.0f) < 0.01f);
+}

@@ -825,3 +825,234 @@ TEST_CASE("subspace_adamw with the identity ignores epoch changes under every mo
         CHECK(mo == mp);
     }
 }
+
+// ================================================================================= master weights
+
+namespace {
+
+/// Gradients with a steady part per element (so the weights drift in one direction, step after step)
+/// and noise: g = base + noise, base in [0.2, 1) times a random sign, noise in [-0.2, 0.2).
+std::vector<float> drifting_gradient(std::mt19937_64& rng, const std::vector<float>& base)
+{
+    auto g = uniform<float>(rng, static_cast<index_t>(base.size()), -0.2, 0.2);
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] += base[i];
+    return g;
+}
+
+std::vector<float> drift_base(std::mt19937_64& rng, index_t count)
+{
+    auto base = uniform<float>(rng, count, 0.2, 1.0);
+    for (auto& b : base)
+        if (std::uniform_int_distribution<int>(0, 1)(rng) == 1) b = -b;
+    return base;
+}
+
+/// W - W_start in float64.
+template <class T>
+std::vector<double> change_from(const std::vector<T>& w, const std::vector<double>& start)
+{
+    std::vector<double> d(start.size());
+    for (std::size_t i = 0; i < d.size(); ++i) d[i] = static_cast<double>(w[i]) - start[i];
+    return d;
+}
+
+} // namespace
+
+// Scalar = float weights and gradients, State = double moments and master. lr = 5e-9 with weights in
+// [0.5, 1), where half an ulp of float is 2^-25 = 3.0e-8: Adam's step |eta_t M / (sqrt(V) + eps)| is
+// at most about 3.2 lr = 1.6e-8 (transformers-style bias correction), so every update of a float W is
+// rounded away, while the master accumulates them: 2000 steps move it by about 1e-5 (170 float ulps).
+TEST_CASE("adamw::step with a double master beside float weights tracks float64 where float alone stalls")
+{
+    using Backend = compact::cpu;
+    const Backend::context ctx{};
+    constexpr index_t rows = 7, cols = 19, size = rows * cols;
+    constexpr int steps = 2000;
+    std::mt19937_64 rng(0xa57e);
+    const auto w_start = uniform<float>(rng, size, 0.5, 1.0);
+    const auto base = drift_base(rng, size);
+    auto h = default_hyper();
+    h.lr = 5e-9;
+    h.weight_decay = 0.1;
+
+    auto w = w_start, w_plain = w_start;
+    std::vector<double> master(w_start.begin(), w_start.end()); // the caller's initialisation
+    std::vector<double> m(size, 0.0), v(size, 0.0), m_plain(size, 0.0), v_plain(size, 0.0);
+    compact::adam_counters counters, counters_plain;
+    const auto start = to_double(w_start);
+    auto w_ref = start;
+    reference_adam ref(static_cast<std::size_t>(size));
+    for (int s = 0; s < steps; ++s) {
+        const auto g = drifting_gradient(rng, base);
+        compact::adamw<Backend>::step(ctx, h, view_of(w, rows, cols), cview_of(g, rows, cols), view_of(m, rows, cols),
+                                      view_of(v, rows, cols), counters, view_of(master, rows, cols));
+        compact::adamw<Backend>::step(ctx, h, view_of(w_plain, rows, cols), cview_of(g, rows, cols),
+                                      view_of(m_plain, rows, cols), view_of(v_plain, rows, cols), counters_plain);
+        reference_adamw_step(h, w_ref, to_double(g), ref);
+    }
+    const auto change_ref = change_from(w_ref, start);
+    // The master: double arithmetic, so the change (about 1e-5) is off by a few roundings of W per
+    // step, 2000 * 1.1e-16 at most: 2e-8 relative, far inside the stated 1e-6.
+    CHECK_RELATIVE(relative_error(change_from(master, start), change_ref), 1e-6);
+    // W is the master rounded to float, bit for bit, so within half an ulp (2^-24 relative) of float64.
+    bool rounded = true, within_half_ulp = true;
+    for (std::size_t i = 0; i < w.size(); ++i) {
+        rounded = rounded && w[i] == static_cast<float>(master[i]);
+        within_half_ulp = within_half_ulp && std::abs(static_cast<double>(w[i]) - w_ref[i]) <= 0x1p-24 * std::abs(w_ref[i]);
+    }
+    CHECK(rounded);
+    CHECK(within_half_ulp);
+    // Half an ulp (<= 3e-8) against changes of about 1e-5: the float W's change is right to 1%.
+    CHECK_RELATIVE(relative_error(change_from(w, start), change_ref), 0.01);
+    // Negative control: without a master the float weights never move.
+    CHECK(bit_equal(w_plain, w_start));
+    CHECK(relative_error(change_from(w_plain, start), change_ref) == 1.0);
+    // The moments do not depend on the master.
+    CHECK(bit_equal(m, m_plain));
+    CHECK(bit_equal(v, v_plain));
+}
+
+// The same for the subspace update: float W (m, n), double moments (m, r) and master; the reference
+// uses P rounded to float, the P the forward pass used and the step widens. lr = 2e-9 keeps
+// |eta_t alpha (N P^T)_ij| below 3e-8 (|N| <= 3.2, |P_ij| about 1/sqrt(r), r terms).
+TEST_CASE("subspace_adamw::step with a double master beside float weights tracks float64 where float alone stalls")
+{
+    using Backend = compact::cpu;
+    const Backend::context ctx{};
+    constexpr index_t m = 8, n = 24, r = 6;
+    constexpr int steps = 2000;
+    constexpr std::uint64_t epoch = 3;
+    const compact::input_projection<float, Backend> projection(n, r, compact::distribution::gaussian, 0x3a57e5, 9);
+    const compact::subspace_adamw<float, Backend, double> optimizer(m, projection);
+    std::vector<double> p_ref = reference_projection(projection.spec(epoch));
+    for (auto& x : p_ref) x = static_cast<double>(static_cast<float>(x));
+
+    std::mt19937_64 rng(0x5ab5);
+    const auto w_start = uniform<float>(rng, m * n, 0.5, 1.0);
+    const auto base = drift_base(rng, m * r);
+    auto h = default_hyper();
+    h.lr = 2e-9;
+    h.alpha = 1.0;
+    h.weight_decay = 0.1;
+
+    auto w = w_start, w_plain = w_start, w_kept = w_start;
+    std::vector<double> master(w_start.begin(), w_start.end()), master_kept = master;
+    std::vector<double> mm(m * r, 0.0), vv(m * r, 0.0), mm_plain = mm, vv_plain = vv, mm_kept = mm, vv_kept = vv;
+    compact::adam_counters counters, counters_plain, counters_kept;
+    workspace_buffer ws(optimizer.workspace_bytes(true)), ws_plain(optimizer.workspace_bytes());
+    std::vector<float> p_kept(n * r);
+    Backend::generate_projection<float>(ctx, projection.spec(epoch), 0, 0, view_of(p_kept, n, r));
+    const auto start = to_double(w_start);
+    auto w_ref = start;
+    reference_adam ref(static_cast<std::size_t>(m * r));
+    for (int s = 0; s < steps; ++s) {
+        const auto g = drifting_gradient(rng, base);
+        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, epoch,
+                       ws.get(), {}, view_of(master, m, n));
+        optimizer.step(ctx, h, view_of(w_kept, m, n), cview_of(g, m, r), view_of(mm_kept, m, r), view_of(vv_kept, m, r),
+                       counters_kept, epoch, ws.get(), cview_of(p_kept, n, r), view_of(master_kept, m, n));
+        optimizer.step(ctx, h, view_of(w_plain, m, n), cview_of(g, m, r), view_of(mm_plain, m, r),
+                       view_of(vv_plain, m, r), counters_plain, epoch, ws_plain.get());
+        reference_subspace_step(h, w_ref, to_double(g), p_ref, m, n, r, ref);
+    }
+    const auto change_ref = change_from(w_ref, start);
+    CHECK_RELATIVE(relative_error(change_from(master, start), change_ref), 1e-6);
+    bool rounded = true;
+    for (std::size_t i = 0; i < w.size(); ++i) rounded = rounded && w[i] == static_cast<float>(master[i]);
+    CHECK(rounded);
+    CHECK_RELATIVE(relative_error(change_from(w, start), change_ref), 0.02);
+    // A kept P (float, widened) and a regenerated one give the same bits.
+    CHECK(bit_equal(master, master_kept));
+    CHECK(bit_equal(w, w_kept));
+    // Negative control: the float weights alone do not move.
+    CHECK(bit_equal(w_plain, w_start));
+    CHECK(relative_error(change_from(w_plain, start), change_ref) == 1.0);
+    CHECK(bit_equal(mm, mm_plain));
+}
+
+TEST_CASE("subspace_adamw with the identity and a master is adamw::step with that master, bit for bit")
+{
+    using Backend = compact::cpu;
+    const Backend::context ctx{};
+    constexpr index_t m = 5, n = 11;
+    const compact::input_projection<float, Backend> identity(n, n, compact::distribution::identity, 1, 2);
+    const compact::subspace_adamw<float, Backend, double> optimizer(m, identity);
+    CHECK(optimizer.workspace_bytes(true) == 0);
+    std::mt19937_64 rng(0x1de);
+    const auto w_start = uniform<float>(rng, m * n, -1, 1);
+    auto w = w_start, w_plain = w_start;
+    std::vector<double> master(w_start.begin(), w_start.end()), master_plain = master;
+    std::vector<double> mo(m * n, 0.0), vo = mo, mp = mo, vp = mo;
+    compact::adam_counters c, cp;
+    auto h = default_hyper();
+    h.lr = 1e-7;
+    for (int s = 0; s < 50; ++s) {
+        const auto g = uniform<float>(rng, m * n, -1, 1);
+        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, n), view_of(mo, m, n), view_of(vo, m, n), c,
+                       static_cast<std::uint64_t>(s / 7), {}, {}, view_of(master, m, n));
+        compact::adamw<Backend>::step(ctx, h, view_of(w_plain, m, n), cview_of(g, m, n), view_of(mp, m, n),
+                                      view_of(vp, m, n), cp, view_of(master_plain, m, n));
+    }
+    CHECK(bit_equal(master, master_plain));
+    CHECK(bit_equal(w, w_plain));
+    CHECK(bit_equal(mo, mp));
+    CHECK(!bit_equal(w, w_start));
+}
+
+TEST_CASE("master weights: wrong shapes, a null master and a workspace sized without it are refused, "
+          "changing nothing")
+{
+    using Backend = compact::cpu;
+    using doctest::Contains;
+    const Backend::context ctx{};
+    constexpr index_t m = 4, n = 10, r = 3;
+    const compact::input_projection<float, Backend> projection(n, r, compact::distribution::gaussian, 4, 5);
+    const compact::subspace_adamw<float, Backend, double> optimizer(m, projection);
+    std::mt19937_64 rng(0xe11);
+    auto w = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
+    const auto g = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
+    std::vector<double> mm((m + 1) * (n + 1), 0.0), vv = mm, master((m + 1) * (n + 1), 0.25);
+    compact::adam_counters counters;
+    workspace_buffer ws(optimizer.workspace_bytes(true));
+    const auto h = default_hyper();
+    const auto w0 = w;
+    const auto master0 = master;
+    auto unchanged = [&] { return bit_equal(w, w0) && bit_equal(master, master0) && counters.step == 0; };
+
+    auto sub = [&](compact::matrix_view<double> mv, compact::workspace space) {
+        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, 0,
+                       space, {}, mv);
+    };
+    CHECK(optimizer.workspace_bytes(true) > optimizer.workspace_bytes());
+    CHECK(optimizer.workspace_bytes(true) >=
+          optimizer.workspace_bytes() + static_cast<std::size_t>(m * r + n * r) * sizeof(double) -
+              static_cast<std::size_t>(m * r) * sizeof(float));
+    CHECK_THROWS_WITH_AS(sub(view_of(master, m, n + 1), ws.get()),
+                         Contains("subspace_adamw::step: master (the master copy of W) is (4, 11) but (4, 10)"),
+                         compact::error);
+    CHECK(unchanged());
+    CHECK_THROWS_WITH_AS(sub(view_of(master, m + 1, n), ws.get()), Contains("master (the master copy of W) is (5, 10)"),
+                         compact::error);
+    CHECK(unchanged());
+    CHECK_THROWS_WITH_AS(sub(compact::matrix_view<double>(nullptr, m, n), ws.get()),
+                         Contains("subspace_adamw::step: master is null but has shape (4, 10)"), compact::error);
+    CHECK(unchanged());
+    std::vector<unsigned char> small(optimizer.workspace_bytes());
+    CHECK_THROWS_WITH_AS(sub(view_of(master, m, n), compact::workspace{small.data(), small.size()}),
+                         Contains("subspace_adamw::step: workspace holds"), compact::error);
+    CHECK(unchanged());
+
+    auto plain = [&](compact::matrix_view<double> mv) {
+        compact::adamw<Backend>::step(ctx, h, view_of(w, m, n), cview_of(g, m, n), view_of(mm, m, n), view_of(vv, m, n),
+                                      counters, mv);
+    };
+    CHECK_THROWS_WITH_AS(plain(view_of(master, m, n - 1)), Contains("adamw::step: master (the master copy of W) is (4, 9)"),
+                         compact::error);
+    CHECK(unchanged());
+    CHECK_THROWS_WITH_AS(plain(compact::matrix_view<double>(nullptr, 1, 1)), Contains("adamw::step: master is null"),
+                         compact::error);
+    CHECK(unchanged());
+    // The right shapes go through.
+    CHECK_NOTHROW(sub(view_of(master, m, n), ws.get()));
+    CHECK(counters.step == 1);
+}

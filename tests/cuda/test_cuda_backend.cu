@@ -172,34 +172,77 @@ TEST_CASE("generate_projection gives the CPU's P: bit for bit in float, every di
     }
 }
 
-TEST_CASE_TEMPLATE("column_sums sums rows in order, with and without beta" * doctest::skip(!has_device()), T, float,
-                   double, __half)
+TEST_CASE_TEMPLATE("column_sums matches a float64 reference and is bit-reproducible, for awkward shapes" *
+                       doctest::skip(!has_device()),
+                   T, float, double, __half, __nv_bfloat16)
 {
+    // The kernel sums in compute_t (float for the 16-bit types) in an order fixed by the shape, not the
+    // rows' order, so the bound is the one for any summation order: with u_c the compute type's unit
+    // roundoff and u the storage type's, |got - ref| <= u |ref| + (rows + 1) u_c sum_i |A(i, j)| (the
+    // extra term covers beta out[j]). That is 2^-24 (rows + 1) relative to sum |A| for float, half and
+    // bf16 storage (plus 2^-11 or 2^-8 of |ref| for the final rounding) and 2^-53 (rows + 1) for double.
     device_fixture f;
-    const index_t rows = 300, cols = 77, ld = 80;
-    const auto ha = random_values<T>(static_cast<std::size_t>(rows * ld), 4);
-    const auto hout = random_values<T>(static_cast<std::size_t>(cols), 5);
-    for (double beta : {0.0, 0.5}) {
-        auto da = upload(ha), dout = upload(hout);
-        backend::column_sums<T>(f.ctx(), {da.data(), rows, cols, ld}, cd::from_double<T>(beta), dout.data());
-        f.owner.synchronize();
-        const auto out = download(dout);
-        for (index_t j = 0; j < cols; ++j) {
-            double ref = 0, mag = 0;
-            for (index_t i = 0; i < rows; ++i) {
-                ref += cd::to_double(ha[i * ld + j]);
-                mag += std::abs(cd::to_double(ha[i * ld + j]));
+    struct shape {
+        index_t rows, cols, ld;
+    };
+    const shape shapes[] = {
+        {300, 77, 80},     // odd column count, ld > cols
+        {1, 50, 50},       // one row
+        {513, 1, 1},       // one column
+        {1, 1, 1},         // one element
+        {1031, 33, 40},    // rows not a multiple of the row slices, a partial column group
+        {2049, 1030, 1030}, // several blocks of the widest tiles' neighbours
+        {4099, 4096, 4104}, // a bias-gradient shape: 16-byte loads, narrow tiles
+        {0, 9, 9},         // no rows: out = beta out
+    };
+    const double accum = std::is_same_v<T, double> ? 0x1p-53 : 0x1p-24;
+    for (const shape sh : shapes) {
+        CAPTURE(sh.rows);
+        CAPTURE(sh.cols);
+        CAPTURE(sh.ld);
+        // A starts one element into its buffer, so its rows are not 16-byte aligned (scalar loads); the
+        // same values copied to the start of a buffer are (16-byte loads where ld allows): the sums must
+        // not change by a bit between the two paths.
+        const auto ha = random_values<T>(static_cast<std::size_t>(sh.rows * sh.ld + 1), 4);
+        const auto hout = random_values<T>(static_cast<std::size_t>(sh.cols), 5);
+        auto da = upload(ha);
+        compact::device_buffer<T> aligned(ha.size(), T{});
+        compact::copy_to_device(aligned.data(), ha.data() + 1, ha.size() - 1);
+        const compact::const_matrix_view<T> a(da.data() + 1, sh.rows, sh.cols, sh.ld);
+        const compact::const_matrix_view<T> a_aligned(aligned.data(), sh.rows, sh.cols, sh.ld);
+        for (double beta : {0.0, 0.5}) {
+            CAPTURE(beta);
+            auto run = [&](compact::const_matrix_view<T> view) {
+                auto initial = hout;
+                if (beta == 0) // beta == 0 must not read out
+                    for (auto& x : initial) x = cd::from_double<T>(std::numeric_limits<double>::quiet_NaN());
+                auto dout = upload(initial);
+                backend::column_sums<T>(f.ctx(), view, cd::from_double<T>(beta), dout.data());
+                f.owner.synchronize();
+                return download(dout);
+            };
+            const auto out = run(a);
+            for (index_t j = 0; j < sh.cols; ++j) {
+                double ref = 0, mag = 0;
+                for (index_t i = 0; i < sh.rows; ++i) {
+                    const double x = cd::to_double(ha[static_cast<std::size_t>(1 + i * sh.ld + j)]);
+                    ref += x;
+                    mag += std::abs(x);
+                }
+                if (beta != 0) {
+                    ref += beta * cd::to_double(hout[j]);
+                    mag += std::abs(beta * cd::to_double(hout[j]));
+                }
+                const double tol = unit_roundoff<T>() * std::abs(ref) + static_cast<double>(sh.rows + 1) * accum * mag;
+                CAPTURE(j);
+                REQUIRE(std::abs(cd::to_double(out[j]) - ref) <= tol);
             }
-            if (beta != 0) ref += beta * cd::to_double(hout[j]), mag += std::abs(cd::to_double(hout[j]));
-            const double accum = std::is_same_v<T, double> ? 0x1p-53 : 0x1p-24;
-            CHECK(std::abs(cd::to_double(out[j]) - ref) <= unit_roundoff<T>() * std::abs(ref) + rows * accum * mag);
+            // Deterministic: a second run gives the same bits, and so does the other load path.
+            const auto again = run(a);
+            CHECK(std::memcmp(out.data(), again.data(), out.size() * sizeof(T)) == 0);
+            const auto other_path = run(a_aligned);
+            CHECK(std::memcmp(out.data(), other_path.data(), out.size() * sizeof(T)) == 0);
         }
-        // Deterministic: a second run gives the same bits.
-        auto dout2 = upload(hout);
-        backend::column_sums<T>(f.ctx(), {da.data(), rows, cols, ld}, cd::from_double<T>(beta), dout2.data());
-        f.owner.synchronize();
-        const auto out2 = download(dout2);
-        CHECK(std::memcmp(out.data(), out2.data(), out.size() * sizeof(T)) == 0);
     }
 }
 
@@ -446,4 +489,193 @@ TEST_CASE("linear_layer<float, ratio<1, 4>, cuda>: keeping P changes no bit of t
     }
     CHECK(std::memcmp(result[0].data(), result[1].data(), hw.size() * sizeof(float)) == 0);
     CHECK(std::memcmp(result[0].data(), hw.data(), hw.size() * sizeof(float)) != 0);
+}
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+/// Gradients with a steady part per element (base, +-[0.2, 1)) and noise in [-0.2, 0.2), in bf16.
+std::vector<bf16> drifting_gradient(const std::vector<double>& base, std::uint64_t step)
+{
+    const auto noise = random_values<double>(base.size(), 1000 + step);
+    std::vector<bf16> g(base.size());
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = cd::from_double<bf16>(base[i] + 0.2 * noise[i]);
+    return g;
+}
+
+std::vector<double> drift_base(std::size_t count, std::uint64_t seed)
+{
+    auto base = random_values<double>(count, seed);
+    for (auto& b : base) b = (b < 0 ? -1.0 : 1.0) * (0.2 + 0.8 * std::abs(b));
+    return base;
+}
+
+/// Weights in +-[0.5, 1), rounded to bf16: half an ulp there is 2^-9 = 2.0e-3.
+std::vector<bf16> large_weights(std::size_t count, std::uint64_t seed)
+{
+    auto w = random_values<double>(count, seed);
+    std::vector<bf16> out(count);
+    for (std::size_t i = 0; i < count; ++i) out[i] = cd::from_double<bf16>((w[i] < 0 ? -1.0 : 1.0) * (0.5 + 0.5 * std::abs(w[i])));
+    return out;
+}
+
+/// ||got - start - (want - start)||_2 / ||want - start||_2.
+template <class T>
+double change_error(const std::vector<T>& got, const std::vector<double>& want, const std::vector<bf16>& start)
+{
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+        const double s = cd::to_double(start[i]);
+        const double d = (cd::to_double(got[i]) - s) - (want[i] - s);
+        diff += d * d;
+        norm += (want[i] - s) * (want[i] - s);
+    }
+    return std::sqrt(diff) / std::sqrt(norm);
+}
+
+/// Transformers-style AdamW moments in float64; returns eta_t and leaves M / (sqrt(V) + eps) in `direction`.
+struct reference_adam {
+    std::vector<double> m, v, direction;
+    std::uint64_t t = 0;
+    explicit reference_adam(std::size_t size) : m(size, 0.0), v(size, 0.0), direction(size, 0.0) {}
+    double update(const compact::adamw_params& h, const std::vector<bf16>& g)
+    {
+        ++t;
+        for (std::size_t i = 0; i < m.size(); ++i) {
+            const double gi = cd::to_double(g[i]);
+            m[i] = h.beta1 * m[i] + (1 - h.beta1) * gi;
+            v[i] = h.beta2 * v[i] + (1 - h.beta2) * gi * gi;
+            direction[i] = m[i] / (std::sqrt(v[i]) + h.eps);
+        }
+        const double td = static_cast<double>(t);
+        return h.lr * std::sqrt(1 - std::pow(h.beta2, td)) / (1 - std::pow(h.beta1, td));
+    }
+};
+
+} // namespace
+
+// bf16 weights with half an ulp of 2e-3 in +-[0.5, 1), and AdamW steps of at most about 3.2 lr (times
+// |N P^T|, about 1, for the subspace): at lr = 1e-4 bf16 weights alone stall, while a float master
+// accumulates 600 steps (a change of about 0.06, 16 bf16 ulps) to float precision.
+TEST_CASE("adamw and subspace_adamw with a float master beside bf16 weights track float64; bf16 alone stalls" *
+          doctest::skip(!has_device()))
+{
+    device_fixture f;
+    compact::adamw_params h;
+    h.lr = 1e-4;
+    h.weight_decay = 0.1;
+    constexpr int steps = 600;
+
+    SUBCASE("adamw::step (the identity path)")
+    {
+        const index_t rows = 16, cols = 40;
+        const std::size_t count = static_cast<std::size_t>(rows * cols);
+        const auto w_start = large_weights(count, 30);
+        const auto base = drift_base(count, 31);
+        std::vector<float> master_start(count);
+        for (std::size_t i = 0; i < count; ++i) master_start[i] = cd::to_compute(w_start[i]);
+        auto dw = upload(w_start), dw_plain = upload(w_start);
+        auto dmaster = upload(master_start);
+        compact::device_buffer<float> dm(count, 0.0f), dv(count, 0.0f), dm_plain(count, 0.0f), dv_plain(count, 0.0f);
+        compact::adam_counters c, c_plain;
+        std::vector<double> w_ref(count);
+        for (std::size_t i = 0; i < count; ++i) w_ref[i] = cd::to_double(w_start[i]);
+        reference_adam ref(count);
+        for (int s = 0; s < steps; ++s) {
+            const auto g = drifting_gradient(base, static_cast<std::uint64_t>(s));
+            auto dg = upload(g);
+            compact::adamw<backend>::step(f.ctx(), h, compact::matrix_view<bf16>(dw.data(), rows, cols),
+                                          compact::const_matrix_view<bf16>(dg.data(), rows, cols),
+                                          compact::matrix_view<float>(dm.data(), rows, cols),
+                                          compact::matrix_view<float>(dv.data(), rows, cols), c,
+                                          compact::matrix_view<float>(dmaster.data(), rows, cols));
+            compact::adamw<backend>::step(f.ctx(), h, compact::matrix_view<bf16>(dw_plain.data(), rows, cols),
+                                          compact::const_matrix_view<bf16>(dg.data(), rows, cols),
+                                          compact::matrix_view<float>(dm_plain.data(), rows, cols),
+                                          compact::matrix_view<float>(dv_plain.data(), rows, cols), c_plain);
+            f.owner.synchronize(); // dg goes out of scope
+            const double eta = ref.update(h, g);
+            for (std::size_t i = 0; i < count; ++i) {
+                w_ref[i] -= eta * ref.direction[i];
+                w_ref[i] -= h.lr * h.weight_decay * w_ref[i];
+            }
+        }
+        const auto w = download(dw), w_plain = download(dw_plain);
+        const auto master = download(dmaster);
+        // Float master: per step a rounding of the master (at most 3e-8 against a step of about 1e-4)
+        // and float moments (1e-7 relative): 3e-4 even if every rounding went the same way; 1e-3 stated.
+        const double master_error = change_error(master, w_ref, w_start);
+        CAPTURE(master_error);
+        CHECK(master_error <= 1e-3);
+        bool rounded = true;
+        for (std::size_t i = 0; i < count; ++i) rounded = rounded && same_bits(w[i], cd::from_double<bf16>(master[i]));
+        CHECK(rounded);
+        // W is the master rounded to bf16: within half an ulp (2e-3, 1.1e-3 rms) against a change of about
+        // 0.06: about 2% rms; 10% stated.
+        CHECK(change_error(w, w_ref, w_start) <= 0.1);
+        // Negative control: the bf16 weights alone do not move.
+        CHECK(std::memcmp(w_plain.data(), w_start.data(), count * sizeof(bf16)) == 0);
+    }
+
+    SUBCASE("subspace_adamw::step (gaussian P, r = 16)")
+    {
+        const index_t m = 16, n = 64, r = 16;
+        const std::uint64_t epoch = 2;
+        const compact::input_projection<bf16, backend> projection(n, r, distribution::gaussian, 0xb16, 5);
+        const compact::subspace_adamw<bf16, backend, float> optimizer(m, projection);
+        // The P the forward pass uses: generated in bf16 (one rounding from double), widened by the step.
+        std::vector<double> p(static_cast<std::size_t>(n * r));
+        for (index_t i = 0; i < n; ++i)
+            for (index_t j = 0; j < r; ++j)
+                p[static_cast<std::size_t>(i * r + j)] =
+                    cd::to_double(cd::from_double<bf16>(compact::projection_element(projection.spec(epoch), i, j)));
+        const std::size_t count = static_cast<std::size_t>(m * n), small = static_cast<std::size_t>(m * r);
+        const auto w_start = large_weights(count, 40);
+        const auto base = drift_base(small, 41);
+        std::vector<float> master_start(count);
+        for (std::size_t i = 0; i < count; ++i) master_start[i] = cd::to_compute(w_start[i]);
+        auto dw = upload(w_start), dw_plain = upload(w_start);
+        auto dmaster = upload(master_start);
+        compact::device_buffer<float> dm(small, 0.0f), dv(small, 0.0f), dm_plain(small, 0.0f), dv_plain(small, 0.0f);
+        compact::device_buffer<std::byte> ws(optimizer.workspace_bytes(true), std::byte{0});
+        compact::device_buffer<std::byte> ws_plain(optimizer.workspace_bytes(), std::byte{0});
+        compact::adam_counters c, c_plain;
+        std::vector<double> w_ref(count);
+        for (std::size_t i = 0; i < count; ++i) w_ref[i] = cd::to_double(w_start[i]);
+        reference_adam ref(small);
+        for (int s = 0; s < steps; ++s) {
+            const auto g = drifting_gradient(base, static_cast<std::uint64_t>(s));
+            auto dg = upload(g);
+            optimizer.step(f.ctx(), h, {dw.data(), m, n}, {dg.data(), m, r}, {dm.data(), m, r}, {dv.data(), m, r}, c,
+                           epoch, {ws.data(), ws.size()}, {}, {dmaster.data(), m, n});
+            optimizer.step(f.ctx(), h, {dw_plain.data(), m, n}, {dg.data(), m, r}, {dm_plain.data(), m, r},
+                           {dv_plain.data(), m, r}, c_plain, epoch, {ws_plain.data(), ws_plain.size()});
+            f.owner.synchronize();
+            const double eta = ref.update(h, g);
+            for (index_t i = 0; i < m; ++i)
+                for (index_t j = 0; j < n; ++j) {
+                    double sum = 0;
+                    for (index_t k = 0; k < r; ++k)
+                        sum += ref.direction[static_cast<std::size_t>(i * r + k)] * p[static_cast<std::size_t>(j * r + k)];
+                    double& x = w_ref[static_cast<std::size_t>(i * n + j)];
+                    x -= eta * h.alpha * sum;
+                    x -= h.lr * h.weight_decay * x;
+                }
+        }
+        const auto w = download(dw), w_plain = download(dw_plain);
+        const auto master = download(dmaster);
+        const double master_error = change_error(master, w_ref, w_start);
+        CAPTURE(master_error);
+        CHECK(master_error <= 1e-3);
+        bool rounded = true;
+        for (std::size_t i = 0; i < count; ++i) rounded = rounded && same_bits(w[i], cd::from_double<bf16>(master[i]));
+        CHECK(rounded);
+        CHECK(change_error(w, w_ref, w_start) <= 0.1);
+        // Negative control: |eta (N P^T)_ij| is about lr |N(0, 1)|, far below half an ulp, so bf16 alone loses
+        // (nearly) all of it.
+        const double plain_error = change_error(w_plain, w_ref, w_start);
+        CAPTURE(plain_error);
+        CHECK(plain_error > 0.5);
+    }
 }

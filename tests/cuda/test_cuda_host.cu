@@ -23,6 +23,8 @@ template class compact::linear_layer<float, compact::rank::ratio<1, 4>, compact:
 template class compact::linear_layer<double, compact::rank::ratio<1, 4>, compact::cuda>;
 template class compact::linear_layer<__half, compact::rank::fixed, compact::cuda>;
 template class compact::linear_layer<__nv_bfloat16, compact::rank::full, compact::cuda, double>;
+// bf16 weights with float moments: with options.master_weights, the float master paths of both steps.
+template class compact::linear_layer<__nv_bfloat16, compact::rank::ratio<1, 4>, compact::cuda, float>;
 
 namespace {
 
@@ -194,4 +196,35 @@ TEST_CASE("every primitive returns without touching CUDA when its output is empt
     CHECK_NOTHROW(none.assign(0, 1.0f));
     CHECK(none.size() == 0);
     CHECK_NOTHROW((void)backend::device_available());
+}
+
+TEST_CASE("column_sums' tiles: narrow enough to fill an H100 for a bias gradient, whole sectors per row")
+{
+    // (groups of 16 bytes) -> column groups per block.
+    auto blocks = [](index_t groups) {
+        const auto lanes = static_cast<index_t>(cd::column_sums_lanes(groups));
+        return (groups + lanes - 1) / lanes;
+    };
+    // dY (32768, 4096) bf16: 512 groups of 8 columns, 2 per block: 256 blocks for 132 SMs.
+    CHECK(cd::column_sums_vector<__nv_bfloat16> == 8);
+    CHECK(cd::column_sums_lanes(4096 / 8) == 2);
+    CHECK(blocks(4096 / 8) == 256);
+    // A float bias of 4096: 1024 groups of 4; 4 per block would give 256 blocks, below two per SM, so
+    // 2 per block: 512 blocks. 16384 float columns: 4096 groups, 8 per block (128-byte rows), 512 blocks.
+    CHECK(cd::column_sums_lanes(4096 / 4) == 2);
+    CHECK(cd::column_sums_lanes(16384 / 4) == 8);
+    // Very wide matrices keep 512-byte rows per warp load; a tile never drops below one 32-byte
+    // sector per row unless there is a single group.
+    CHECK(cd::column_sums_lanes(index_t{1} << 20) == 32);
+    CHECK(cd::column_sums_lanes(3) == 2);
+    CHECK(cd::column_sums_lanes(2) == 2);
+    CHECK(cd::column_sums_lanes(1) == 1);
+    for (index_t groups = 1; groups < 5000; ++groups) {
+        const unsigned lanes = cd::column_sums_lanes(groups);
+        CAPTURE(groups);
+        REQUIRE((lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0));
+        // Widest tile with enough blocks: the next wider one would fall below the target.
+        if (lanes < 32 && lanes >= 2 && static_cast<index_t>(lanes) < groups)
+            REQUIRE((groups + 2 * lanes - 1) / (2 * lanes) < cd::column_sums_min_blocks);
+    }
 }

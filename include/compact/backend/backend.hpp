@@ -29,11 +29,16 @@
 //     // M, V updated with g as in adam_coefficients; then, elementwise,
 //     //   adam_direction: D = M / (sqrt(V) + eps)
 //     //   adamw_update:   W = decay (W - step_size D)          (D not stored)
+//     // g is widened to S before use. adamw_update's G defaults to W and is never deduced (so that
+//     // adamw_update<W, S> with a mutable view for g still converts it); a different G updates weights
+//     // kept in another precision than their gradient (an fp32 master beside bf16 weights and
+//     // gradients: W = S = float, G = bf16) without an (m, n) conversion buffer.
 //     template <class G, class S, class D> static void adam_direction(const context&,
 //         const adam_coefficients&, const_matrix_view<G> g, matrix_view<S> m, matrix_view<S> v,
 //         matrix_view<D> direction);
-//     template <class W, class S> static void adamw_update(const context&, const adam_coefficients&,
-//         const_matrix_view<W> g, matrix_view<S> m, matrix_view<S> v, matrix_view<W> w);
+//     template <class W, class S, class G = W> static void adamw_update(const context&,
+//         const adam_coefficients&, const_matrix_view<non_deduced_t<G>> g, matrix_view<S> m,
+//         matrix_view<S> v, matrix_view<W> w);
 //
 //     // Activation stores (compress/scheme.hpp fixes the bytes): encode x (row-major order, any ld) into
 //     // out (stored_bytes<T>(s, count) bytes, aligned for float and T); decode flat values
@@ -66,6 +71,14 @@
 #include <type_traits>
 
 COMPACT_NAMESPACE_BEGIN
+
+/// T, in a context where a template argument is not deduced (std::type_identity_t of C++20).
+template <class T>
+struct non_deduced {
+    using type = T;
+};
+template <class T>
+using non_deduced_t = typename non_deduced<T>::type;
 
 /// Operand transposition for gemm.
 enum class op : unsigned char { none, transpose };

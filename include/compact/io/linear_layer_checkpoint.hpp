@@ -22,6 +22,8 @@
 //   weight_m         State    (m, r)    M of W
 //   weight_v         State    (m, r)    V of W
 //   bias_m, bias_v   State    (m)       M, V of b (with bias)
+//   master_weight    State    (m, n)    } the master copies of W and b, for layers with master weights
+//   master_bias      State    (m)       } whose master holds the state (master_valid()); b's with bias
 //   store_kind       u64      ()        } for layers with the quantized policy only: the store's scheme
 //   store_bits       u64      ()        } (compress/scheme.hpp: kind 0 full, 1 quantized, 2 average), so
 //   store_group      u64      ()        } a resumed run encodes X as the saved one did; loading sets it
@@ -52,6 +54,13 @@
 //
 // State is saved between steps: save_state refuses a layer holding a gradient that no step has used
 // yet. Loading discards any pending gradient or saved activation of the target layer.
+//
+// Master weights (linear_options::master_weights) are saved whatever the weight_storage, as they are
+// the training state the caller cannot rebuild from W. A layer with master weights loading a
+// checkpoint without them (saved before its first step, from a layer without master weights, or by an
+// older version) takes its master from the loaded W and b at its next step: training continues, from
+// the rounded weights. A checkpoint with master sections is refused by a layer without master weights,
+// which would drop them silently; build it with master_weights = true to continue that run.
 //
 // Backends: the layer's buffers are read and written in place, so this works for backends whose memory
 // the host can address: the CPU backend, and any backend that declares
@@ -120,7 +129,7 @@ inline constexpr const char* layer_fields[] = {
     "in",          "out",         "rank",      "distribution", "seed",      "layer_id",     "moment_policy",
     "resample_gap", "keep_projection", "has_bias", "updates",      "weight_step", "weight_epoch", "bias_step",
     "bias_epoch",  "weight",      "weight_m",  "weight_v",     "bias_m",    "bias_v",      "store_kind",
-    "store_bits",  "store_group"};
+    "store_bits",  "store_group", "master_weight", "master_bias"};
 
 inline void check_prefix(std::string_view prefix, const char* where)
 {
@@ -132,7 +141,8 @@ inline void check_prefix(std::string_view prefix, const char* where)
 /// A layer's validated state in a reader: its tensor sections (null where not needed) and counters.
 struct layer_tensor_sections {
     const checkpoint_section *weight = nullptr, *bias = nullptr, *weight_m = nullptr, *weight_v = nullptr,
-                             *bias_m = nullptr, *bias_v = nullptr;
+                             *bias_m = nullptr, *bias_v = nullptr, *master_weight = nullptr,
+                             *master_bias = nullptr;
     std::uint64_t updates = 0;
     adam_counters weight_counters{}, bias_counters{};
     store_scheme scheme{}; ///< the store's scheme, for layers with the quantized policy
@@ -169,6 +179,13 @@ layer_tensor_sections validate_layer_state(const checkpoint_reader& r, std::stri
     if (bias) {
         t.bias_m = &r.expect<State>(name("bias_m"), {m});
         t.bias_v = &r.expect<State>(name("bias_v"), {m});
+    }
+    if (r.contains(name("master_weight"))) {
+        COMPACT_REQUIRE(layer.options().master_weights, where, "'", r.source(), "': section '", name("master_weight"),
+                        "' holds master weights but the layer was built without options.master_weights (loading "
+                        "would drop them)");
+        t.master_weight = &r.expect<State>(name("master_weight"), {m, n});
+        if (bias) t.master_bias = &r.expect<State>(name("master_bias"), {m});
     }
 
     for (const auto& [field, value] : layer_config(layer)) check_field(field, value);
@@ -236,6 +253,12 @@ void save_state(checkpoint_writer& w, std::string_view prefix,
         w.add(name("bias_m"), layer.bias_first_moment(), {static_cast<std::uint64_t>(m)});
         w.add(name("bias_v"), layer.bias_second_moment(), {static_cast<std::uint64_t>(m)});
     }
+    // Before its first step a layer's master is not yet taken from W: the loaded layer then takes it
+    // from the loaded W, exactly as this one will.
+    if (layer.master_valid()) {
+        w.add(name("master_weight"), layer.master_weight());
+        if (layer.bias()) w.add(name("master_bias"), layer.master_bias(), {static_cast<std::uint64_t>(m)});
+    }
     if constexpr (linear_layer<Scalar, Policy, Backend, State>::stores_input) {
         w.add_scalar<std::uint64_t>(name("store_kind"), static_cast<std::uint64_t>(layer.scheme().kind));
         w.add_scalar<std::uint64_t>(name("store_bits"), static_cast<std::uint64_t>(layer.scheme().bits));
@@ -271,8 +294,10 @@ void load_state(const checkpoint_reader& r, std::string_view prefix,
     r.copy(*t.weight_v, layer.second_moment().data, mr);
     if (t.bias_m) r.copy(*t.bias_m, layer.bias_first_moment(), m);
     if (t.bias_v) r.copy(*t.bias_v, layer.bias_second_moment(), m);
+    if (t.master_weight) r.copy(*t.master_weight, layer.master_weight().data, m * static_cast<std::uint64_t>(layer.in()));
+    if (t.master_bias) r.copy(*t.master_bias, layer.master_bias(), m);
     if constexpr (linear_layer<Scalar, Policy, Backend, State>::stores_input) layer.set_scheme(t.scheme);
-    layer.restore_counters(t.updates, t.weight_counters, t.bias_counters);
+    layer.restore_counters(t.updates, t.weight_counters, t.bias_counters, t.master_weight != nullptr);
 }
 
 namespace detail {

@@ -14,6 +14,12 @@
 // Micro-batches: call forward/backward once per micro-batch (each backward right after its forward, as
 // Z holds one micro-batch) and step once; gradients accumulate in between.
 //
+// Master weights (options.master_weights): the layer also owns State copies of W and b (fp32 beside
+// bf16 weights, say) that step() updates, W and b then being their rounding to Scalar, so that updates
+// below half an ulp of W are not lost (optim/adamw.hpp). Initialise W and b as usual: the master takes
+// them at the first step. After changing W or b between steps, call sync_master() (or the change is
+// overwritten by the next step's rounding of the master). Checkpoints save and restore the master.
+//
 // With the `quantized` policy (compress/activation_store.hpp) the layer keeps X encoded instead of Z,
 // its gradient is the full (m, n) G = dY^T X^ and its optimizer plain AdamW; the rounding noise of a
 // forward is keyed by the update count, so a rerun of the same step encodes identically (what
@@ -47,6 +53,9 @@ struct linear_options {
     /// step. Costs n r values of memory (independent of N); off by default, as in SPEC section 1.
     /// Ignored for the identity projection, which needs no P.
     bool keep_projection = false;
+    /// Keep State copies of W and b that the optimizer updates (W, b = their rounding to Scalar). Costs
+    /// (m n + m) sizeof(State) bytes of state; off by default. Pointless but harmless for Scalar = State.
+    bool master_weights = false;
 };
 
 template <class Scalar, class Policy, class Backend, class State = float>
@@ -82,7 +91,13 @@ public:
             bias_v_.assign(static_cast<std::size_t>(out), State(0));
         }
         if (keeps_projection()) projection_.assign(static_cast<std::size_t>(in * r), Scalar(0));
-        workspace_.assign(std::max(layer_.workspace_bytes(options.max_rows), optimizer_.workspace_bytes()), std::byte{0});
+        if (options.master_weights) {
+            master_weight_.assign(static_cast<std::size_t>(out * in), State(0));
+            if (options.bias) master_bias_.assign(static_cast<std::size_t>(out), State(0));
+        }
+        workspace_.assign(std::max(layer_.workspace_bytes(options.max_rows),
+                                   optimizer_.workspace_bytes(options.master_weights)),
+                          std::byte{0});
     }
 
     index_t in() const noexcept { return layer_.in(); }
@@ -124,6 +139,39 @@ public:
     const State* bias_first_moment() const noexcept { return options_.bias ? bias_m_.data() : nullptr; }
     const State* bias_second_moment() const noexcept { return options_.bias ? bias_v_.data() : nullptr; }
     const adam_counters& bias_counters() const noexcept { return bias_counters_; }
+    /// The master copies of W (m, n) and b (m) with options.master_weights: empty view / null otherwise
+    /// (and null without bias). They hold the training state once master_valid(); before that they are
+    /// overwritten from W and b by the next step or sync_master().
+    matrix_view<State> master_weight() noexcept
+    {
+        return options_.master_weights ? matrix_view<State>(master_weight_.data(), out(), in()) : matrix_view<State>{};
+    }
+    const_matrix_view<State> master_weight() const noexcept
+    {
+        return options_.master_weights ? const_matrix_view<State>(master_weight_.data(), out(), in())
+                                       : const_matrix_view<State>{};
+    }
+    State* master_bias() noexcept { return options_.master_weights && options_.bias ? master_bias_.data() : nullptr; }
+    const State* master_bias() const noexcept
+    {
+        return options_.master_weights && options_.bias ? master_bias_.data() : nullptr;
+    }
+    /// True when the master copies hold the weights (after a step, sync_master() or loading a checkpoint
+    /// that has them); false without master weights.
+    bool master_valid() const noexcept { return master_valid_; }
+
+    /// Sets the master copies to W and b (widened exactly), for after the caller has changed W or b
+    /// between steps; the first step does it by itself. Without master weights it does nothing.
+    void sync_master(const context& ctx)
+    {
+        if (!options_.master_weights) return;
+        Backend::template axpby<Scalar, State>(ctx, 1.0, weight(), 0.0, master_weight());
+        if (options_.bias)
+            Backend::template axpby<Scalar, State>(ctx, 1.0, const_matrix_view<Scalar>(bias_.data(), 1, out()), 0.0,
+                                                   matrix_view<State>(master_bias_.data(), 1, out()));
+        master_valid_ = true;
+    }
+
     /// True between a backward and the step that consumes its gradient (a checkpoint is taken after
     /// step(), so that no accumulated gradient is lost).
     bool gradient_pending() const noexcept { return has_gradient_; }
@@ -137,9 +185,14 @@ public:
     /// accessors above first; this discards any accumulated gradient and saved activation, and drops the
     /// kept projection so the next forward regenerates P for the restored epoch. The counters must be
     /// ones a run can reach: weight.step, bias.step <= updates and weight.epoch <= the epoch of updates.
-    void restore_counters(std::uint64_t updates, const adam_counters& weight, const adam_counters& bias)
+    /// master_restored: the master copies were written too (master weights only); otherwise the next
+    /// step takes them from the restored W and b.
+    void restore_counters(std::uint64_t updates, const adam_counters& weight, const adam_counters& bias,
+                          bool master_restored = false)
     {
         constexpr const char* where = "linear_layer::restore_counters";
+        COMPACT_REQUIRE(!master_restored || options_.master_weights, where,
+                        "master_restored is set but the layer was built without options.master_weights");
         const std::uint64_t current = options_.resample.epoch(updates);
         COMPACT_REQUIRE(current < static_cast<std::uint64_t>(detail::max_counter_word), where, "updates=", updates,
                         " gives epoch ", current, ", which must be below 2^32");
@@ -152,6 +205,7 @@ public:
         has_gradient_ = false;
         rows_ = -1;
         projection_valid_ = false;
+        master_valid_ = master_restored;
     }
 
     /// Completed optimizer updates, and the epoch of P that forward uses now.
@@ -162,10 +216,11 @@ public:
     std::size_t saved_bytes(index_t rows) const noexcept { return layer_.saved_bytes(rows); }
     /// Bytes of the kept projection (0 unless options.keep_projection).
     std::size_t projection_bytes() const noexcept { return projection_.size() * sizeof(Scalar); }
-    /// Bytes of optimizer state (moments of W and b).
+    /// Bytes of optimizer state: moments of W and b, and their master copies with master weights.
     std::size_t state_bytes() const noexcept
     {
-        return optimizer_.state_bytes() + (options_.bias ? adamw<Backend>::template state_bytes<State>(1, out()) : 0);
+        return optimizer_.state_bytes() + (options_.bias ? adamw<Backend>::template state_bytes<State>(1, out()) : 0) +
+               (master_weight_.size() + master_bias_.size()) * sizeof(State);
     }
 
     /// Y (N, m) = X (N, n) W^T + b; keeps Z = X P for backward. N <= max_rows.
@@ -215,13 +270,16 @@ public:
     void step(const context& ctx, const adamw_params& h)
     {
         COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
+        if (options_.master_weights && !master_valid_) sync_master(ctx);
         optimizer_.step(ctx, h, weight(), gradient(), first_moment(), second_moment(), counters_, epoch(), ws(),
-                        keeps_projection() ? kept_projection(ctx) : const_matrix_view<Scalar>{});
+                        keeps_projection() ? kept_projection(ctx) : const_matrix_view<Scalar>{}, master_weight());
         if (options_.bias)
             adamw<Backend>::step(ctx, h, matrix_view<Scalar>(bias_.data(), 1, out()),
                                  const_matrix_view<Scalar>(db_.data(), 1, out()),
                                  matrix_view<State>(bias_m_.data(), 1, out()),
-                                 matrix_view<State>(bias_v_.data(), 1, out()), bias_counters_);
+                                 matrix_view<State>(bias_v_.data(), 1, out()), bias_counters_,
+                                 options_.master_weights ? matrix_view<State>(master_bias_.data(), 1, out())
+                                                         : matrix_view<State>{});
         has_gradient_ = false;
         ++updates_;
     }
@@ -253,6 +311,7 @@ private:
     optimizer_type optimizer_;
     buffer<Scalar> weight_, bias_, z_, g_sub_, db_, projection_;
     buffer<State> m_, v_, bias_m_, bias_v_;
+    buffer<State> master_weight_, master_bias_; // (m, n) and (m), with options.master_weights only
     buffer<std::byte> workspace_, saved_;
     saved_tensor saved_tensor_{};
     adam_counters counters_{}, bias_counters_{};
@@ -261,6 +320,7 @@ private:
     bool has_gradient_ = false;
     std::uint64_t projection_epoch_ = 0;
     bool projection_valid_ = false;
+    bool master_valid_ = false;
 };
 
 COMPACT_NAMESPACE_END

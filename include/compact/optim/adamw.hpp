@@ -14,6 +14,13 @@
 // with full-shape moments and alpha = 1. Moments have their own type `State` (float by default, whatever
 // the weights' type). Hyper-parameters are a plain struct passed to every step, so schedules are just
 // a different struct per step.
+//
+// Master weights. Both steps take an optional `master` (the shape of W, in State): a higher-precision
+// copy of the weights that the caller keeps beside bf16/fp16 (or float) W. With one, the update above
+// is applied to the master in State precision and W is then rewritten as the master rounded to Scalar,
+// so updates smaller than half an ulp of W accumulate in the master instead of rounding away. The
+// caller initialises the master from W once (axpby) and keeps it for the run; W is never read then.
+// An empty master (the default) is the plain update of W, bit for bit as without the argument.
 #pragma once
 
 #include "compact/backend/backend.hpp"
@@ -84,23 +91,48 @@ inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint
     return k;
 }
 
+/// A master copy is either empty (none) or exactly W's shape.
+template <class S>
+void check_master(const matrix_view<S>& master, index_t rows, index_t cols, const char* where)
+{
+    if (master.rows == 0 && master.cols == 0 && master.data == nullptr) return;
+    COMPACT_REQUIRE(master.data != nullptr, where, "master is null but has shape ", shape_string(master),
+                    " (pass an empty view for no master weights)");
+    check_shape(master, rows, cols, where, "master (the master copy of W)");
+}
+
+template <class S>
+bool has_master(const matrix_view<S>& master) noexcept
+{
+    return master.data != nullptr;
+}
+
 } // namespace detail
 
 /// Plain AdamW for uncompressed parameters: W (rows, cols), G, M, V of the same shape.
 template <class Backend>
 struct adamw {
+    /// One update of W from G. master: empty, or the State copy of W (rows, cols) that the update is
+    /// applied to, W then becoming master rounded to W's type (see the top of this header).
     template <class W, class S>
     static void step(const typename Backend::context& ctx, const adamw_params& h, matrix_view<W> w,
-                     const_matrix_view<W> g, matrix_view<S> m, matrix_view<S> v, adam_counters& counters)
+                     const_matrix_view<W> g, matrix_view<S> m, matrix_view<S> v, adam_counters& counters,
+                     matrix_view<S> master = {})
     {
         constexpr const char* where = "adamw::step";
         detail::check_view(w, where, "W");
         detail::check_shape(g, w.rows, w.cols, where, "G");
         detail::check_shape(m, w.rows, w.cols, where, "M");
         detail::check_shape(v, w.rows, w.cols, where, "V");
+        detail::check_master(master, w.rows, w.cols, where);
         const auto k = detail::adam_step_coefficients(h, counters.step + 1, 1.0, where);
         ++counters.step;
-        Backend::template adamw_update<W, S>(ctx, k, g, m, v, w);
+        if (detail::has_master(master)) {
+            Backend::template adamw_update<S, S, W>(ctx, k, g, m, v, master);
+            Backend::template axpby<S, W>(ctx, 1.0, master, 0.0, w);
+        } else {
+            Backend::template adamw_update<W, S>(ctx, k, g, m, v, w);
+        }
     }
 
     /// Bytes of M and V for a (rows, cols) parameter.
@@ -135,13 +167,15 @@ public:
     }
 
     /// Workspace for step(): P and the update direction, plus P_old, P_new, P_old^T P_new and M P for the
-    /// transfer policy; none for the identity, which is plain AdamW in place.
-    std::size_t workspace_bytes() const noexcept
+    /// transfer policy; none for the identity, which is plain AdamW in place. with_master: for steps
+    /// given a master copy of W, whose direction (m, r) and P (n, r) are also needed in State.
+    std::size_t workspace_bytes(bool with_master = false) const noexcept
     {
         if (projection_.is_identity()) return 0; // plain AdamW in place
         const index_t n = projection_.in(), r = projection_.rank();
-        std::size_t bytes = detail::workspace_slack + detail::buffer_bytes<Scalar>(out_ * r) +
-                            detail::buffer_bytes<Scalar>(n * r);
+        std::size_t bytes = detail::workspace_slack + detail::buffer_bytes<Scalar>(n * r);
+        if (with_master) bytes += detail::buffer_bytes<State>(out_ * r) + detail::buffer_bytes<State>(n * r);
+        else bytes += detail::buffer_bytes<Scalar>(out_ * r);
         if (policy_ == moment_policy::transfer)
             bytes += 2 * detail::buffer_bytes<State>(n * r) + detail::buffer_bytes<State>(r * r) +
                      detail::buffer_bytes<State>(out_ * r);
@@ -151,10 +185,14 @@ public:
     /// One update of W (m, n) from G_sub (m, r), computed under the projection of `epoch`.
     /// M, V: (m, r) moments in State; counters: their step and epoch (updated here).
     /// p: P (n, r) of `epoch` if the caller keeps it, or empty to regenerate it in the workspace.
+    /// master: empty, or the State copy of W (m, n) to update instead, W becoming master rounded to
+    /// Scalar; the workspace is then workspace_bytes(true). The direction and the GEMM are computed in
+    /// State with the P the forward used (generated or kept in Scalar, widened exactly to State), so a
+    /// kept P and a regenerated one still give the same bits.
     /// Cost: m r n multiply-adds (the projection back), plus elementwise work on m r and m n values.
     void step(const context& ctx, const adamw_params& h, matrix_view<Scalar> w, const_matrix_view<Scalar> g_sub,
               matrix_view<State> m, matrix_view<State> v, adam_counters& counters, std::uint64_t epoch,
-              workspace ws, const_matrix_view<Scalar> p = {}) const
+              workspace ws, const_matrix_view<Scalar> p = {}, matrix_view<State> master = {}) const
     {
         constexpr const char* where = "subspace_adamw::step";
         const index_t n = projection_.in(), r = projection_.rank();
@@ -162,16 +200,21 @@ public:
         detail::check_shape(g_sub, out_, r, where, "G_sub");
         detail::check_shape(m, out_, r, where, "M");
         detail::check_shape(v, out_, r, where, "V");
+        detail::check_master(master, out_, n, where);
+        const bool with_master = detail::has_master(master);
         detail::check_projection(projection_.spec(epoch), where);
-        detail::workspace_carver carve(ws, workspace_bytes(), where);
+        detail::workspace_carver carve(ws, workspace_bytes(with_master), where);
         detail::adam_step_coefficients(h, counters.step + 1, h.alpha, where); // validates before any write
 
         const bool generate = !projection_.is_identity() && p.empty();
         if (!p.empty()) detail::check_shape(p, n, r, where, "P");
         matrix_view<Scalar> direction, p_buffer;
+        matrix_view<State> direction_state, p_state;
         if (!projection_.is_identity()) {
-            direction = matrix_view<Scalar>(carve.take<Scalar>(out_ * r), out_, r);
+            if (with_master) direction_state = matrix_view<State>(carve.take<State>(out_ * r), out_, r);
+            else direction = matrix_view<Scalar>(carve.take<Scalar>(out_ * r), out_, r);
             p_buffer = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
+            if (with_master) p_state = matrix_view<State>(carve.take<State>(n * r), n, r);
         }
 
         // The identity never changes, so an epoch boundary means nothing to its moments.
@@ -181,18 +224,29 @@ public:
         ++counters.step;
         const auto coefficients = detail::adam_step_coefficients(h, counters.step, h.alpha, where);
 
+        const double scale = -coefficients.decay * coefficients.step_size;
         if (projection_.is_identity()) {
             // P = I: exactly plain AdamW, through the same fused kernel.
-            Backend::template adamw_update<Scalar, State>(ctx, coefficients, g_sub, m, v, w);
+            if (with_master) Backend::template adamw_update<State, State, Scalar>(ctx, coefficients, g_sub, m, v, master);
+            else Backend::template adamw_update<Scalar, State>(ctx, coefficients, g_sub, m, v, w);
+        } else if (with_master) {
+            Backend::template adam_direction<Scalar, State, State>(ctx, coefficients, g_sub, m, v, direction_state);
+            if (generate) {
+                Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
+                p = p_buffer;
+            }
+            Backend::template axpby<Scalar, State>(ctx, 1.0, p, 0.0, p_state);
+            Backend::template gemm<State>(ctx, op::none, op::transpose, scale, direction_state, p_state,
+                                          coefficients.decay, master);
         } else {
             Backend::template adam_direction<Scalar, State, Scalar>(ctx, coefficients, g_sub, m, v, direction);
-            const double scale = -coefficients.decay * coefficients.step_size;
             if (generate) {
                 Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
                 p = p_buffer;
             }
             Backend::template gemm<Scalar>(ctx, op::none, op::transpose, scale, direction, p, coefficients.decay, w);
         }
+        if (with_master) Backend::template axpby<State, Scalar>(ctx, 1.0, master, 0.0, w);
     }
 
 private:

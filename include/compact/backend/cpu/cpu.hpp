@@ -294,8 +294,8 @@ struct cpu {
         adam_rows(ctx, k, g, m, v, [&](index_t i, index_t j, S update) { direction(i, j) = static_cast<D>(update); });
     }
 
-    template <class W, class S>
-    static void adamw_update(const context& ctx, const adam_coefficients& k, const_matrix_view<W> g,
+    template <class W, class S, class G = W>
+    static void adamw_update(const context& ctx, const adam_coefficients& k, const_matrix_view<non_deduced_t<G>> g,
                              matrix_view<S> m, matrix_view<S> v, matrix_view<W> w)
     {
         using C = std::common_type_t<W, S>;

@@ -15,7 +15,10 @@
 //   P can differ from the CPU's in its last bits; rounded to float (or narrower) it agrees bit for bit
 //   except in the rare case where the double value lies within those bits of a rounding midpoint.
 //   Compile with nvcc -fmad=false for the host's double arithmetic exactly (slower kernels throughout).
-// - column_sums: one thread per column summing rows in order (deterministic, no atomics).
+// - column_sums: one block per tile of columns, the block's 256 threads summing strided row slices of
+//   it in fp32 (compute_t) with 16-byte loads, then a fixed-order reduction (cub::WarpReduce inside a
+//   warp, shared memory across warps): deterministic, no atomics, no workspace, and narrow tiles so that
+//   a bias gradient of a few thousand columns still puts blocks on every SM (see column_sums_kernel).
 // - add_row_vector, fill, axpby, adam_direction, adamw_update: one thread per element, evaluating the
 //   CPU backend's expressions in its order with each operation rounded separately (no FMA).
 // - quantize, dequantize, relu_mask, dropout_mask, apply_mask: the kernels of quantize.cuh (one block per
@@ -36,6 +39,7 @@
 #include "compact/core/matrix_view.hpp"
 #include "compact/core/projection.hpp"
 
+#include <cub/warp/warp_reduce.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -81,14 +85,141 @@ __global__ void projection_kernel(projection_stream stream, distribution dist, i
     }
 }
 
+// column_sums: out[j] = sum_i A(i, j) (+ beta out[j]) for A (rows, cols), without atomics or workspace.
+//
+// Bytes moved: rows cols sizeof(T) read once, cols sizeof(T) written (and read too when beta != 0);
+// for the bias gradient of dY (32768, 4096) bf16 that is 256 MiB, about 85 us at an H100's 3.35 TB/s,
+// while one thread per column (4096 threads, each walking a column 2 bytes wide) reaches a small
+// fraction of it. Without workspace a column's sum cannot be split across blocks, so the parallelism
+// comes from narrow column tiles and many row slices per tile:
+//
+// - A thread owns a column group of V = 16 / sizeof(T) adjacent columns (8 for bf16 and half, 4 for
+//   float, 2 for double), read with one 16-byte load per row when A's rows are 16-byte aligned.
+// - A block (256 threads, 8 warps) owns a tile of `Lanes` groups. In each warp, lanes
+//   [g * 32 / Lanes, (g + 1) * 32 / Lanes) serve group g, so one warp load reads 32 / Lanes rows of
+//   Lanes * 16 contiguous bytes: whole 32-byte sectors for Lanes >= 2. The block's 256 / Lanes row
+//   slices each sum rows slice, slice + slices, ... in order, in compute_t (fp32 for 16-bit storage).
+// - The slices of a group are combined in a fixed order: cub::WarpReduce over the 32 / Lanes lanes of a
+//   warp (a shuffle tree fixed by its width), then the 8 warp sums in warp order through shared memory.
+//   The order therefore depends on (rows, cols) only: a rerun gives the same bits, and the 16-byte and
+//   scalar load paths (alignment) give the same sums.
+// - column_sums_lanes picks the widest tile that still gives column_sums_min_blocks blocks, down to
+//   32-byte tiles. dY (32768, 4096) bf16 gets 16-column tiles: 256 blocks, about two per SM of an
+//   H100's 132 (eight blocks of 256 threads fit on an SM, so all are resident at once), each thread
+//   keeping 4 loads of 16 bytes in flight: about 32 KiB per SM, what Little's law asks for at
+//   3.35 TB/s and about 1 us of latency (3.35e12 * 1e-6 / 132 = 25 KiB). Only a matrix narrower than
+//   about 132 groups (1056 bf16 columns) leaves SMs idle, and is then a small read anyway.
+constexpr unsigned column_sums_threads = 256;
+constexpr index_t column_sums_min_blocks = 264; // two per SM of a 132-SM H100; a constant, not the device's
+
+/// Columns per 16-byte load.
 template <class T>
-__global__ void column_sums_kernel(const_matrix_view<T> a, compute_t<T> beta, T* out)
+constexpr int column_sums_vector = static_cast<int>(16 / sizeof(T));
+
+/// Column groups per block (a power of two from 1 to 32) for `groups` column groups: the widest tile
+/// leaving column_sums_min_blocks blocks, but not narrower than 2 groups (one 32-byte sector per row)
+/// unless a single group is all there is.
+inline unsigned column_sums_lanes(index_t groups) noexcept
+{
+    unsigned lanes = 32;
+    while (lanes > 1) {
+        const auto half = static_cast<index_t>(lanes / 2);
+        const index_t blocks = (groups + lanes - 1) / static_cast<index_t>(lanes);
+        if (half >= groups || (lanes > 2 && blocks < column_sums_min_blocks)) lanes /= 2;
+        else break;
+    }
+    return lanes;
+}
+
+/// V sums of one column group.
+template <class C, int V>
+struct column_partial {
+    C v[V];
+};
+
+template <class C, int V>
+struct column_partial_sum {
+    __device__ column_partial<C, V> operator()(const column_partial<C, V>& x, const column_partial<C, V>& y) const
+    {
+        column_partial<C, V> s;
+#pragma unroll
+        for (int k = 0; k < V; ++k) s.v[k] = add(x.v[k], y.v[k]);
+        return s;
+    }
+};
+
+/// One 16-byte load of V values of T.
+template <class T>
+struct alignas(16) column_pack {
+    T v[column_sums_vector<T>];
+};
+
+template <class T, unsigned Lanes>
+__global__ void __launch_bounds__(column_sums_threads)
+    column_sums_kernel(const_matrix_view<T> a, compute_t<T> beta, T* out, bool vector_loads)
 {
     using C = compute_t<T>;
-    for (index_t j = cuda_thread(); j < a.cols; j += cuda_stride()) {
-        C acc = C(0);
-        for (index_t i = 0; i < a.rows; ++i) acc = add(acc, to_compute(a(i, j)));
-        out[j] = from_compute<T>(beta == C(0) ? acc : add(acc, mul(beta, to_compute(out[j]))));
+    constexpr int V = column_sums_vector<T>;
+    constexpr unsigned warps = column_sums_threads / 32;
+    constexpr unsigned per_warp = 32 / Lanes;                 // row slices of a group in one warp
+    constexpr index_t slices = static_cast<index_t>(warps * per_warp); // row slices of a group in the block
+    using partial = column_partial<C, V>;
+    using warp_reduce = cub::WarpReduce<partial, static_cast<int>(per_warp)>;
+    __shared__ typename warp_reduce::TempStorage reduce_storage[warps * Lanes]; // one per logical warp
+    __shared__ partial warp_sums[warps][Lanes];
+
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned group = lane / per_warp; // within the tile
+    const index_t slice = static_cast<index_t>(warp * per_warp + lane % per_warp);
+    const index_t c0 = (static_cast<index_t>(blockIdx.x) * Lanes + group) * V;
+
+    partial acc;
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc.v[k] = C(0);
+    if (c0 < a.cols) {
+        const T* base = a.data + c0;
+        if (vector_loads && c0 + V <= a.cols) {
+            auto accumulate = [&](const column_pack<T>& p) {
+#pragma unroll
+                for (int k = 0; k < V; ++k) acc.v[k] = add(acc.v[k], to_compute(p.v[k]));
+            };
+            // Four loads in flight per thread; the additions stay in row order.
+            index_t i = slice;
+            for (; i + 3 * slices < a.rows; i += 4 * slices) {
+                const column_pack<T> p0 = *reinterpret_cast<const column_pack<T>*>(base + i * a.ld);
+                const column_pack<T> p1 = *reinterpret_cast<const column_pack<T>*>(base + (i + slices) * a.ld);
+                const column_pack<T> p2 = *reinterpret_cast<const column_pack<T>*>(base + (i + 2 * slices) * a.ld);
+                const column_pack<T> p3 = *reinterpret_cast<const column_pack<T>*>(base + (i + 3 * slices) * a.ld);
+                accumulate(p0);
+                accumulate(p1);
+                accumulate(p2);
+                accumulate(p3);
+            }
+            for (; i < a.rows; i += slices) accumulate(*reinterpret_cast<const column_pack<T>*>(base + i * a.ld));
+        } else {
+            const index_t width = a.cols - c0 < V ? a.cols - c0 : V;
+            for (index_t i = slice; i < a.rows; i += slices) {
+                const T* row = base + i * a.ld;
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    if (k < width) acc.v[k] = add(acc.v[k], to_compute(row[k]));
+            }
+        }
+    }
+
+    partial warp_sum = acc;
+    if constexpr (per_warp > 1)
+        warp_sum = warp_reduce(reduce_storage[warp * Lanes + group]).Reduce(acc, column_partial_sum<C, V>{});
+    if (lane % per_warp == 0) warp_sums[warp][group] = warp_sum; // lane 0 of each logical warp holds it
+    __syncthreads();
+    if (threadIdx.x < Lanes * V) {
+        const unsigned g = threadIdx.x / V, k = threadIdx.x % V;
+        const index_t j = (static_cast<index_t>(blockIdx.x) * Lanes + g) * V + k;
+        if (j < a.cols) {
+            C total = warp_sums[0][g].v[k];
+            for (unsigned w = 1; w < warps; ++w) total = add(total, warp_sums[w][g].v[k]);
+            out[j] = from_compute<T>(beta == C(0) ? total : add(total, mul(beta, to_compute(out[j]))));
+        }
     }
 }
 
@@ -277,13 +408,31 @@ struct cuda {
 
     // --------------------------------------------------------------------------------- elementwise
 
-    /// out[j] = sum_i A(i, j) + beta out[j], rows summed in order; out holds A.cols device elements.
+    /// out[j] = sum_i A(i, j) + beta out[j] (beta == 0 never reads out); out holds A.cols device
+    /// elements. Sums in compute_t in an order fixed by A's shape (detail::column_sums_kernel): bit-
+    /// reproducible, but not the CPU backend's row order. One pass over A; no workspace, no atomics.
     template <class T>
     static void column_sums(const context& ctx, const_matrix_view<T> a, T beta, T* out)
     {
         if (a.cols == 0) return;
-        detail::column_sums_kernel<T><<<detail::cuda_grid(a.cols), detail::cuda_block, 0, ctx.stream>>>(
-            a, detail::to_compute(beta), out);
+        constexpr int v = detail::column_sums_vector<T>;
+        const index_t groups = (a.cols + v - 1) / v;
+        const unsigned lanes = detail::column_sums_lanes(groups);
+        const index_t blocks = (groups + lanes - 1) / static_cast<index_t>(lanes);
+        COMPACT_REQUIRE(blocks <= INT_MAX, "cuda::column_sums", "A ", shape_string(a), " has too many columns");
+        // Alignment picks 16-byte or scalar loads of the same values; the sums do not depend on it.
+        const bool vector_loads = reinterpret_cast<std::uintptr_t>(a.data) % 16 == 0 &&
+                                  (a.rows <= 1 || (a.ld * static_cast<index_t>(sizeof(T))) % 16 == 0);
+        const auto grid = static_cast<unsigned>(blocks);
+        const auto beta_c = detail::to_compute(beta);
+        switch (lanes) {
+        case 32: launch_column_sums<T, 32>(ctx, grid, a, beta_c, out, vector_loads); break;
+        case 16: launch_column_sums<T, 16>(ctx, grid, a, beta_c, out, vector_loads); break;
+        case 8: launch_column_sums<T, 8>(ctx, grid, a, beta_c, out, vector_loads); break;
+        case 4: launch_column_sums<T, 4>(ctx, grid, a, beta_c, out, vector_loads); break;
+        case 2: launch_column_sums<T, 2>(ctx, grid, a, beta_c, out, vector_loads); break;
+        default: launch_column_sums<T, 1>(ctx, grid, a, beta_c, out, vector_loads); break;
+        }
         detail::check_launch(ctx.stream, "cuda::column_sums");
     }
 
@@ -328,14 +477,15 @@ struct cuda {
         detail::check_launch(ctx.stream, "cuda::adam_direction");
     }
 
-    /// M, V updated with g; W = decay (W - step_size M / (sqrt(V) + eps)).
-    template <class W, class S>
-    static void adamw_update(const context& ctx, const adam_coefficients& k, const_matrix_view<W> g,
+    /// M, V updated with g; W = decay (W - step_size M / (sqrt(V) + eps)). G may differ from W (bf16
+    /// gradients into a float master copy of the weights).
+    template <class W, class S, class G = W>
+    static void adamw_update(const context& ctx, const adam_coefficients& k, const_matrix_view<non_deduced_t<G>> g,
                              matrix_view<S> m, matrix_view<S> v, matrix_view<W> w)
     {
         if (g.empty()) return;
         using C = detail::common_compute_t<W, S>;
-        detail::adam_kernel<true, W, S, W, C><<<detail::cuda_grid(g.size()), detail::cuda_block, 0, ctx.stream>>>(
+        detail::adam_kernel<true, G, S, W, C><<<detail::cuda_grid(g.size()), detail::cuda_block, 0, ctx.stream>>>(
             constants<S>(k), static_cast<C>(k.step_size), static_cast<C>(k.decay), g, m, v, w);
         detail::check_launch(ctx.stream, "cuda::adamw_update");
     }
@@ -395,6 +545,14 @@ struct cuda {
     }
 
 private:
+    template <class T, unsigned Lanes>
+    static void launch_column_sums(const context& ctx, unsigned grid, const_matrix_view<T> a, detail::compute_t<T> beta,
+                                   T* out, bool vector_loads)
+    {
+        detail::column_sums_kernel<T, Lanes><<<grid, detail::column_sums_threads, 0, ctx.stream>>>(a, beta, out,
+                                                                                                   vector_loads);
+    }
+
     template <class S>
     static detail::adam_constants<detail::compute_t<S>> constants(const adam_coefficients& k) noexcept
     {
