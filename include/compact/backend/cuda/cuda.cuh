@@ -19,8 +19,9 @@
 //   it in fp32 (compute_t) with 16-byte loads, then a fixed-order reduction (cub::WarpReduce inside a
 //   warp, shared memory across warps): deterministic, no atomics, no workspace, and narrow tiles so that
 //   a bias gradient of a few thousand columns still puts blocks on every SM (see column_sums_kernel).
-// - add_row_vector, fill, axpby, adam_direction, adamw_update: one thread per element, evaluating the
-//   CPU backend's expressions in its order with each operation rounded separately (no FMA).
+// - add_row_vector, fill, axpby, adam_direction, adamw_update: one thread per element on a 2-D grid
+//   (columns in x, rows in y: no index division), evaluating the CPU backend's expressions in its
+//   order with each operation rounded separately (no FMA).
 // - quantize, dequantize, relu_mask, dropout_mask, apply_mask: the kernels of quantize.cuh (one block per
 //   group, one thread per mask byte), writing the CPU backend's bytes; scheme full is a device copy.
 //
@@ -60,6 +61,30 @@ inline unsigned cuda_grid(index_t count) noexcept
 {
     const index_t blocks = (count + cuda_block - 1) / cuda_block;
     return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+}
+
+/// The grid of the elementwise kernels: x over blocks of cuda_block columns, y over rows, so that a
+/// thread finds its (i, j) without a division (a 64-bit division per element costs more issue slots than
+/// the element's bytes take to move), and a warp reads consecutive columns of one row. About 2^16 blocks
+/// at most (65535 in y); the kernels stride over both dimensions (for_each_element).
+inline dim3 element_grid(index_t rows, index_t cols) noexcept
+{
+    index_t bx = (cols + cuda_block - 1) / cuda_block;
+    bx = bx < 1 ? 1 : (bx > 65535 ? 65535 : bx);
+    index_t by = (index_t{1} << 16) / bx;
+    by = by > rows ? rows : by;
+    by = by < 1 ? 1 : (by > 65535 ? 65535 : by);
+    return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+}
+
+/// f(i, j) for every element of a (rows, cols) matrix, on a grid from element_grid.
+template <class F>
+__device__ inline void for_each_element(index_t rows, index_t cols, F&& f)
+{
+    const index_t j0 = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x;
+    const index_t j_stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+    for (index_t i = blockIdx.y; i < rows; i += gridDim.y)
+        for (index_t j = j0; j < cols; j += j_stride) f(i, j);
 }
 
 __device__ inline index_t cuda_thread() { return blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; }
@@ -226,32 +251,23 @@ __global__ void __launch_bounds__(column_sums_threads)
 template <class T>
 __global__ void add_row_vector_kernel(const T* b, matrix_view<T> y)
 {
-    const index_t total = y.rows * y.cols;
-    for (index_t k = cuda_thread(); k < total; k += cuda_stride()) {
-        const index_t i = k / y.cols, j = k - i * y.cols;
-        y(i, j) = from_compute<T>(add(to_compute(y(i, j)), to_compute(b[j])));
-    }
+    for_each_element(y.rows, y.cols,
+                     [&](index_t i, index_t j) { y(i, j) = from_compute<T>(add(to_compute(y(i, j)), to_compute(b[j]))); });
 }
 
 template <class T>
 __global__ void fill_kernel(matrix_view<T> y, T value)
 {
-    const index_t total = y.rows * y.cols;
-    for (index_t k = cuda_thread(); k < total; k += cuda_stride()) {
-        const index_t i = k / y.cols, j = k - i * y.cols;
-        y(i, j) = value;
-    }
+    for_each_element(y.rows, y.cols, [&](index_t i, index_t j) { y(i, j) = value; });
 }
 
 template <class X, class Y, class C>
 __global__ void axpby_kernel(C alpha, const_matrix_view<X> x, C beta, bool read_y, matrix_view<Y> y)
 {
-    const index_t total = y.rows * y.cols;
-    for (index_t k = cuda_thread(); k < total; k += cuda_stride()) {
-        const index_t i = k / y.cols, j = k - i * y.cols;
+    for_each_element(y.rows, y.cols, [&](index_t i, index_t j) {
         const C ax = mul(alpha, static_cast<C>(to_compute(x(i, j))));
         y(i, j) = from_compute<Y>(read_y ? add(ax, mul(beta, static_cast<C>(to_compute(y(i, j))))) : ax);
-    }
+    });
 }
 
 /// C = beta C, where beta == 0 writes zeros without reading C.
@@ -259,11 +275,9 @@ template <class T>
 __global__ void scale_kernel(matrix_view<T> c, compute_t<T> beta)
 {
     using C = compute_t<T>;
-    const index_t total = c.rows * c.cols;
-    for (index_t k = cuda_thread(); k < total; k += cuda_stride()) {
-        const index_t i = k / c.cols, j = k - i * c.cols;
+    for_each_element(c.rows, c.cols, [&](index_t i, index_t j) {
         c(i, j) = from_compute<T>(beta == C(0) ? C(0) : mul(beta, to_compute(c(i, j))));
-    }
+    });
 }
 
 /// The per-kernel constants of an Adam update, rounded to the moments' compute type on the host.
@@ -279,9 +293,7 @@ __global__ void adam_kernel(adam_constants<compute_t<S>> k, C step, C decay, con
                             matrix_view<S> m, matrix_view<S> v, matrix_view<Out> out)
 {
     using SC = compute_t<S>;
-    const index_t total = g.rows * g.cols;
-    for (index_t e = cuda_thread(); e < total; e += cuda_stride()) {
-        const index_t i = e / g.cols, j = e - i * g.cols;
+    for_each_element(g.rows, g.cols, [&](index_t i, index_t j) {
         const SC gj = static_cast<SC>(to_compute(g(i, j)));
         const S mj = from_compute<S>(add(mul(k.b1, to_compute(m(i, j))), mul(k.c1, gj)));
         const S vj = from_compute<S>(add(mul(k.b2, to_compute(v(i, j))), mul(mul(k.c2, gj), gj)));
@@ -294,7 +306,7 @@ __global__ void adam_kernel(adam_constants<compute_t<S>> k, C step, C decay, con
         } else {
             out(i, j) = from_compute<Out>(to_compute(update));
         }
-    }
+    });
 }
 
 template <class T>
@@ -361,7 +373,7 @@ struct cuda {
         // Rounded once, from double, to the compute type: a small step scale survives 16-bit storage.
         const C alpha_c = static_cast<C>(alpha), beta_c = static_cast<C>(beta);
         if (k == 0 || alpha_c == C(0)) {
-            detail::scale_kernel<T><<<detail::cuda_grid(c.size()), detail::cuda_block, 0, ctx.stream>>>(c, beta_c);
+            detail::scale_kernel<T><<<detail::element_grid(c.rows, c.cols), detail::cuda_block, 0, ctx.stream>>>(c, beta_c);
             detail::check_launch(ctx.stream, where);
             return;
         }
@@ -441,7 +453,7 @@ struct cuda {
     static void add_row_vector(const context& ctx, const T* b, matrix_view<T> y)
     {
         if (y.empty()) return;
-        detail::add_row_vector_kernel<T><<<detail::cuda_grid(y.size()), detail::cuda_block, 0, ctx.stream>>>(b, y);
+        detail::add_row_vector_kernel<T><<<detail::element_grid(y.rows, y.cols), detail::cuda_block, 0, ctx.stream>>>(b, y);
         detail::check_launch(ctx.stream, "cuda::add_row_vector");
     }
 
@@ -450,7 +462,7 @@ struct cuda {
     static void fill(const context& ctx, matrix_view<T> y, T value)
     {
         if (y.empty()) return;
-        detail::fill_kernel<T><<<detail::cuda_grid(y.size()), detail::cuda_block, 0, ctx.stream>>>(y, value);
+        detail::fill_kernel<T><<<detail::element_grid(y.rows, y.cols), detail::cuda_block, 0, ctx.stream>>>(y, value);
         detail::check_launch(ctx.stream, "cuda::fill");
     }
 
@@ -460,7 +472,7 @@ struct cuda {
     {
         if (y.empty()) return;
         using C = detail::common_compute_t<X, Y>;
-        detail::axpby_kernel<X, Y, C><<<detail::cuda_grid(y.size()), detail::cuda_block, 0, ctx.stream>>>(
+        detail::axpby_kernel<X, Y, C><<<detail::element_grid(y.rows, y.cols), detail::cuda_block, 0, ctx.stream>>>(
             static_cast<C>(alpha), x, static_cast<C>(beta), beta != 0, y);
         detail::check_launch(ctx.stream, "cuda::axpby");
     }
@@ -472,7 +484,7 @@ struct cuda {
     {
         if (g.empty()) return;
         using C = detail::compute_t<D>;
-        detail::adam_kernel<false, G, S, D, C><<<detail::cuda_grid(g.size()), detail::cuda_block, 0, ctx.stream>>>(
+        detail::adam_kernel<false, G, S, D, C><<<detail::element_grid(g.rows, g.cols), detail::cuda_block, 0, ctx.stream>>>(
             constants<S>(k), C(0), C(0), g, m, v, direction);
         detail::check_launch(ctx.stream, "cuda::adam_direction");
     }
@@ -485,7 +497,7 @@ struct cuda {
     {
         if (g.empty()) return;
         using C = detail::common_compute_t<W, S>;
-        detail::adam_kernel<true, G, S, W, C><<<detail::cuda_grid(g.size()), detail::cuda_block, 0, ctx.stream>>>(
+        detail::adam_kernel<true, G, S, W, C><<<detail::element_grid(g.rows, g.cols), detail::cuda_block, 0, ctx.stream>>>(
             constants<S>(k), static_cast<C>(k.step_size), static_cast<C>(k.decay), g, m, v, w);
         detail::check_launch(ctx.stream, "cuda::adamw_update");
     }
