@@ -223,7 +223,7 @@ TEST_CASE("allocation errors name the argument")
     CHECK(contains(error_message_of([&] { compact::allocate_bits({1}, {10}, o); }), "group=12"));
 }
 
-TEST_CASE("GradNormVar never exceeds GACT's estimate on the same probes")
+TEST_CASE("GradNormVar never exceeds GACT's estimate on the same probes; a streamed third probe gives the same bits")
 {
     auto rng = compact_test::make_rng(4);
     for (int trial = 0; trial < 200; ++trial) {
@@ -234,7 +234,7 @@ TEST_CASE("GradNormVar never exceeds GACT's estimate on the same probes")
         compact::gradient_probe norm[3] = {compact::gradient_probe(compact::sensitivity_method::grad_norm_var),
                                            compact::gradient_probe(compact::sensitivity_method::grad_norm_var),
                                            compact::gradient_probe(compact::sensitivity_method::grad_norm_var)};
-        std::vector<std::vector<float>> base;
+        std::vector<std::vector<float>> base, third;
         for (int t = 0; t < tensors; ++t) base.push_back(compact_test::uniform<float>(rng, 1 + rng() % 50, -1, 1));
         for (int k = 0; k < 3; ++k)
             for (int t = 0; t < tensors; ++t) {
@@ -242,10 +242,25 @@ TEST_CASE("GradNormVar never exceeds GACT's estimate on the same probes")
                 for (float& v : g) v += static_cast<float>(compact_test::uniform(rng, -0.1, 0.1));
                 gact[k].add(g.data(), g.size());
                 norm[k].add(compact::const_matrix_view<float>(g.data(), 1, static_cast<index_t>(g.size())));
+                if (k == 2) third.push_back(g);
             }
         const double a = compact::probe_sensitivity(gact[0], gact[1], gact[2]);
         const double b = compact::probe_sensitivity(norm[0], norm[1], norm[2]);
         CHECK(b <= a * (1 + 1e-12));
+        // The controller keeps two probes and compares the third as it arrives: the same sums, in order.
+        auto gact_streamed = compact::gradient_probe::compared_with(gact[0], gact[1]);
+        auto norm_streamed = compact::gradient_probe::compared_with(norm[0], norm[1]);
+        for (const auto& g : third) {
+            gact_streamed.add(g.data(), g.size());
+            norm_streamed.add(compact::const_matrix_view<float>(g.data(), 1, static_cast<index_t>(g.size())));
+        }
+        CHECK(gact_streamed.data().empty());
+        CHECK(compact::probe_sensitivity_streamed(gact[0], gact[1], gact_streamed) == a);
+        CHECK(compact::probe_sensitivity_streamed(norm[0], norm[1], norm_streamed) == b);
+        // A rerun that adds more (or fewer) values than the stored probes is refused.
+        gact_streamed.add(third[0].data(), 1);
+        CHECK(contains(error_message_of([&] { compact::probe_sensitivity_streamed(gact[0], gact[1], gact_streamed); }),
+                       "the three probes differ in size"));
         CHECK(norm[0].data().size() == static_cast<std::size_t>(tensors)); // a number per tensor, not a gradient
     }
 }

@@ -6,7 +6,8 @@
 // 1-bit codes with noise variant 0 (g0), 1-bit codes with variant 1 (g1), and 8-bit codes (g2), and
 // takes
 //     C_l = max(|g0 - g1|^2, 2 max(|g0 - g2|^2, |g1 - g2|^2))
-// over the flat gradient of every parameter (sensitivity_method::gact: memory of three gradients).
+// over the flat gradient of every parameter (sensitivity_method::gact: memory of two gradients, in
+// double: the third probe is compared value by value as it arrives instead of being kept).
 // ALAM's GradNormVar applies the same formula to the vector of per-parameter-tensor gradient norms
 // (sensitivity_method::grad_norm_var: a few numbers per probe). Since | |a| - |b| | <= |a - b| tensor
 // by tensor, GradNormVar never exceeds GACT's estimate on the same probes.
@@ -42,6 +43,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 COMPACT_NAMESPACE_BEGIN
@@ -52,21 +54,43 @@ enum class sensitivity_method : std::uint8_t {
 };
 
 /// One probe's gradient, as the method needs it: the trainer's rerun calls add() for every parameter
-/// gradient (host memory), in the same order on every call.
+/// gradient (host memory), in the same order on every call. A probe built against two earlier probes
+/// (compared_with) keeps nothing: it accumulates its squared distances to them value by value.
 class gradient_probe {
 public:
     explicit gradient_probe(sensitivity_method method) : method_(method) {}
+
+    /// A probe that stores nothing and sums |this - a|^2 and |this - b|^2 as values arrive; a and b must
+    /// outlive it and hold the same method's values.
+    static gradient_probe compared_with(const gradient_probe& a, const gradient_probe& b)
+    {
+        COMPACT_REQUIRE(a.method_ == b.method_ && a.data_.size() == b.data_.size() && !a.streamed() &&
+                            !b.streamed(),
+                        "gradient_probe::compared_with", "the two stored probes differ (", a.data_.size(), " and ",
+                        b.data_.size(), " values)");
+        gradient_probe p(a.method_);
+        p.a_ = &a;
+        p.b_ = &b;
+        return p;
+    }
+
+    /// Room for `count` values (the size of an earlier probe), so that a large flat gradient is not
+    /// copied while it grows.
+    void reserve(std::size_t count)
+    {
+        if (!streamed()) data_.reserve(count);
+    }
 
     template <class T>
     void add(const T* values, std::size_t count)
     {
         COMPACT_REQUIRE(count == 0 || values != nullptr, "gradient_probe::add", "values is null but count=", count);
         if (method_ == sensitivity_method::gact) {
-            for (std::size_t k = 0; k < count; ++k) data_.push_back(static_cast<double>(values[k]));
+            for (std::size_t k = 0; k < count; ++k) put(static_cast<double>(values[k]));
         } else {
             double sum = 0;
             for (std::size_t k = 0; k < count; ++k) sum += static_cast<double>(values[k]) * static_cast<double>(values[k]);
-            data_.push_back(std::sqrt(sum));
+            put(std::sqrt(sum));
         }
         ++tensors_;
     }
@@ -83,26 +107,53 @@ public:
             double sum = 0;
             for (index_t i = 0; i < g.rows; ++i)
                 for (index_t j = 0; j < g.cols; ++j) sum += static_cast<double>(g(i, j)) * static_cast<double>(g(i, j));
-            data_.push_back(std::sqrt(sum));
+            put(std::sqrt(sum));
             ++tensors_;
         }
     }
 
     sensitivity_method method() const noexcept { return method_; }
-    /// The flat gradient (gact) or the norms (grad_norm_var).
+    /// The flat gradient (gact) or the norms (grad_norm_var); empty for a compared_with probe.
     const std::vector<double>& data() const noexcept { return data_; }
     std::size_t tensors() const noexcept { return tensors_; }
+    /// Values added so far.
+    std::size_t size() const noexcept { return streamed() ? compared_ : data_.size(); }
+    bool streamed() const noexcept { return a_ != nullptr; }
+    /// A compared_with probe's |this - a|^2 and |this - b|^2 (summed in value order, as
+    /// probe_sensitivity sums them); NaN when more values arrived than a and b hold.
+    double distance_to_a() const noexcept { return distance_a_; }
+    double distance_to_b() const noexcept { return distance_b_; }
 
 private:
     template <class T>
     void add_values(const T* p, std::size_t n)
     {
-        for (std::size_t k = 0; k < n; ++k) data_.push_back(static_cast<double>(p[k]));
+        for (std::size_t k = 0; k < n; ++k) put(static_cast<double>(p[k]));
+    }
+
+    void put(double x)
+    {
+        if (!streamed()) {
+            data_.push_back(x);
+            return;
+        }
+        if (compared_ < a_->data_.size()) {
+            const double da = a_->data_[compared_] - x, db = b_->data_[compared_] - x;
+            distance_a_ += da * da;
+            distance_b_ += db * db;
+        } else {
+            distance_a_ = distance_b_ = std::numeric_limits<double>::quiet_NaN();
+        }
+        ++compared_;
     }
 
     sensitivity_method method_;
     std::vector<double> data_;
     std::size_t tensors_ = 0;
+    const gradient_probe* a_ = nullptr; // compared_with: the stored probes
+    const gradient_probe* b_ = nullptr;
+    std::size_t compared_ = 0;
+    double distance_a_ = 0, distance_b_ = 0;
 };
 
 /// max(|g0 - g1|^2, 2 max(|g0 - g2|^2, |g1 - g2|^2)) of three probes of one tensor.
@@ -122,6 +173,22 @@ inline double probe_sensitivity(const gradient_probe& g0, const gradient_probe& 
     const double d01 = distance(g0.data(), g1.data()), d02 = distance(g0.data(), g2.data()),
                  d12 = distance(g1.data(), g2.data());
     return std::max(d01, 2 * std::max(d02, d12));
+}
+
+/// The same from two stored probes and a third compared with them as it arrived
+/// (gradient_probe::compared_with(g0, g1)): bit for bit the value of probe_sensitivity(g0, g1, g2).
+inline double probe_sensitivity_streamed(const gradient_probe& g0, const gradient_probe& g1, const gradient_probe& g2)
+{
+    constexpr const char* where = "probe_sensitivity_streamed";
+    COMPACT_REQUIRE(g2.streamed() && g0.data().size() == g1.data().size() && g2.size() == g0.data().size() &&
+                        g0.tensors() == g1.tensors() && g0.tensors() == g2.tensors(),
+                    where, "the three probes differ in size (", g0.data().size(), ", ", g1.data().size(), ", ",
+                    g2.size(), " values): the rerun must add the same gradients in the same order");
+    COMPACT_REQUIRE(g0.tensors() > 0, where, "the rerun added no gradient to the probe");
+    double d01 = 0;
+    for (std::size_t k = 0; k < g0.data().size(); ++k)
+        d01 += (g0.data()[k] - g1.data()[k]) * (g0.data()[k] - g1.data()[k]);
+    return std::max(d01, 2 * std::max(g2.distance_to_a(), g2.distance_to_b()));
 }
 
 /// When the controller re-estimates: at step 0 and then every `interval` steps (GACT: 1000), or at
@@ -198,18 +265,21 @@ public:
         for (std::size_t l = 0; l < settings_.size(); ++l) {
             store_settings& s = *settings_[l];
             const store_settings kept = s;
-            auto probe = [&](store_scheme scheme, std::uint32_t variant) {
+            auto probe = [&](store_scheme scheme, std::uint32_t variant, gradient_probe g) {
                 s.scheme = scheme;
                 s.variant = variant;
-                gradient_probe g(method_);
+                g.reserve(probe_values_);
                 rerun(g);
+                probe_values_ = g.size();
                 return g;
             };
             try {
-                const gradient_probe g0 = probe(store_scheme::quantized(1, options_.group), 0);
-                const gradient_probe g1 = probe(store_scheme::quantized(1, options_.group), 1);
-                const gradient_probe g2 = probe(store_scheme::quantized(8, options_.group), 0);
-                const double c = probe_sensitivity(g0, g1, g2);
+                const gradient_probe g0 = probe(store_scheme::quantized(1, options_.group), 0, gradient_probe(method_));
+                const gradient_probe g1 = probe(store_scheme::quantized(1, options_.group), 1, gradient_probe(method_));
+                // The 8-bit probe is compared with the two others as it arrives: two gradients kept, not three.
+                const gradient_probe g2 = probe(store_scheme::quantized(8, options_.group), 0,
+                                                gradient_probe::compared_with(g0, g1));
+                const double c = probe_sensitivity_streamed(g0, g1, g2);
                 // A diverging probe makes the tensor as sensitive as the model can express.
                 sensitivity_[l] = std::isfinite(c) ? c : max_sensitivity;
             } catch (...) {
@@ -253,6 +323,7 @@ private:
     std::vector<store_settings*> settings_;
     std::vector<index_t> values_;
     std::vector<double> sensitivity_;
+    std::size_t probe_values_ = 0; // values of the last probe, to size the next
 };
 
 COMPACT_NAMESPACE_END
