@@ -1,6 +1,8 @@
-// bench/bench_support.hpp: what the CPU benchmarks share: timing statistics, machine facts and the
-// float64 row references their checks use. Not part of the library.
+// bench/bench_support.hpp: what the CPU benchmarks share on top of bench_common.hpp: machine facts and
+// the float64 row references their checks use. Not part of the library.
 #pragma once
+
+#include "bench_common.hpp"
 
 #include <compact/backend/cpu/cpu.hpp>
 #include <compact/core/matrix_view.hpp>
@@ -15,7 +17,6 @@
 
 namespace compact_bench {
 
-using compact::index_t;
 using clock_type = std::chrono::steady_clock;
 
 template <class T>
@@ -24,25 +25,6 @@ using buffer = compact::cpu::buffer<T>;
 inline double seconds_between(clock_type::time_point a, clock_type::time_point b)
 {
     return std::chrono::duration<double>(b - a).count();
-}
-
-inline double median(std::vector<double> v)
-{
-    if (v.empty()) return 0;
-    std::sort(v.begin(), v.end());
-    const std::size_t h = v.size() / 2;
-    return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
-}
-
-inline double minimum(const std::vector<double>& v) { return v.empty() ? 0 : *std::min_element(v.begin(), v.end()); }
-
-/// Median over rounds of a[i] / b[i]: both steps of a round ran back to back, so a slowdown that lasts
-/// longer than a round (another job on the machine) cancels out of the ratio.
-inline double paired_ratio(const std::vector<double>& a, const std::vector<double>& b)
-{
-    std::vector<double> r;
-    for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
-    return median(r);
 }
 
 /// The CPU's model name from /proc/cpuinfo (Linux), or "unknown".
@@ -58,14 +40,6 @@ inline std::string cpu_model()
     return "unknown";
 }
 
-inline std::string today()
-{
-    const std::time_t now = std::time(nullptr);
-    char s[64];
-    std::strftime(s, sizeof s, "%Y-%m-%d %H:%M:%S %Z", std::localtime(&now));
-    return s;
-}
-
 template <class T>
 compact::matrix_view<T> view_of(buffer<T>& b, index_t rows, index_t cols)
 {
@@ -75,18 +49,6 @@ template <class T>
 compact::const_matrix_view<T> view_of(const buffer<T>& b, index_t rows, index_t cols)
 {
     return compact::make_view(b.data(), rows, cols);
-}
-
-/// `count` rows spread evenly over [0, total) (all of them when total <= count), for sampled checks.
-inline std::vector<index_t> sample_rows(index_t total, index_t count)
-{
-    std::vector<index_t> rows;
-    if (total <= count) {
-        for (index_t i = 0; i < total; ++i) rows.push_back(i);
-        return rows;
-    }
-    for (index_t k = 0; k < count; ++k) rows.push_back(k * (total - 1) / (count - 1));
-    return rows;
 }
 
 /// Float64 rows of the products the checks need.

@@ -45,6 +45,8 @@
 // command line; 3 with --check-target when the target is missed; 77 (skipped) without a CUDA device
 // or on one older than compute capability 8.0 (bf16 GEMMs). See bench/README.md.
 
+#include "bench_common.hpp"
+
 #include <compact/cuda.cuh>
 
 #include <cublas_v2.h>
@@ -69,6 +71,13 @@
 namespace {
 
 using compact::index_t;
+using compact_bench::check_table;
+using compact_bench::median;
+using compact_bench::minimum;
+using compact_bench::paired_ratio;
+using compact_bench::percentile;
+using compact_bench::sample_rows;
+using compact_bench::today;
 using bf16 = __nv_bfloat16;
 using backend = compact::cuda;
 using context = compact::cuda::context;
@@ -240,45 +249,9 @@ std::string bytes_string(double b)
     return s;
 }
 
-std::string today()
-{
-    const std::time_t now = std::time(nullptr);
-    char s[64];
-    std::strftime(s, sizeof s, "%Y-%m-%d %H:%M:%S %Z", std::localtime(&now));
-    return s;
-}
-
 std::string version_string(int v) // CUDA's 1000 major + 10 minor
 {
     return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
-}
-
-// ------------------------------------------------------------------------------------------ statistics
-
-double percentile(std::vector<double> v, double q) // nearest rank; q in (0, 1]
-{
-    if (v.empty()) return 0;
-    std::sort(v.begin(), v.end());
-    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(v.size())));
-    return v[std::min(v.size(), std::max<std::size_t>(rank, 1)) - 1];
-}
-
-double median(std::vector<double> v)
-{
-    if (v.empty()) return 0;
-    std::sort(v.begin(), v.end());
-    const std::size_t h = v.size() / 2;
-    return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
-}
-
-double minimum(const std::vector<double>& v) { return v.empty() ? 0 : *std::min_element(v.begin(), v.end()); }
-
-/// Median over rounds of a[i] / b[i]: both steps of a round ran back to back.
-double paired_ratio(const std::vector<double>& a, const std::vector<double>& b)
-{
-    std::vector<double> r;
-    for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
-    return median(r);
 }
 
 // ------------------------------------------------------------------------------------- device helpers
@@ -650,19 +623,6 @@ private:
 
 // ------------------------------------------------------------------------------------------- checks
 
-struct check_log {
-    bool ok = true;
-    std::vector<std::string> rows;
-    void add(const std::string& what, double error, double tolerance)
-    {
-        const bool pass = std::isfinite(error) && error <= tolerance;
-        ok = ok && pass;
-        char s[320];
-        std::snprintf(s, sizeof s, "| %s | %.2e | %.0e | %s |", what.c_str(), error, tolerance, pass ? "pass" : "FAIL");
-        rows.emplace_back(s);
-    }
-};
-
 std::vector<float> to_host_floats(const bf16* device, std::size_t count)
 {
     std::vector<bf16> h(count);
@@ -672,20 +632,8 @@ std::vector<float> to_host_floats(const bf16* device, std::size_t count)
     return f;
 }
 
-/// `count` rows spread evenly over [0, total), first and last included.
-std::vector<index_t> sample_rows(index_t total, index_t count)
-{
-    std::vector<index_t> rows;
-    if (total <= count) {
-        for (index_t i = 0; i < total; ++i) rows.push_back(i);
-        return rows;
-    }
-    for (index_t k = 0; k < count; ++k) rows.push_back(k * (total - 1) / (count - 1));
-    return rows;
-}
-
 /// Y and dX of the uncompressed library step (already run) against float64 on sampled rows.
-void check_against_float64(problem& p, check_log& log)
+void check_against_float64(problem& p, check_table& log)
 {
     const index_t n = p.in, m = p.out;
     const std::vector<float> w = to_host_floats(p.w0.data(), p.w0.size()); // (m, n)
@@ -725,7 +673,7 @@ void check_against_float64(problem& p, check_log& log)
 /// Runs one step of every variant from the same state and compares them; resets them afterwards.
 void run_checks(const compact::owned_cuda_context& owner, problem& p, library_step<compact::rank::full>& full,
                 cublas_step& hand, std::vector<std::unique_ptr<library_step<compact::rank::fixed>>>& compressed,
-                check_log& log)
+                check_table& log)
 {
     const context& ctx = owner.get();
     check_scratch scratch;
@@ -997,7 +945,7 @@ bool run_shape(const options& o, const compact::owned_cuda_context& owner, const
         compressed.push_back(std::make_unique<library_step<compact::rank::fixed>>(
             p, std::string("compressed r = ") + labels[k], compact::rank::fixed{ranks[k]}));
 
-    check_log log;
+    check_table log;
     run_checks(owner, p, full, hand, compressed, log);
     out.add("correctness, before timing (relative Frobenius errors, bf16 storage):\n\n");
     out.add("| check | error | tolerance | result |\n|---|---|---|---|\n");

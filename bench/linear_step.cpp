@@ -404,21 +404,6 @@ private:
     compact::adam_counters counters_;
 };
 
-// ------------------------------------------------------------------------------------ correctness
-
-struct check_log {
-    bool ok = true;
-    std::vector<std::string> rows;
-    void add(const std::string& what, double error, double tolerance)
-    {
-        const bool pass = std::isfinite(error) && error <= tolerance;
-        ok = ok && pass;
-        char s[256];
-        std::snprintf(s, sizeof s, "| %s | %.2e | %.0e | %s |", what.c_str(), error, tolerance, pass ? "pass" : "FAIL");
-        rows.emplace_back(s);
-    }
-};
-
 // ---------------------------------------------------------------------------------------- timings
 
 struct row_result {
@@ -534,7 +519,7 @@ int main(int argc, char** argv)
         }
 
         // Correctness, before any timing, from the initial state.
-        check_log checks;
+        check_table checks;
         {
             base.run(ctx);
             // Rows of the (N, *) results and of the (m, *) gradients checked against float64.
