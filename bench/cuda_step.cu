@@ -665,7 +665,7 @@ void check_against_float64(problem& p, check_table& log)
             dx_den += ref[static_cast<std::size_t>(k)] * ref[static_cast<std::size_t>(k)];
         }
     }
-    // bf16 output: each value rounded once to 8 significant bits (relative 2^-9 at most).
+    // bf16 output: each value rounded once to 8 significant bits (relative 2^-8 at most).
     log.add("uncompressed (library) Y = X W^T + b vs float64, 8 rows", std::sqrt(y_num / y_den), 1e-2);
     log.add("uncompressed (library) dX = dY W vs float64, 8 rows", std::sqrt(dx_num / dx_den), 1e-2);
 }
@@ -814,7 +814,9 @@ struct kernel_row {
 };
 
 /// Times `launch` and a device-to-device copy of bytes / 2 (so that it too reads and writes `bytes`),
-/// alternately, after warm-up; medians.
+/// alternately, after warm-up; medians. Each pair waits behind a short delay kernel, so that both are
+/// queued before the GPU reaches the first event: the kernel's time then holds no launch latency, as
+/// the copy's (queued behind the kernel) never did.
 template <class Launch>
 kernel_row time_kernel(const options& o, const compact::owned_cuda_context& owner, std::string what, double bytes,
                        bool judged, dbuf<std::byte>& copy_from, dbuf<std::byte>& copy_to, Launch&& launch)
@@ -824,7 +826,10 @@ kernel_row time_kernel(const options& o, const compact::owned_cuda_context& owne
     event_set events(4);
     std::vector<double> kernel, copy;
     const int runs = std::max(o.runs, 20);
+    constexpr unsigned long long queue_delay_ns = 50000; // far above the two launches' enqueue time
     for (int i = 0; i < 2 + runs; ++i) {
+        delay_kernel<<<1, 1, 0, ctx.stream>>>(queue_delay_ns);
+        check_launch("delay_kernel");
         events.record(0, ctx.stream);
         launch(ctx);
         events.record(1, ctx.stream);
@@ -894,6 +899,17 @@ void time_kernels(const options& o, const compact::owned_cuda_context& owner, pr
         rows.push_back(time_kernel(o, owner, "add_row_vector<bf16> (+ b) on Y " + Nm_s,
                                    2 * Nm * bf + static_cast<double>(m) * bf, false, from, to,
                                    [&](const context& ctx) { backend::add_row_vector<bf16>(ctx, p.b0.data(), p.yv()); }));
+    }
+    {
+        // P generation at (N, n/4), into Z's memory: the step's P (n, n/4) is at most 32 MiB, inside the
+        // L2 of an H100 or H200, so this is the row that measures the kernel against device memory.
+        const compact::input_projection<bf16, backend> tall(N, r, compact::distribution::gaussian, seed, 2);
+        rows.push_back(time_kernel(o, owner,
+                                   "generate_projection<bf16> P (" + std::to_string(N) + ", " + std::to_string(r) +
+                                       "), gaussian, into Z's memory",
+                                   static_cast<double>(count_of(N, r)) * bf, true, from, to, [&](const context& ctx) {
+                                       backend::generate_projection<bf16>(ctx, tall.spec(epoch), 0, 0, p.zv(r));
+                                   }));
     }
     rows.push_back(time_kernel(o, owner, "axpby<bf16, bf16> Z = X (identity) " + Nn_s, 2 * Nn * bf, false, from, to,
                                [&](const context& ctx) {
@@ -1115,15 +1131,19 @@ int main(int argc, char** argv)
             for (const kernel_row& k : kernels) {
                 const double gbs = k.bytes / (k.us * 1e-6) * 1e-9, copy_gbs = k.bytes / (k.copy_us * 1e-6) * 1e-9;
                 const bool in_l2 = k.bytes < 2.0 * static_cast<double>(prop.l2CacheSize);
-                const char* verdict = !k.judged ? "-" : (o.smoke ? "not judged (smoke)" : (gbs >= 0.7 * copy_gbs ? "met" : "MISSED"));
+                // A row inside twice the L2 measures the cache for the kernel and the copy alike: not judged.
+                const char* verdict = !k.judged ? "-"
+                                      : o.smoke ? "not judged (smoke)"
+                                      : in_l2   ? "not judged (L2)"
+                                                : (gbs >= 0.7 * copy_gbs ? "met" : "MISSED");
                 out.add("| %s | %s%s | %.1f | %.0f | %.0f | %.0f%% | %.0f%% | %s |\n", k.what.c_str(),
                         bytes_string(k.bytes).c_str(), in_l2 ? " (fits in L2)" : "", k.us, gbs, copy_gbs,
                         100.0 * gbs / copy_gbs, peak_gbs > 0 ? 100.0 * gbs / peak_gbs : 0.0, verdict);
             }
             out.add("\nBytes are counted from the kernels' signatures: adamw_update reads G (bf16), M, V (fp32) and W "
                     "(bf16) and writes M, V and W; adam_direction reads G, M, V and writes M, V and the direction "
-                    "(bf16); generate_projection only writes P. Rows that fit in L2 measure the cache, not device "
-                    "memory.\n");
+                    "(bf16); generate_projection only writes P. Rows that fit in twice the L2 measure the cache, not "
+                    "device memory, and are not judged.\n");
         }
 
         if (target.judged)
