@@ -3,11 +3,15 @@
 // gradient accumulation, determinism (run to run and across thread counts), resampling epochs, the
 // memory queries and its errors.
 //
-// Test bodies are templates over a `config` (backend, scalar, moment type); a CUDA backend joins by
-// adding its configs to COMPACT_TEST_CONFIGS (its bodies then need device copies of the buffers).
+// The generic bodies are templates over a `config` (backend, scalar, moment type) and run on both
+// backends through backend_under_test.hpp: this file on the CPU, tests/cuda/test_cuda_linear_layer.cu
+// (which includes it with COMPACT_TEST_CUDA) on CUDA. They keep inputs and float64 references on the
+// host and give the library only memory of the backend under test (dev.upload, device arrays,
+// dev.workspace); a layer's own buffers (weight(), bias(), gradient(), moments) are the backend's
+// memory too and are read and written through dev.read / dev.write. The cases about the CPU backend
+// itself (thread counts, explicit compact::cpu layers with master weights) sit under
+// #if !COMPACT_TEST_CUDA_BUILD.
 #include "test_support.hpp"
-
-#include <compact/compact.hpp>
 
 #include <doctest/doctest.h>
 
@@ -27,8 +31,10 @@ using compact::index_t;
 
 using namespace compact_test;
 
+#if !COMPACT_TEST_CUDA_BUILD
 // Properties of the CPU backend only (its thread count).
 #define COMPACT_CPU_TEST_CONFIGS config<compact::cpu, float, float>, config<compact::cpu, double, double>
+#endif
 
 /// A synthetic regression: X (rows, n) ~ U(-1, 1), targets T = X W*^T + b* + noise (rows, m), loss
 /// mean((Y - T)^2) over all rows * m values, so dY = 2 (Y - T) / (rows m) for every row of the batch.
@@ -55,6 +61,8 @@ struct regression {
             }
     }
 
+    /// Rows [r0, r0 + count) of X in host memory: for the CPU-only cases that drive the caller-memory
+    /// API on host vectors (device_regression::inputs is the backend's copy).
     compact::const_matrix_view<Scalar> inputs(index_t r0, index_t count) const
     {
         return compact::const_matrix_view<Scalar>(x.data() + r0 * n, count, n);
@@ -76,34 +84,74 @@ struct regression {
     }
 };
 
-/// One update of `layer` on the whole batch split into `micro` equal micro-batches; returns the loss.
-template <class Layer, class Scalar>
-double train_step(Layer& layer, const typename Layer::context& ctx, const regression<Scalar>& problem,
-                  const compact::adamw_params& h, index_t micro = 1)
+/// `count` zeros of T in Backend's memory.
+template <class T, class Backend>
+device_array<Backend, T> zeros(const device<Backend>&, index_t count)
 {
-    const index_t count = problem.rows / micro;
-    std::vector<Scalar> y(static_cast<std::size_t>(count * problem.m)), dy, dx(static_cast<std::size_t>(count * problem.n));
+    return device_array<Backend, T>(static_cast<std::size_t>(count));
+}
+
+/// A regression problem with its X copied to the backend's memory once (the targets stay on the host,
+/// where the loss and dY are computed).
+template <class Backend, class Scalar>
+struct device_regression {
+    const regression<Scalar>& host;
+    device_array<Backend, Scalar> x;
+
+    device_regression(const device<Backend>& dev, const regression<Scalar>& problem) : host(problem), x(dev.upload(problem.x)) {}
+
+    /// Rows [r0, r0 + count) of X in the backend's memory (pointer arithmetic only, no access).
+    compact::const_matrix_view<Scalar> inputs(index_t r0, index_t count) const
+    {
+        REQUIRE(static_cast<std::size_t>((r0 + count) * host.n) <= x.size());
+        return compact::const_matrix_view<Scalar>(x.data() + r0 * host.n, count, host.n);
+    }
+};
+
+/// One update of `layer` on the whole batch split into `micro` equal micro-batches; returns the loss.
+/// ctx is dev.ctx(), except in the CPU-only thread-count case (dev's copies only wait for dev's stream,
+/// which on the CPU is nothing).
+template <class Layer, class Backend, class Scalar>
+double train_step(Layer& layer, const device<Backend>& dev, const typename Layer::context& ctx,
+                  const device_regression<Backend, Scalar>& problem, const compact::adamw_params& h, index_t micro = 1)
+{
+    const regression<Scalar>& p = problem.host;
+    const index_t count = p.rows / micro;
+    auto y_d = zeros<Scalar>(dev, count * p.m);
+    auto dy_d = zeros<Scalar>(dev, count * p.m);
+    auto dx_d = zeros<Scalar>(dev, count * p.n);
+    std::vector<Scalar> dy;
     double loss = 0;
     for (index_t k = 0; k < micro; ++k) {
-        layer.forward(ctx, problem.inputs(k * count, count), view_of(y, count, problem.m));
-        loss += problem.gradient(k * count, cview_of(y, count, problem.m), dy);
-        layer.backward(ctx, cview_of(dy, count, problem.m), view_of(dx, count, problem.n));
+        layer.forward(ctx, problem.inputs(k * count, count), y_d.view(count, p.m));
+        // download waits for the stream, so the previous backward has finished reading dY as well.
+        const auto y = dev.download(y_d);
+        loss += p.gradient(k * count, cview_of(y, count, p.m), dy);
+        dev.upload_to(dy_d, dy);
+        layer.backward(ctx, dy_d.cview(count, p.m), dx_d.view(count, p.n));
     }
     layer.step(ctx, h);
+    dev.synchronize(); // y_d, dy_d and dx_d go out of scope
     return loss;
 }
 
-template <class Layer>
-void initialise(Layer& layer, std::uint64_t seed)
+/// W and b ~ U(-1/sqrt(n), 1/sqrt(n)), drawn on the host (W row by row, then b) and written to the
+/// layer's buffers.
+template <class Backend, class Layer>
+void initialise(const device<Backend>& dev, Layer& layer, std::uint64_t seed)
 {
+    using scalar = typename Layer::layer_type::scalar_type;
     std::mt19937_64 rng(seed);
     const double scale = 1.0 / std::sqrt(static_cast<double>(layer.in()));
-    auto w = layer.weight();
     std::uniform_real_distribution<double> d(-scale, scale);
-    for (index_t i = 0; i < w.rows; ++i)
-        for (index_t j = 0; j < w.cols; ++j) w(i, j) = static_cast<typename Layer::layer_type::scalar_type>(d(rng));
-    if (auto* b = layer.bias())
-        for (index_t o = 0; o < layer.out(); ++o) b[o] = static_cast<typename Layer::layer_type::scalar_type>(d(rng));
+    std::vector<scalar> w(static_cast<std::size_t>(layer.out() * layer.in()));
+    for (auto& value : w) value = static_cast<scalar>(d(rng));
+    dev.write(layer.weight(), w);
+    if (scalar* b = layer.bias()) { // a null test only: b is the backend's memory
+        std::vector<scalar> bias(static_cast<std::size_t>(layer.out()));
+        for (auto& value : bias) value = static_cast<scalar>(d(rng));
+        dev.write(compact::make_view(b, 1, layer.out()), bias);
+    }
 }
 
 /// Everything a layer's training state holds that the public interface shows.
@@ -114,24 +162,25 @@ struct snapshot {
     std::uint64_t step = 0, epoch = 0, bias_step = 0, updates = 0;
     bool pending = false;
 
-    template <class Layer>
-    explicit snapshot(const Layer& layer)
-        : weight(copy_of<Scalar>(layer.weight())),
-          gradient(copy_of<Scalar>(layer.gradient())),
-          m(copy_of<State>(layer.first_moment())),
-          v(copy_of<State>(layer.second_moment())),
+    /// The layer's buffers, read from the backend's memory through dev.
+    template <class Backend, class Layer>
+    snapshot(const device<Backend>& dev, const Layer& layer)
+        : weight(dev.read(layer.weight())),
+          gradient(dev.read(layer.gradient())),
+          m(dev.read(layer.first_moment())),
+          v(dev.read(layer.second_moment())),
           step(layer.counters().step),
           epoch(layer.counters().epoch),
           bias_step(layer.bias_counters().step),
           updates(layer.updates()),
           pending(layer.gradient_pending())
     {
-        if (const Scalar* b = layer.bias()) {
+        if (const Scalar* b = layer.bias()) { // a null test only: b is the backend's memory
             const auto out = static_cast<std::size_t>(layer.out());
-            bias.assign(b, b + out);
-            bias_gradient.assign(layer.bias_gradient(), layer.bias_gradient() + out);
-            bias_m.assign(layer.bias_first_moment(), layer.bias_first_moment() + out);
-            bias_v.assign(layer.bias_second_moment(), layer.bias_second_moment() + out);
+            bias = dev.read(b, out);
+            bias_gradient = dev.read(layer.bias_gradient(), out);
+            bias_m = dev.read(layer.bias_first_moment(), out);
+            bias_v = dev.read(layer.bias_second_moment(), out);
         }
     }
 
@@ -177,13 +226,15 @@ struct reference_adamw {
 
 // ========================================================================================= training
 
-TEST_CASE_TEMPLATE("linear_layer with rank::ratio<1, 4> reduces the loss of a regression", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("linear_layer with rank::ratio<1, 4> reduces the loss of a regression" COMPACT_TEST_ON_DEVICE, Cfg,
+                   COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
     const regression<Scalar> problem(128, 64, 16, 0x7e57);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
 
     compact::linear_options options;
     options.seed = 42;
@@ -192,15 +243,15 @@ TEST_CASE_TEMPLATE("linear_layer with rank::ratio<1, 4> reduces the loss of a re
     options.resample.gap = 10;
     compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(problem.n, problem.m, options);
     REQUIRE(layer.rank() == 16);
-    initialise(layer, 1);
+    initialise(dev, layer, 1);
 
     // The paper's pretraining setting: alpha = 0.25, a new P every 10 updates. The loss falls steadily
     // (to about 5% of its start here); the checks leave a factor of 2.
     const auto h = hyper(2e-2, 0.25, 0.0);
-    const double first = train_step(layer, ctx, problem, h);
+    const double first = train_step(layer, dev, dev.ctx(), problem_d, h);
     double middle = first, last = first;
     for (int s = 1; s < 150; ++s) {
-        last = train_step(layer, ctx, problem, h);
+        last = train_step(layer, dev, dev.ctx(), problem_d, h);
         if (s == 75) middle = last;
     }
     CAPTURE(first);
@@ -216,15 +267,19 @@ TEST_CASE_TEMPLATE("linear_layer with rank::ratio<1, 4> reduces the loss of a re
 namespace {
 
 /// Trains a linear_layer and, side by side, the caller-memory API driven by hand (compressed_linear,
-/// subspace_adamw for W, adamw for b, epoch = resample.epoch(update)); both must be bit-identical.
+/// subspace_adamw for W, adamw for b, epoch = resample.epoch(update)); both must be bit-identical. Both
+/// run on the backend under test, the hand-driven one on device copies of W, b, the moments and the
+/// activations; dY and the float64 reference are computed on the host.
 template <class Cfg, class Policy>
 void layer_equals_caller_memory_api(int steps)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     const regression<Scalar> problem(48, 40, 12, 0x1d);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
     const index_t rows = problem.rows, n = problem.n, m = problem.m;
 
     compact::linear_options options;
@@ -234,18 +289,24 @@ void layer_equals_caller_memory_api(int steps)
     options.resample.gap = 5;
     options.moments = compact::moment_policy::transfer;
     compact::linear_layer<Scalar, Policy, Backend, State> layer(n, m, options);
-    initialise(layer, 2);
+    initialise(dev, layer, 2);
 
     const compact::compressed_linear<Scalar, Policy, Backend> manual(n, m, options.seed, options.layer);
     const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, manual.projection(), options.moments);
     const index_t r = manual.rank();
     REQUIRE(r == layer.rank());
-    auto w = copy_of<Scalar>(layer.weight());
-    std::vector<Scalar> b(layer.bias(), layer.bias() + m);
-    std::vector<Scalar> y(rows * m), z(rows * r), dy, dx(rows * n), g_sub(m * r), db(m);
-    std::vector<State> wm(m * r, State(0)), wv(m * r, State(0)), bm(m, State(0)), bv(m, State(0));
+    auto w = dev.read(layer.weight());
+    auto b = dev.read(layer.bias(), static_cast<std::size_t>(m));
+    std::vector<Scalar> dy;
+    // The hand-driven path's memory on the backend: W, b, Y, Z, dY, dX, G_sub, db, the moments (zero).
+    auto w_d = dev.upload(w);
+    auto b_d = dev.upload(b);
+    auto y_d = zeros<Scalar>(dev, rows * m), z_d = zeros<Scalar>(dev, rows * r), dy_d = zeros<Scalar>(dev, rows * m);
+    auto dx_d = zeros<Scalar>(dev, rows * n), g_sub_d = zeros<Scalar>(dev, m * r), db_d = zeros<Scalar>(dev, m);
+    auto wm_d = zeros<State>(dev, m * r), wv_d = zeros<State>(dev, m * r);
+    auto bm_d = zeros<State>(dev, m), bv_d = zeros<State>(dev, m);
     compact::adam_counters w_counters, b_counters;
-    std::vector<unsigned char> ws(std::max(manual.workspace_bytes(), optimizer.workspace_bytes()));
+    auto ws = dev.workspace(std::max(manual.workspace_bytes(), optimizer.workspace_bytes()));
 
     // The float64 reference for the identity: a plain linear layer + AdamW (decay on the bias too).
     auto w_ref = to_double(w);
@@ -253,29 +314,36 @@ void layer_equals_caller_memory_api(int steps)
     reference_adamw w_state(w_ref.size()), b_state(b_ref.size());
 
     const auto h = hyper(1e-2, 1.0, 0.1);
-    std::vector<Scalar> y_layer(rows * m), dy_layer, dx_layer(rows * n);
+    std::vector<Scalar> dy_layer;
+    auto y_layer_d = zeros<Scalar>(dev, rows * m), dy_layer_d = zeros<Scalar>(dev, rows * m);
+    auto dx_layer_d = zeros<Scalar>(dev, rows * n);
     for (int s = 0; s < steps; ++s) {
         const auto update = static_cast<std::uint64_t>(s);
         const std::uint64_t epoch = options.resample.epoch(update);
         CHECK(layer.epoch() == epoch);
 
-        layer.forward(ctx, problem.inputs(0, rows), view_of(y_layer, rows, m));
+        layer.forward(ctx, problem_d.inputs(0, rows), y_layer_d.view(rows, m));
+        const auto y_layer = dev.download(y_layer_d); // waits for the stream: nothing reads dY now
         problem.gradient(0, cview_of(y_layer, rows, m), dy_layer);
-        layer.backward(ctx, cview_of(dy_layer, rows, m), view_of(dx_layer, rows, n));
-        const auto g_layer = copy_of<Scalar>(layer.gradient());
+        dev.upload_to(dy_layer_d, dy_layer);
+        layer.backward(ctx, dy_layer_d.cview(rows, m), dx_layer_d.view(rows, n));
+        const auto g_layer = dev.read(layer.gradient());
+        const auto dx_layer = dev.download(dx_layer_d);
         layer.step(ctx, h);
 
-        manual.forward(ctx, problem.inputs(0, rows), cview_of(w, m, n), b.data(), view_of(y, rows, m), view_of(z, rows, r),
-                       epoch, {ws.data(), ws.size()});
+        manual.forward(ctx, problem_d.inputs(0, rows), w_d.cview(m, n), b_d.data(), y_d.view(rows, m), z_d.view(rows, r),
+                       epoch, ws.get());
+        const auto y = dev.download(y_d);
         problem.gradient(0, cview_of(y, rows, m), dy);
-        manual.backward(ctx, cview_of(dy, rows, m), cview_of(w, m, n), cview_of(z, rows, r), view_of(dx, rows, n),
-                        view_of(g_sub, m, r), db.data());
+        dev.upload_to(dy_d, dy);
+        manual.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), z_d.cview(rows, r), dx_d.view(rows, n),
+                        g_sub_d.view(m, r), db_d.data());
         CHECK(bit_equal(y, y_layer));
-        CHECK(bit_equal(dx, dx_layer));
-        CHECK(bit_equal(g_sub, g_layer));
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g_sub, m, r), view_of(wm, m, r), view_of(wv, m, r), w_counters,
-                       epoch, {ws.data(), ws.size()});
-        compact::adamw<Backend>::step(ctx, h, view_of(b, 1, m), cview_of(db, 1, m), view_of(bm, 1, m), view_of(bv, 1, m),
+        CHECK(bit_equal(dev.download(dx_d), dx_layer));
+        CHECK(bit_equal(dev.download(g_sub_d), g_layer));
+        optimizer.step(ctx, h, w_d.view(m, n), g_sub_d.cview(m, r), wm_d.view(m, r), wv_d.view(m, r), w_counters, epoch,
+                       ws.get());
+        compact::adamw<Backend>::step(ctx, h, b_d.view(1, m), db_d.cview(1, m), bm_d.view(1, m), bv_d.view(1, m),
                                       b_counters);
 
         if (compact::forces_identity_projection<Policy>) {
@@ -293,15 +361,17 @@ void layer_equals_caller_memory_api(int steps)
             b_state.step(h, b_ref, db_ref);
         }
     }
+    w = dev.download(w_d);
+    b = dev.download(b_d);
     CHECK(layer.updates() == static_cast<std::uint64_t>(steps));
-    CHECK(bit_equal(copy_of<Scalar>(layer.weight()), w));
-    CHECK(bit_equal(std::vector<Scalar>(layer.bias(), layer.bias() + m), b));
-    CHECK(bit_equal(copy_of<State>(layer.first_moment()), wm));
-    CHECK(bit_equal(copy_of<State>(layer.second_moment()), wv));
+    CHECK(bit_equal(dev.read(layer.weight()), w));
+    CHECK(bit_equal(dev.read(layer.bias(), static_cast<std::size_t>(m)), b));
+    CHECK(bit_equal(dev.read(layer.first_moment()), dev.download(wm_d)));
+    CHECK(bit_equal(dev.read(layer.second_moment()), dev.download(wv_d)));
     CHECK(layer.counters().step == w_counters.step);
     CHECK(layer.counters().epoch == w_counters.epoch);
-    CHECK(bit_equal(std::vector<State>(layer.bias_first_moment(), layer.bias_first_moment() + m), bm));
-    CHECK(bit_equal(std::vector<State>(layer.bias_second_moment(), layer.bias_second_moment() + m), bv));
+    CHECK(bit_equal(dev.read(layer.bias_first_moment(), static_cast<std::size_t>(m)), dev.download(bm_d)));
+    CHECK(bit_equal(dev.read(layer.bias_second_moment(), static_cast<std::size_t>(m)), dev.download(bv_d)));
     CHECK(layer.bias_counters().step == b_counters.step);
 
     if (compact::forces_identity_projection<Policy>) {
@@ -315,7 +385,8 @@ void layer_equals_caller_memory_api(int steps)
 
 } // namespace
 
-TEST_CASE_TEMPLATE("linear_layer is the caller-memory API driven by hand, bit for bit", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("linear_layer is the caller-memory API driven by hand, bit for bit" COMPACT_TEST_ON_DEVICE, Cfg,
+                   COMPACT_TEST_CONFIGS)
 {
     SUBCASE("rank::full (identity projection), also against float64 plain AdamW")
     {
@@ -327,11 +398,14 @@ TEST_CASE_TEMPLATE("linear_layer is the caller-memory API driven by hand, bit fo
     }
 }
 
+#if !COMPACT_TEST_CUDA_BUILD
+// Names the CPU backend (the CUDA build runs the generic case above with its own double config).
 TEST_CASE("linear_layer<double, rank::full, cpu, double> equals the identity result of compressed_linear + "
           "subspace_adamw, bit for bit")
 {
     layer_equals_caller_memory_api<config<compact::cpu, double, double>, compact::rank::full>(30);
 }
+#endif
 
 namespace {
 
@@ -341,8 +415,9 @@ void kept_projection_equals_regenerated()
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
     const regression<Scalar> problem(32, 40, 12, 0x4ee9);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
     compact::linear_options options;
     options.seed = 5;
     options.layer = 21;
@@ -357,21 +432,22 @@ void kept_projection_equals_regenerated()
     CHECK(kept.projection_bytes() <= static_cast<std::size_t>(problem.n * kept.rank()) * sizeof(Scalar));
     if (!compact::forces_identity_projection<Policy>)
         CHECK(kept.projection_bytes() == static_cast<std::size_t>(problem.n * kept.rank()) * sizeof(Scalar));
-    initialise(regenerate, 8);
-    initialise(kept, 8);
+    initialise(dev, regenerate, 8);
+    initialise(dev, kept, 8);
     const auto h = hyper(1e-2, 0.25, 0.1);
     for (int s = 0; s < 10; ++s) {
-        const double a = train_step(regenerate, ctx, problem, h, 2);
-        const double b = train_step(kept, ctx, problem, h, 2);
+        const double a = train_step(regenerate, dev, dev.ctx(), problem_d, h, 2);
+        const double b = train_step(kept, dev, dev.ctx(), problem_d, h, 2);
         CHECK(a == b);
     }
     CHECK(kept.epoch() == 3);
-    CHECK(snapshot<Scalar, State>(kept) == snapshot<Scalar, State>(regenerate));
+    CHECK(snapshot<Scalar, State>(dev, kept) == snapshot<Scalar, State>(dev, regenerate));
 }
 
 } // namespace
 
-TEST_CASE_TEMPLATE("options.keep_projection trains bit-identically to regenerating P", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("options.keep_projection trains bit-identically to regenerating P" COMPACT_TEST_ON_DEVICE, Cfg,
+                   COMPACT_TEST_CONFIGS)
 {
     SUBCASE("rank::ratio<1, 4>") { kept_projection_equals_regenerated<Cfg, compact::rank::ratio<1, 4>>(); }
     SUBCASE("rank::full") { kept_projection_equals_regenerated<Cfg, compact::rank::full>(); }
@@ -379,15 +455,17 @@ TEST_CASE_TEMPLATE("options.keep_projection trains bit-identically to regenerati
 
 // ========================================================================== gradient accumulation
 
-TEST_CASE_TEMPLATE("k micro-batches then one step equals one batch of the same rows then one step", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("k micro-batches then one step equals one batch of the same rows then one step"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
     constexpr index_t micro = 4;
     const regression<Scalar> problem(64, 48, 20, 0xacc);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
     // Relative (2-norm) error of W and b after 3 updates: the two runs sum G_sub and db in different
     // orders (float: u = 6e-8; double: u = 1e-16), and Adam's normalisation keeps that relative.
     const double tol = is_float<Scalar> ? 1e-5 : 1e-12;
@@ -400,18 +478,18 @@ TEST_CASE_TEMPLATE("k micro-batches then one step equals one batch of the same r
     compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> whole(problem.n, problem.m, options);
     options.max_rows = problem.rows / micro;
     compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> split(problem.n, problem.m, options);
-    initialise(whole, 3);
-    initialise(split, 3);
+    initialise(dev, whole, 3);
+    initialise(dev, split, 3);
 
     const auto h = hyper(1e-2, 0.25, 0.1);
     for (int s = 0; s < 3; ++s) {
         // Each micro-batch's dY carries the loss scale of the whole batch, 2 / (rows m), so the summed
         // gradient is the whole batch's.
-        const double loss_whole = train_step(whole, ctx, problem, h, 1);
-        const double loss_split = train_step(split, ctx, problem, h, micro);
+        const double loss_whole = train_step(whole, dev, dev.ctx(), problem_d, h, 1);
+        const double loss_split = train_step(split, dev, dev.ctx(), problem_d, h, micro);
         CHECK(loss_split == doctest::Approx(loss_whole).epsilon(is_float<Scalar> ? 1e-5 : 1e-12));
     }
-    const snapshot<Scalar, State> a(whole), b(split);
+    const snapshot<Scalar, State> a(dev, whole), b(dev, split);
     CHECK_RELATIVE(relative_error(b.weight, to_double(a.weight)), tol);
     CHECK_RELATIVE(relative_error(b.bias, to_double(a.bias)), tol);
     CHECK_RELATIVE(relative_error(b.m, to_double(a.m)), tol);
@@ -429,21 +507,26 @@ struct determinism_shape {
     index_t rows, n, m, r;
 };
 
+#if !COMPACT_TEST_CUDA_BUILD
 // Large enough that every GEMM is split into parts (C's longer side >= 256 gives >= 2 parts: Y
 // (256, 576), Z (256, 60), dX (256, 64), G_sub (576, 60) and the update of W (576, 64)) and the
 // elementwise moment update covers two parts (m r = 34560 > 32768 values).
 constexpr determinism_shape split_shape{256, 64, 576, 60};
+#endif
 // Smaller (the GEMMs over the 256 rows still split), for the longer run-to-run check.
 constexpr determinism_shape medium_shape{256, 64, 48, 16};
 
+/// ctx: dev.ctx(), or on the CPU a context with a given thread count.
 template <class Cfg>
-snapshot<typename Cfg::scalar, typename Cfg::state> train_for_determinism(const typename Cfg::backend::context& ctx,
-                                                                          determinism_shape shape, int steps)
+snapshot<typename Cfg::scalar, typename Cfg::state>
+train_for_determinism(const compact_test::device<typename Cfg::backend>& dev, const typename Cfg::backend::context& ctx,
+                      determinism_shape shape, int steps)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
     const regression<Scalar> problem(shape.rows, shape.n, shape.m, 0xde7);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
     compact::linear_options options;
     options.seed = 2024;
     options.layer = 1;
@@ -453,49 +536,58 @@ snapshot<typename Cfg::scalar, typename Cfg::state> train_for_determinism(const 
     options.moments = compact::moment_policy::transfer;
     compact::linear_layer<Scalar, compact::rank::fixed, Backend, State> layer(problem.n, problem.m, options,
                                                                               compact::rank::fixed{shape.r});
-    initialise(layer, 4);
+    initialise(dev, layer, 4);
     const auto h = hyper(1e-3, 0.25, 0.01);
-    for (int s = 0; s < steps; ++s) train_step(layer, ctx, problem, h);
+    for (int s = 0; s < steps; ++s) train_step(layer, dev, ctx, problem_d, h);
     // Leave one more gradient accumulated, so the snapshot covers forward and backward too.
-    std::vector<Scalar> y(static_cast<std::size_t>(problem.rows * problem.m)), dy;
-    layer.forward(ctx, problem.inputs(0, problem.rows), view_of(y, problem.rows, problem.m));
+    auto y_d = zeros<Scalar>(dev, problem.rows * problem.m);
+    std::vector<Scalar> dy;
+    layer.forward(ctx, problem_d.inputs(0, problem.rows), y_d.view(problem.rows, problem.m));
+    const auto y = dev.download(y_d);
     problem.gradient(0, cview_of(y, problem.rows, problem.m), dy);
-    layer.backward(ctx, cview_of(dy, problem.rows, problem.m), compact::matrix_view<Scalar>{});
-    return snapshot<Scalar, State>(layer);
+    const auto dy_d = dev.upload(dy);
+    layer.backward(ctx, dy_d.cview(problem.rows, problem.m), compact::matrix_view<Scalar>{});
+    return snapshot<Scalar, State>(dev, layer);
 }
 
 } // namespace
 
-TEST_CASE_TEMPLATE("30 training steps twice give bit-identical weights, moments and counters", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("30 training steps twice give bit-identical weights, moments and counters" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
-    const typename Cfg::backend::context ctx{};
-    const auto first = train_for_determinism<Cfg>(ctx, medium_shape, 30);
-    const auto second = train_for_determinism<Cfg>(ctx, medium_shape, 30);
+    compact_test::device<typename Cfg::backend> dev;
+    const auto first = train_for_determinism<Cfg>(dev, dev.ctx(), medium_shape, 30);
+    const auto second = train_for_determinism<Cfg>(dev, dev.ctx(), medium_shape, 30);
     CHECK(first.updates == 30);
     CHECK(first.epoch == 5);
     CHECK(first.step == 30);
     CHECK(first == second);
 }
 
+#if !COMPACT_TEST_CUDA_BUILD
+// The CPU backend's thread count (its dev only does the host copies, which there are plain copies).
 TEST_CASE_TEMPLATE("cpu::context{1} and cpu::context{2} give bit-identical training", Cfg, COMPACT_CPU_TEST_CONFIGS)
 {
+    compact_test::device<compact::cpu> dev;
     // 12 updates cross two epoch boundaries (T = 5).
-    const auto one = train_for_determinism<Cfg>(compact::cpu::context{1}, split_shape, 12);
-    const auto two = train_for_determinism<Cfg>(compact::cpu::context{2}, split_shape, 12);
+    const auto one = train_for_determinism<Cfg>(dev, compact::cpu::context{1}, split_shape, 12);
+    const auto two = train_for_determinism<Cfg>(dev, compact::cpu::context{2}, split_shape, 12);
     CHECK(one.epoch == 2);
     CHECK(one == two);
 }
+#endif
 
 // ======================================================================================== epochs
 
-TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at epoch boundaries", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at epoch boundaries"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t rows = 16, n = 32, m = 8;
     // Relative (2-norm) error of G_sub = dY^T X P against float64 (sums of 16 and 32 terms; float
     // u = 6e-8, double u = 1e-16), with a wide margin.
@@ -507,21 +599,23 @@ TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at
     options.max_rows = rows;
     options.resample.gap = 5;
     compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(n, m, options);
-    initialise(layer, 5);
+    initialise(dev, layer, 5);
     const index_t r = layer.rank();
 
     std::mt19937_64 rng(0xe90c);
     const auto x = uniform<Scalar>(rng, rows * n, -1, 1);
     const auto dy = uniform<Scalar>(rng, rows * m, -1, 1);
-    std::vector<Scalar> y(rows * m);
+    const auto x_d = dev.upload(x);
+    const auto dy_d = dev.upload(dy);
+    auto y_d = zeros<Scalar>(dev, rows * m);
     std::vector<std::vector<Scalar>> gradients;
     const auto h = hyper();
     for (std::uint64_t u = 0; u < 15; ++u) {
         CHECK(layer.updates() == u);
         CHECK(layer.epoch() == u / 5);
-        layer.forward(ctx, cview_of(x, rows, n), view_of(y, rows, m));
-        layer.backward(ctx, cview_of(dy, rows, m), compact::matrix_view<Scalar>{});
-        gradients.push_back(copy_of<Scalar>(layer.gradient()));
+        layer.forward(ctx, x_d.cview(rows, n), y_d.view(rows, m));
+        layer.backward(ctx, dy_d.cview(rows, m), compact::matrix_view<Scalar>{});
+        gradients.push_back(dev.read(layer.gradient()));
 
         // G_sub = dY^T (X P) with P of this epoch, in float64 from compact::projection_element.
         const auto spec = layer.layer().projection().spec(u / 5);
@@ -555,7 +649,7 @@ TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at
 
 // ========================================================================= memory and errors
 
-TEST_CASE_TEMPLATE("linear_layer memory queries", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("linear_layer memory queries" COMPACT_TEST_ON_DEVICE, Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
@@ -574,7 +668,7 @@ TEST_CASE_TEMPLATE("linear_layer memory queries", Cfg, COMPACT_TEST_CONFIGS)
 
     options.bias = false;
     compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> no_bias(n, m, options);
-    CHECK(no_bias.bias() == nullptr);
+    CHECK(no_bias.bias() == nullptr); // pointer tests only
     CHECK(no_bias.bias_gradient() == nullptr);
     CHECK(no_bias.state_bytes() == static_cast<std::size_t>(2 * m * r) * sizeof(State));
 
@@ -583,14 +677,15 @@ TEST_CASE_TEMPLATE("linear_layer memory queries", Cfg, COMPACT_TEST_CONFIGS)
     CHECK(full.saved_bytes(100) == static_cast<std::size_t>(100 * n) * sizeof(Scalar));
 }
 
-TEST_CASE_TEMPLATE("linear_layer errors name the problem", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("linear_layer errors name the problem" COMPACT_TEST_ON_DEVICE, Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
     using Layer = compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State>;
     using doctest::Contains;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t n = 16, m = 6, max_rows = 8;
     compact::linear_options options;
     options.max_rows = max_rows;
@@ -599,43 +694,47 @@ TEST_CASE_TEMPLATE("linear_layer errors name the problem", Cfg, COMPACT_TEST_CON
     std::mt19937_64 rng(0xe7);
     const auto x = uniform<Scalar>(rng, (max_rows + 1) * n, -1, 1);
     const auto dy = uniform<Scalar>(rng, (max_rows + 1) * m, -1, 1);
-    std::vector<Scalar> y((max_rows + 1) * m), dx((max_rows + 1) * n);
+    const auto x_d = dev.upload(x);
+    const auto dy_d = dev.upload(dy);
+    // Room for the widest wrong shape below (Y (8, 7), dX (8, 17)), so that every view is in bounds.
+    auto y_d = zeros<Scalar>(dev, (max_rows + 1) * (m + 1));
+    auto dx_d = zeros<Scalar>(dev, (max_rows + 1) * (n + 1));
 
     options.max_rows = 0;
     CHECK_THROWS_WITH_AS(Layer(n, m, options), Contains("max_rows=0"), compact::error);
     options.max_rows = max_rows;
     Layer layer(n, m, options);
-    initialise(layer, 6);
+    initialise(dev, layer, 6);
 
-    CHECK_THROWS_WITH_AS(layer.forward(ctx, cview_of(x, max_rows + 1, n), view_of(y, max_rows + 1, m)),
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, x_d.cview(max_rows + 1, n), y_d.view(max_rows + 1, m)),
                          Contains("linear_layer::forward: X has 9 rows but the layer was built for max_rows=8"),
                          compact::error);
-    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n)),
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, dy_d.cview(max_rows, m), dx_d.view(max_rows, n)),
                          Contains("linear_layer::backward: called without a preceding forward"), compact::error);
     CHECK_THROWS_WITH_AS(layer.step(ctx, hyper()), Contains("linear_layer::step: no gradient since the last step"),
                          compact::error);
-    CHECK_THROWS_WITH_AS(layer.forward(ctx, cview_of(x, max_rows, n - 1), view_of(y, max_rows, m)), Contains("X is (8, 15)"),
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, x_d.cview(max_rows, n - 1), y_d.view(max_rows, m)), Contains("X is (8, 15)"),
                          compact::error);
-    CHECK_THROWS_WITH_AS(layer.forward(ctx, cview_of(x, max_rows, n), view_of(y, max_rows, m + 1)), Contains("Y is (8, 7)"),
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, x_d.cview(max_rows, n), y_d.view(max_rows, m + 1)), Contains("Y is (8, 7)"),
                          compact::error);
 
-    layer.forward(ctx, cview_of(x, max_rows, n), view_of(y, max_rows, m));
-    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows - 1, m), view_of(dx, max_rows - 1, n)),
+    layer.forward(ctx, x_d.cview(max_rows, n), y_d.view(max_rows, m));
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, dy_d.cview(max_rows - 1, m), dx_d.view(max_rows - 1, n)),
                          Contains("dY is (7, 6) but the last forward saved 8 rows"), compact::error);
-    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n + 1)),
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, dy_d.cview(max_rows, m), dx_d.view(max_rows, n + 1)),
                          Contains("dX is (8, 17)"), compact::error);
     CHECK(layer.updates() == 0);
     // The failed calls changed nothing: the saved forward still pairs with a correct backward.
-    layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n));
-    CHECK_THROWS_WITH_AS(layer.backward(ctx, cview_of(dy, max_rows, m), view_of(dx, max_rows, n)),
+    layer.backward(ctx, dy_d.cview(max_rows, m), dx_d.view(max_rows, n));
+    CHECK_THROWS_WITH_AS(layer.backward(ctx, dy_d.cview(max_rows, m), dx_d.view(max_rows, n)),
                          Contains("without a preceding forward"), compact::error);
 
     // A step with bad hyper-parameters throws and leaves everything as it was; a good one then runs.
-    const snapshot<Scalar, State> before(layer);
+    const snapshot<Scalar, State> before(dev, layer);
     auto bad = hyper();
     bad.lr = -1;
     CHECK_THROWS_WITH_AS(layer.step(ctx, bad), Contains("lr=-1"), compact::error);
-    CHECK(snapshot<Scalar, State>(layer) == before);
+    CHECK(snapshot<Scalar, State>(dev, layer) == before);
     layer.step(ctx, hyper());
     CHECK(layer.updates() == 1);
     CHECK_THROWS_WITH_AS(layer.step(ctx, hyper()), Contains("no gradient"), compact::error);
@@ -643,6 +742,11 @@ TEST_CASE_TEMPLATE("linear_layer errors name the problem", Cfg, COMPACT_TEST_CON
 }
 
 // =================================================================================== master weights
+
+#if !COMPACT_TEST_CUDA_BUILD
+// These cases name compact::cpu layers (float weights with double moments and masters, beside a double
+// reference layer), so they are the CPU backend's: there a layer's buffers are host memory, which the
+// helpers below read and write directly.
 
 namespace {
 
@@ -673,11 +777,14 @@ template <class Policy>
 void master_weights_track_float64(double lr)
 {
     using compact::cpu;
-    const cpu::context ctx{};
+    compact_test::device<cpu> dev;
+    const cpu::context& ctx = dev.ctx();
     const regression<float> problem(32, 64, 12, 0x3a57);
     regression<double> problem_ref(32, 64, 12, 0x3a57);
     problem_ref.x = to_double(problem.x); // the float problem's very values
     problem_ref.target = to_double(problem.target);
+    const device_regression<cpu, float> problem_d(dev, problem);
+    const device_regression<cpu, double> problem_ref_d(dev, problem_ref);
     compact::linear_options options;
     options.seed = 11;
     options.layer = 4;
@@ -698,9 +805,9 @@ void master_weights_track_float64(double lr)
 
     const auto h = hyper(lr, 1.0, 0.1);
     for (int s = 0; s < 1000; ++s) {
-        train_step(plain, ctx, problem, h);
-        train_step(master, ctx, problem, h);
-        train_step(reference, ctx, problem_ref, h);
+        train_step(plain, dev, ctx, problem_d, h);
+        train_step(master, dev, ctx, problem_d, h);
+        train_step(reference, dev, ctx, problem_ref_d, h);
     }
     const auto change_ref = change_from(copy_of<double>(reference.weight()), w_start);
     const std::vector<double> b_ref(reference.bias(), reference.bias() + problem.m);
@@ -735,8 +842,10 @@ TEST_CASE("linear_layer with master_weights trains float weights at a learning r
 TEST_CASE("linear_layer with master_weights is the caller-memory API with a master, bit for bit")
 {
     using compact::cpu;
-    const cpu::context ctx{};
+    compact_test::device<cpu> dev;
+    const cpu::context& ctx = dev.ctx();
     const regression<float> problem(24, 40, 10, 0x1e);
+    const device_regression<cpu, float> problem_d(dev, problem);
     const index_t rows = problem.rows, n = problem.n, m = problem.m;
     compact::linear_options options;
     options.seed = 0xfeed;
@@ -747,7 +856,7 @@ TEST_CASE("linear_layer with master_weights is the caller-memory API with a mast
     options.master_weights = true;
     using Policy = compact::rank::ratio<1, 4>;
     compact::linear_layer<float, Policy, cpu, double> layer(n, m, options);
-    initialise(layer, 3);
+    initialise(dev, layer, 3);
     CHECK_FALSE(layer.master_valid());
 
     const compact::compressed_linear<float, Policy, cpu> manual(n, m, options.seed, options.layer);
@@ -763,7 +872,7 @@ TEST_CASE("linear_layer with master_weights is the caller-memory API with a mast
     const auto h = hyper(1e-3, 0.5, 0.1);
     for (int s = 0; s < 10; ++s) {
         const std::uint64_t epoch = options.resample.epoch(static_cast<std::uint64_t>(s));
-        train_step(layer, ctx, problem, h);
+        train_step(layer, dev, ctx, problem_d, h);
         manual.forward(ctx, problem.inputs(0, rows), cview_of(w, m, n), b.data(), view_of(y, rows, m), view_of(z, rows, r),
                        epoch, {ws.data(), ws.size()});
         problem.gradient(0, cview_of(y, rows, m), dy);
@@ -787,8 +896,10 @@ TEST_CASE("linear_layer master weights: taken from W at the first step, sync_mas
     using compact::cpu;
     using Layer = compact::linear_layer<float, compact::rank::ratio<1, 4>, cpu, double>;
     using doctest::Contains;
-    const cpu::context ctx{};
+    compact_test::device<cpu> dev;
+    const cpu::context& ctx = dev.ctx();
     const regression<float> problem(16, 32, 8, 0x51);
+    const device_regression<cpu, float> problem_d(dev, problem);
     compact::linear_options options;
     options.max_rows = problem.rows;
     Layer plain(problem.n, problem.m, options);
@@ -816,10 +927,10 @@ TEST_CASE("linear_layer master weights: taken from W at the first step, sync_mas
     CHECK(no_bias.state_bytes() == static_cast<std::size_t>(2 * m * r + m * n) * sizeof(double));
 
     // The master follows whatever W holds at the first step.
-    initialise(layer, 12);
+    initialise(dev, layer, 12);
     CHECK_FALSE(layer.master_valid());
     const auto h = hyper(1e-3, 1.0, 0.0);
-    train_step(layer, ctx, problem, h);
+    train_step(layer, dev, ctx, problem_d, h);
     CHECK(layer.master_valid());
     auto widened_equals_w = [&] {
         const auto w = copy_of<float>(layer.weight());
@@ -831,11 +942,12 @@ TEST_CASE("linear_layer master weights: taken from W at the first step, sync_mas
     CHECK_FALSE(widened_equals_w()); // lr 1e-3 moved the master by more than float's rounding keeps
     // A change of W between steps is overwritten by the next step, unless sync_master() follows it.
     layer.weight()(0, 0) = 2.0f;
-    train_step(layer, ctx, problem, h);
+    train_step(layer, dev, ctx, problem_d, h);
     CHECK(std::abs(layer.weight()(0, 0) - 2.0f) > 0.5f);
     layer.weight()(0, 0) = 2.0f;
     layer.sync_master(ctx);
     CHECK(widened_equals_w());
-    train_step(layer, ctx, problem, h);
+    train_step(layer, dev, ctx, problem_d, h);
     CHECK(std::abs(layer.weight()(0, 0) - 2.0f) < 0.01f);
 }
+#endif // !COMPACT_TEST_CUDA_BUILD

@@ -1,15 +1,20 @@
 // tests/test_optim.cpp: plain AdamW and subspace AdamW (compact/optim/adamw.hpp) against float64
 // references of SPEC section 3 written here, the identity check of the whole compressed layer, the
-// moment policies at an epoch change, argument validation and the memory queries.
+// moment policies at an epoch change, master weights, argument validation and the memory queries.
 //
-// Every test body is a template over a `config` (backend, scalar, moment type); a CUDA backend joins
-// by adding its configs to COMPACT_TEST_CONFIGS (its bodies then need device copies of the buffers).
+// One body, two backends: every test body runs on the backend under test of backend_under_test.hpp,
+// the CPU in this .cpp's own build and CUDA in tests/cuda/test_cuda_optim.cu, which includes this file
+// (skipped, exit 77, without a device). Inputs and float64 references stay on the host; what the
+// library reads and writes goes through compact_test::device (upload, workspace, download). On CUDA
+// float GEMMs round differently (FMA, another summation order), so a library result is compared with
+// a host computation within a tolerance; two library runs on the same backend (a kept P against a
+// regenerated one, a run against a rerun) are compared bit for bit.
+#include "backend_under_test.hpp"
 #include "test_support.hpp"
-
-#include <compact/compact.hpp>
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -25,14 +30,6 @@ namespace {
 using compact::index_t;
 
 using namespace compact_test;
-
-
-/// Caller-owned workspace memory.
-struct workspace_buffer {
-    std::vector<unsigned char> bytes;
-    explicit workspace_buffer(std::size_t size) : bytes(size) {}
-    compact::workspace get() { return {bytes.data(), bytes.size()}; }
-};
 
 /// P (n, r) of `spec` in float64, element by element from compact::projection_element.
 std::vector<double> reference_projection(const compact::projection_spec& spec)
@@ -110,12 +107,14 @@ compact::adamw_params default_hyper()
 
 // ===================================================================================== plain AdamW
 
-TEST_CASE_TEMPLATE("adamw::step equals a float64 transformers-style AdamW over 20 steps", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("adamw::step equals a float64 transformers-style AdamW over 20 steps" COMPACT_TEST_ON_DEVICE, Cfg,
+                   COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t rows = 13, cols = 37, size = rows * cols;
     // Relative (2-norm) error after 20 steps: a few roundings per step in the working precision
     // (float: u = 6e-8; double: u = 1e-16), with a wide margin.
@@ -124,6 +123,10 @@ TEST_CASE_TEMPLATE("adamw::step equals a float64 transformers-style AdamW over 2
     std::mt19937_64 rng(0x0a11);
     auto w = uniform<Scalar>(rng, size, -1, 1);
     std::vector<State> m(size, State(0)), v(size, State(0));
+    auto w_d = dev.upload(w);
+    auto m_d = dev.upload(m);
+    auto v_d = dev.upload(v);
+    device_array<Backend, Scalar> g_d(static_cast<std::size_t>(size));
     compact::adam_counters counters;
     auto w_ref = to_double(w);
     const auto w_start = w_ref;
@@ -138,11 +141,15 @@ TEST_CASE_TEMPLATE("adamw::step equals a float64 transformers-style AdamW over 2
         for (index_t i = 0; i < rows; ++i)
             for (index_t j = 0; j < cols; ++j)
                 g[static_cast<std::size_t>(i * cols + j)] *= static_cast<Scalar>(j % 3 == 0 ? 1.0 : j % 3 == 1 ? 1e-2 : 1e-6);
-        compact::adamw<Backend>::step(ctx, h, view_of(w, rows, cols), cview_of(g, rows, cols), view_of(m, rows, cols),
-                                      view_of(v, rows, cols), counters);
+        dev.upload_to(g_d, g);
+        compact::adamw<Backend>::step(ctx, h, w_d.view(rows, cols), g_d.cview(rows, cols), m_d.view(rows, cols),
+                                      v_d.view(rows, cols), counters);
         reference_adamw_step(h, w_ref, to_double(g), ref);
         CHECK(counters.step == static_cast<std::uint64_t>(s + 1));
     }
+    w = dev.download(w_d);
+    m = dev.download(m_d);
+    v = dev.download(v_d);
     CHECK_RELATIVE(relative_error(w, w_ref), tol);
     CHECK_RELATIVE(relative_error(m, ref.m), tol);
     CHECK_RELATIVE(relative_error(v, ref.v), tol);
@@ -156,13 +163,15 @@ TEST_CASE_TEMPLATE("adamw::step equals a float64 transformers-style AdamW over 2
     CHECK_RELATIVE(relative_error(change, change_ref), (is_float<Scalar> ? 2e-5 : 1e-12));
 }
 
-TEST_CASE_TEMPLATE("adamw::step on strided views equals the dense run and leaves the padding alone", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("adamw::step on strided views equals the dense run and leaves the padding alone"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t rows = 5, cols = 7, ld = 11;
     std::mt19937_64 rng(0x5d);
     auto w_dense = uniform<Scalar>(rng, rows * cols, -1, 1);
@@ -178,16 +187,30 @@ TEST_CASE_TEMPLATE("adamw::step on strided views equals the dense run and leaves
             m_pad[static_cast<std::size_t>(i * ld + j)] = State(0);
             v_pad[static_cast<std::size_t>(i * ld + j)] = State(0);
         }
+    auto w_dense_d = dev.upload(w_dense);
+    const auto g_dense_d = dev.upload(g_dense);
+    auto m_dense_d = dev.upload(m_dense);
+    auto v_dense_d = dev.upload(v_dense);
+    auto w_pad_d = dev.upload(w_pad);
+    const auto g_pad_d = dev.upload(g_pad);
+    auto m_pad_d = dev.upload(m_pad);
+    auto v_pad_d = dev.upload(v_pad);
     compact::adam_counters c_dense, c_pad;
     const auto h = default_hyper();
     for (int s = 0; s < 3; ++s) {
-        compact::adamw<Backend>::step(ctx, h, view_of(w_dense, rows, cols), cview_of(g_dense, rows, cols),
-                                      view_of(m_dense, rows, cols), view_of(v_dense, rows, cols), c_dense);
-        compact::adamw<Backend>::step(ctx, h, compact::matrix_view<Scalar>(w_pad.data(), rows, cols, ld),
-                                      compact::const_matrix_view<Scalar>(g_pad.data(), rows, cols, ld),
-                                      compact::matrix_view<State>(m_pad.data(), rows, cols, ld),
-                                      compact::matrix_view<State>(v_pad.data(), rows, cols, ld), c_pad);
+        compact::adamw<Backend>::step(ctx, h, w_dense_d.view(rows, cols), g_dense_d.cview(rows, cols),
+                                      m_dense_d.view(rows, cols), v_dense_d.view(rows, cols), c_dense);
+        compact::adamw<Backend>::step(ctx, h, compact::matrix_view<Scalar>(w_pad_d.data(), rows, cols, ld),
+                                      compact::const_matrix_view<Scalar>(g_pad_d.data(), rows, cols, ld),
+                                      compact::matrix_view<State>(m_pad_d.data(), rows, cols, ld),
+                                      compact::matrix_view<State>(v_pad_d.data(), rows, cols, ld), c_pad);
     }
+    w_dense = dev.download(w_dense_d);
+    m_dense = dev.download(m_dense_d);
+    v_dense = dev.download(v_dense_d);
+    w_pad = dev.download(w_pad_d);
+    m_pad = dev.download(m_pad_d);
+    v_pad = dev.download(v_pad_d);
     bool same = true, padding_kept = true;
     for (index_t i = 0; i < rows; ++i)
         for (index_t j = 0; j < ld; ++j) {
@@ -205,13 +228,14 @@ TEST_CASE_TEMPLATE("adamw::step on strided views equals the dense run and leaves
 
 // ================================================================================= subspace AdamW
 
-TEST_CASE_TEMPLATE("subspace_adamw::step equals the float64 subspace equations (alpha = 0.25)", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("subspace_adamw::step equals the float64 subspace equations (alpha = 0.25)" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 20, n = 48, r = 12;
     constexpr std::uint64_t epoch = 2;
     // Relative (2-norm) error after 8 steps. Float: P is rounded to float and N P^T sums r = 12 terms,
@@ -227,8 +251,12 @@ TEST_CASE_TEMPLATE("subspace_adamw::step equals the float64 subspace equations (
         std::mt19937_64 rng(0x5ab);
         auto w = uniform<Scalar>(rng, m * n, -1, 1);
         std::vector<State> mm(m * r, State(0)), vv(m * r, State(0));
+        auto w_d = dev.upload(w);
+        auto mm_d = dev.upload(mm);
+        auto vv_d = dev.upload(vv);
+        device_array<Backend, Scalar> g_d(static_cast<std::size_t>(m * r));
         compact::adam_counters counters;
-        workspace_buffer ws(optimizer.workspace_bytes());
+        auto ws = dev.workspace(optimizer.workspace_bytes());
         auto w_ref = to_double(w);
         reference_adam ref(static_cast<std::size_t>(m * r));
 
@@ -237,59 +265,77 @@ TEST_CASE_TEMPLATE("subspace_adamw::step equals the float64 subspace equations (
         h.weight_decay = 0.05;
         for (int s = 0; s < 8; ++s) {
             const auto g = uniform<Scalar>(rng, m * r, -1, 1);
-            optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters,
-                           epoch, ws.get());
+            dev.upload_to(g_d, g);
+            optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, epoch,
+                           ws.get());
             reference_subspace_step(h, w_ref, to_double(g), p, m, n, r, ref);
             CHECK(counters.step == static_cast<std::uint64_t>(s + 1));
             CHECK(counters.epoch == epoch);
         }
+        w = dev.download(w_d);
+        mm = dev.download(mm_d);
+        vv = dev.download(vv_d);
         CHECK_RELATIVE(relative_error(w, w_ref), tol);
         CHECK_RELATIVE(relative_error(mm, ref.m), tol);
         CHECK_RELATIVE(relative_error(vv, ref.v), tol);
     }
 }
 
-TEST_CASE_TEMPLATE("subspace_adamw::step with P from cpu::generate_projection in double", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("subspace_adamw::step with P from the backend's generate_projection in double"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
-    // The same equations, with the float64 P generated by the CPU backend instead of element by element.
+    // The same equations, with the float64 P generated by the backend under test (its
+    // generate_projection<double>) instead of element by element.
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 9, n = 30, r = 7;
     const double tol = is_float<Scalar> ? 2e-6 : 1e-13; // as in the test above
 
     const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 99, 3);
     const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection);
-    std::vector<double> p(n * r);
-    compact::cpu::generate_projection<double>(compact::cpu::context{}, projection.spec(0), 0, 0, view_of(p, n, r));
+    device_array<Backend, double> p_d(static_cast<std::size_t>(n * r));
+    Backend::template generate_projection<double>(ctx, projection.spec(0), 0, 0, p_d.view(n, r));
+    const std::vector<double> p = dev.download(p_d);
 
     std::mt19937_64 rng(0x9e7);
     auto w = uniform<Scalar>(rng, m * n, -1, 1);
     std::vector<State> mm(m * r, State(0)), vv(m * r, State(0));
+    auto w_d = dev.upload(w);
+    auto mm_d = dev.upload(mm);
+    auto vv_d = dev.upload(vv);
+    device_array<Backend, Scalar> g_d(static_cast<std::size_t>(m * r));
     compact::adam_counters counters;
-    workspace_buffer ws(optimizer.workspace_bytes());
+    auto ws = dev.workspace(optimizer.workspace_bytes());
     auto w_ref = to_double(w);
     reference_adam ref(static_cast<std::size_t>(m * r));
     auto h = default_hyper();
     h.alpha = 0.25;
     for (int s = 0; s < 5; ++s) {
         const auto g = uniform<Scalar>(rng, m * r, -1, 1);
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, 0,
+        dev.upload_to(g_d, g);
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 0,
                        ws.get());
         reference_subspace_step(h, w_ref, to_double(g), p, m, n, r, ref);
     }
+    w = dev.download(w_d);
+    mm = dev.download(mm_d);
     CHECK_RELATIVE(relative_error(w, w_ref), tol);
     CHECK_RELATIVE(relative_error(mm, ref.m), tol);
 }
 
-TEST_CASE_TEMPLATE("subspace_adamw::step with a P the caller keeps equals regenerating it, bit for bit", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("subspace_adamw::step with a P the caller keeps equals regenerating it, bit for bit"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 10, n = 36, r = 9;
     const compact::resampling resample{2};
     const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 8, 4);
@@ -299,18 +345,34 @@ TEST_CASE_TEMPLATE("subspace_adamw::step with a P the caller keeps equals regene
     auto w = uniform<Scalar>(rng, m * n, -1, 1);
     auto w_kept = w;
     std::vector<State> mm(m * r, State(0)), vv(m * r, State(0)), mm_kept(m * r, State(0)), vv_kept(m * r, State(0));
+    auto w_d = dev.upload(w);
+    auto w_kept_d = dev.upload(w_kept);
+    auto mm_d = dev.upload(mm);
+    auto vv_d = dev.upload(vv);
+    auto mm_kept_d = dev.upload(mm_kept);
+    auto vv_kept_d = dev.upload(vv_kept);
+    device_array<Backend, Scalar> g_d(static_cast<std::size_t>(m * r));
     compact::adam_counters counters, counters_kept;
-    workspace_buffer ws(optimizer.workspace_bytes()), p_space(projection.workspace_bytes());
+    auto ws = dev.workspace(optimizer.workspace_bytes());
+    auto p_space = dev.workspace(projection.workspace_bytes());
     const auto h = default_hyper();
     for (std::uint64_t update = 0; update < 5; ++update) {
         const auto epoch = resample.epoch(update);
         const auto g = uniform<Scalar>(rng, m * r, -1, 1);
+        dev.upload_to(g_d, g);
+        // P in the backend's memory (p_space): handed back to the library only, never read here.
         const compact::const_matrix_view<Scalar> p = projection.generate(ctx, epoch, p_space.get());
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, epoch,
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, epoch,
                        ws.get());
-        optimizer.step(ctx, h, view_of(w_kept, m, n), cview_of(g, m, r), view_of(mm_kept, m, r), view_of(vv_kept, m, r),
+        optimizer.step(ctx, h, w_kept_d.view(m, n), g_d.cview(m, r), mm_kept_d.view(m, r), vv_kept_d.view(m, r),
                        counters_kept, epoch, ws.get(), p);
     }
+    w = dev.download(w_d);
+    w_kept = dev.download(w_kept_d);
+    mm = dev.download(mm_d);
+    mm_kept = dev.download(mm_kept_d);
+    vv = dev.download(vv_d);
+    vv_kept = dev.download(vv_kept_d);
     CHECK(bit_equal(w, w_kept));
     CHECK(bit_equal(mm, mm_kept));
     CHECK(bit_equal(vv, vv_kept));
@@ -331,7 +393,8 @@ void identity_training_matches_plain_adamw(double tol)
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t rows = 64, n = 24, m = 10;
     constexpr int steps = 50;
 
@@ -356,15 +419,25 @@ void identity_training_matches_plain_adamw(double tol)
     h.weight_decay = 0.1;
     h.alpha = 1.0;
 
-    // The library: caller-memory API, P = I.
+    // The library: caller-memory API, P = I, every buffer in the backend's memory.
     const compact::compressed_linear<Scalar, compact::rank::full, Backend> layer(n, m, 0x5eed, 1);
     REQUIRE(layer.rank() == n);
     REQUIRE(layer.projection().is_identity());
     const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, layer.projection());
-    std::vector<Scalar> y(rows * m), z(rows * n), dy(rows * m), g_sub(m * n), db(m);
+    std::vector<Scalar> y(rows * m), dy(rows * m);
     std::vector<State> wm(m * n, State(0)), wv(m * n, State(0)), bm(m, State(0)), bv(m, State(0));
+    const auto x_d = dev.upload(x);
+    auto w_d = dev.upload(w);
+    auto b_d = dev.upload(b);
+    auto wm_d = dev.upload(wm);
+    auto wv_d = dev.upload(wv);
+    auto bm_d = dev.upload(bm);
+    auto bv_d = dev.upload(bv);
+    device_array<Backend, Scalar> y_d(static_cast<std::size_t>(rows * m)), z_d(static_cast<std::size_t>(rows * n)),
+        dy_d(static_cast<std::size_t>(rows * m)), g_sub_d(static_cast<std::size_t>(m * n)),
+        db_d(static_cast<std::size_t>(m));
     compact::adam_counters w_counters, b_counters;
-    workspace_buffer ws(std::max(layer.workspace_bytes(), optimizer.workspace_bytes()));
+    auto ws = dev.workspace(std::max(layer.workspace_bytes(), optimizer.workspace_bytes()));
 
     // The reference: a plain float64 linear layer + AdamW (the decay applies to the bias too).
     auto w_ref = to_double(w);
@@ -376,14 +449,16 @@ void identity_training_matches_plain_adamw(double tol)
     double first_loss = 0, last_loss = 0;
 
     for (int s = 0; s < steps; ++s) {
-        layer.forward(ctx, cview_of(x, rows, n), cview_of(w, m, n), b.data(), view_of(y, rows, m), view_of(z, rows, n),
-                      0, ws.get());
+        layer.forward(ctx, x_d.cview(rows, n), w_d.cview(m, n), b_d.data(), y_d.view(rows, m), z_d.view(rows, n), 0,
+                      ws.get());
+        y = dev.download(y_d); // waits for the stream: nothing queued reads dy_d any more
         for (std::size_t k = 0; k < dy.size(); ++k) dy[k] = static_cast<Scalar>(loss_scale) * (y[k] - target[k]);
-        layer.backward(ctx, cview_of(dy, rows, m), cview_of(w, m, n), cview_of(z, rows, n), compact::matrix_view<Scalar>{},
-                       view_of(g_sub, m, n), db.data());
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g_sub, m, n), view_of(wm, m, n), view_of(wv, m, n), w_counters,
-                       0, ws.get());
-        compact::adamw<Backend>::step(ctx, h, view_of(b, 1, m), cview_of(db, 1, m), view_of(bm, 1, m), view_of(bv, 1, m),
+        dev.upload_to(dy_d, dy);
+        layer.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), z_d.cview(rows, n), compact::matrix_view<Scalar>{},
+                       g_sub_d.view(m, n), db_d.data());
+        optimizer.step(ctx, h, w_d.view(m, n), g_sub_d.cview(m, n), wm_d.view(m, n), wv_d.view(m, n), w_counters, 0,
+                       ws.get());
+        compact::adamw<Backend>::step(ctx, h, b_d.view(1, m), db_d.cview(1, m), bm_d.view(1, m), bv_d.view(1, m),
                                       b_counters);
 
         std::vector<double> g_ref(static_cast<std::size_t>(m * n), 0.0), db_ref(static_cast<std::size_t>(m), 0.0);
@@ -404,6 +479,8 @@ void identity_training_matches_plain_adamw(double tol)
         reference_adamw_step(h, w_ref, g_ref, w_state);
         reference_adamw_step(h, b_ref, db_ref, b_state);
     }
+    w = dev.download(w_d);
+    b = dev.download(b_d);
     CHECK(w_counters.step == static_cast<std::uint64_t>(steps));
     CHECK(b_counters.step == static_cast<std::uint64_t>(steps));
     CHECK(last_loss < 0.5 * first_loss); // the problem is not trivial: training moved the weights
@@ -414,25 +491,30 @@ void identity_training_matches_plain_adamw(double tol)
 } // namespace
 
 TEST_CASE("identity projection: compressed_linear (rank::full) + subspace_adamw trains exactly like a float64 "
-          "linear layer + AdamW, 50 steps")
+          "linear layer + AdamW, 50 steps" COMPACT_TEST_ON_DEVICE)
 {
     // Relative (2-norm) error of the final W and b: float <= 1e-4, double <= 1e-10 (SPEC section 3,
     // "identity check": equal to plain AdamW up to the working precision's rounding).
-    SUBCASE("float, State = float") { identity_training_matches_plain_adamw<config<compact::cpu, float, float>>(1e-4); }
+    SUBCASE("float, State = float")
+    {
+        identity_training_matches_plain_adamw<config<backend_under_test, float, float>>(1e-4);
+    }
     SUBCASE("double, State = double")
     {
-        identity_training_matches_plain_adamw<config<compact::cpu, double, double>>(1e-10);
+        identity_training_matches_plain_adamw<config<backend_under_test, double, double>>(1e-10);
     }
 }
 
 // ================================================================================ moment policies
 
-TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep" COMPACT_TEST_ON_DEVICE, Cfg,
+                   COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 12, n = 32, r = 8;
     const compact::resampling resample{3}; // T = 3: updates 0..2 use epoch 0, update 3 uses epoch 1
     // Relative (2-norm) errors of one step against float64. Float: the transfer product M P_old^T P_new
@@ -452,28 +534,37 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep", 
         std::mt19937_64 rng(0x90c);
         auto w = uniform<Scalar>(rng, m * n, -1, 1);
         std::vector<State> mm(m * r, State(0)), vv(m * r, State(0));
+        auto w_d = dev.upload(w);
+        auto mm_d = dev.upload(mm);
+        auto vv_d = dev.upload(vv);
+        device_array<Backend, Scalar> g_d(static_cast<std::size_t>(m * r));
         compact::adam_counters counters;
-        workspace_buffer ws(optimizer.workspace_bytes());
+        auto ws = dev.workspace(optimizer.workspace_bytes());
         auto h = default_hyper();
         h.alpha = 0.25;
 
         for (std::uint64_t update = 0; update < 3; ++update) {
             const auto g = uniform<Scalar>(rng, m * r, -1, 1);
-            optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters,
+            dev.upload_to(g_d, g);
+            optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters,
                            resample.epoch(update), ws.get());
             CHECK(counters.epoch == resample.epoch(update));
             CHECK(counters.step == update + 1); // no policy acts while the epoch stays the same
         }
         REQUIRE(resample.epoch(3) == 1);
 
-        const auto m_old = mm;
-        const auto v_old = vv;
-        const auto w_old = w;
+        const auto m_old = dev.download(mm_d);
+        const auto v_old = dev.download(vv_d);
+        const auto w_old = dev.download(w_d);
         const auto counters_old = counters;
         const auto g = uniform<Scalar>(rng, m * r, -1, 1);
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters,
+        dev.upload_to(g_d, g);
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters,
                        resample.epoch(3), ws.get());
         CHECK(counters.epoch == 1);
+        mm = dev.download(mm_d);
+        vv = dev.download(vv_d);
+        w = dev.download(w_d);
 
         // The float64 state right before the moment update of the new step, per policy.
         reference_adam ref(static_cast<std::size_t>(m * r));
@@ -522,12 +613,15 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep", 
         }
         if (policy == compact::moment_policy::keep) {
             // The moments do not see the change at all: bit-identical to the same step without it.
-            auto m_same = m_old;
-            auto v_same = v_old;
-            auto w_same = w_old;
+            auto m_same_d = dev.upload(m_old);
+            auto v_same_d = dev.upload(v_old);
+            auto w_same_d = dev.upload(w_old);
             auto c_same = counters_old;
-            optimizer.step(ctx, h, view_of(w_same, m, n), cview_of(g, m, r), view_of(m_same, m, r),
-                           view_of(v_same, m, r), c_same, 0, ws.get());
+            optimizer.step(ctx, h, w_same_d.view(m, n), g_d.cview(m, r), m_same_d.view(m, r), v_same_d.view(m, r),
+                           c_same, 0, ws.get());
+            const auto m_same = dev.download(m_same_d);
+            const auto v_same = dev.download(v_same_d);
+            const auto w_same = dev.download(w_same_d);
             CHECK(bit_equal(m_same, mm));
             CHECK(bit_equal(v_same, vv));
             CHECK(c_same.step == counters.step);
@@ -536,53 +630,62 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep", 
 
         // The following update of the same epoch applies no policy again.
         const auto g2 = uniform<Scalar>(rng, m * r, -1, 1);
+        dev.upload_to(g_d, g2);
         const auto step_before = counters.step;
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g2, m, r), view_of(mm, m, r), view_of(vv, m, r), counters,
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters,
                        resample.epoch(4), ws.get());
         CHECK(counters.step == step_before + 1);
         CHECK(counters.epoch == 1);
+        dev.synchronize(); // the step has finished before its buffers are freed
     }
 }
 
 // ===================================================================================== validation
 
 TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes and workspace, and changes nothing "
-                   "when it throws",
+                   "when it throws" COMPACT_TEST_ON_DEVICE,
                    Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
     using doctest::Contains;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 6, n = 20, r = 5;
     const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 1, 2);
     const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection, compact::moment_policy::transfer);
 
     // Buffers one row and one column larger than needed, so every wrong-shaped view stays in bounds.
     std::mt19937_64 rng(0xbad);
-    auto w = uniform<Scalar>(rng, (m + 1) * (n + 1), -1, 1);
-    auto g = uniform<Scalar>(rng, (m + 1) * (r + 1), -1, 1);
-    std::vector<State> mm((m + 1) * (r + 1), State(0)), vv((m + 1) * (r + 1), State(0));
+    const auto w = uniform<Scalar>(rng, (m + 1) * (n + 1), -1, 1);
+    const auto g = uniform<Scalar>(rng, (m + 1) * (r + 1), -1, 1);
+    const std::vector<State> mm((m + 1) * (r + 1), State(0)), vv((m + 1) * (r + 1), State(0));
+    auto w_d = dev.upload(w);
+    const auto g_d = dev.upload(g);
+    auto mm_d = dev.upload(mm);
+    auto vv_d = dev.upload(vv);
     compact::adam_counters counters;
-    workspace_buffer ws(optimizer.workspace_bytes());
+    auto ws = dev.workspace(optimizer.workspace_bytes());
     const auto good = default_hyper();
     auto step = [&](const compact::adamw_params& h, compact::matrix_view<Scalar> wv, compact::const_matrix_view<Scalar> gv,
                     compact::matrix_view<State> mv, compact::matrix_view<State> vv_, std::uint64_t epoch,
                     compact::workspace space) { optimizer.step(ctx, h, wv, gv, mv, vv_, counters, epoch, space); };
-    auto W = [&] { return view_of(w, m, n); };
-    auto G = [&] { return cview_of(g, m, r); };
-    auto M = [&] { return view_of(mm, m, r); };
-    auto V = [&] { return view_of(vv, m, r); };
+    auto W = [&] { return w_d.view(m, n); };
+    auto G = [&] { return g_d.cview(m, r); };
+    auto M = [&] { return mm_d.view(m, r); };
+    auto V = [&] { return vv_d.view(m, r); };
 
     // Two valid steps (with an epoch change) so that the state is not trivially zero.
     step(good, W(), G(), M(), V(), 0, ws.get());
     step(good, W(), G(), M(), V(), 1, ws.get());
-    const auto w0 = w, g0 = g;
-    const auto m0 = mm, v0 = vv;
+    const auto w0 = dev.download(w_d), g0 = dev.download(g_d);
+    const auto m0 = dev.download(mm_d), v0 = dev.download(vv_d);
     const auto c0 = counters;
+    CHECK(bit_equal(g0, g)); // G is only read
     auto unchanged = [&] {
-        return bit_equal(w, w0) && bit_equal(g, g0) && bit_equal(mm, m0) && bit_equal(vv, v0) && counters.step == c0.step &&
+        return bit_equal(dev.download(w_d), w0) && bit_equal(dev.download(g_d), g0) &&
+               bit_equal(dev.download(mm_d), m0) && bit_equal(dev.download(vv_d), v0) && counters.step == c0.step &&
                counters.epoch == c0.epoch;
     };
 
@@ -621,34 +724,35 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
     }
     SUBCASE("shapes")
     {
-        CHECK_THROWS_WITH_AS(step(good, view_of(w, m, n + 1), G(), M(), V(), 2, ws.get()),
+        CHECK_THROWS_WITH_AS(step(good, w_d.view(m, n + 1), G(), M(), V(), 2, ws.get()),
                              Contains("subspace_adamw::step: W is (6, 21)"), compact::error);
         CHECK(unchanged());
-        CHECK_THROWS_WITH_AS(step(good, view_of(w, m + 1, n), G(), M(), V(), 2, ws.get()),
+        CHECK_THROWS_WITH_AS(step(good, w_d.view(m + 1, n), G(), M(), V(), 2, ws.get()),
                              Contains("subspace_adamw::step: W is (7, 20)"), compact::error);
         CHECK(unchanged());
-        CHECK_THROWS_WITH_AS(step(good, W(), cview_of(g, m, r + 1), M(), V(), 2, ws.get()),
+        CHECK_THROWS_WITH_AS(step(good, W(), g_d.cview(m, r + 1), M(), V(), 2, ws.get()),
                              Contains("subspace_adamw::step: G_sub is (6, 6)"), compact::error);
         CHECK(unchanged());
-        CHECK_THROWS_WITH_AS(step(good, W(), G(), view_of(mm, m + 1, r), V(), 2, ws.get()),
+        CHECK_THROWS_WITH_AS(step(good, W(), G(), mm_d.view(m + 1, r), V(), 2, ws.get()),
                              Contains("subspace_adamw::step: M is (7, 5)"), compact::error);
         CHECK(unchanged());
-        CHECK_THROWS_WITH_AS(step(good, W(), G(), M(), view_of(vv, m, r - 1), 2, ws.get()),
+        CHECK_THROWS_WITH_AS(step(good, W(), G(), M(), vv_d.view(m, r - 1), 2, ws.get()),
                              Contains("subspace_adamw::step: V is (6, 4)"), compact::error);
         CHECK(unchanged());
         // A view whose ld is smaller than its cols is malformed, whatever its shape claims.
-        CHECK_THROWS_WITH_AS(step(good, W(), G(), compact::matrix_view<State>(mm.data(), m, r, r - 1), V(), 2, ws.get()),
-                             Contains("M has ld=4"), compact::error);
+        CHECK_THROWS_WITH_AS(
+            step(good, W(), G(), compact::matrix_view<State>(mm_d.data(), m, r, r - 1), V(), 2, ws.get()),
+            Contains("M has ld=4"), compact::error);
         CHECK(unchanged());
         CHECK_THROWS_WITH_AS(step(good, compact::matrix_view<Scalar>(nullptr, m, n), G(), M(), V(), 2, ws.get()),
                              Contains("W is null"), compact::error);
         CHECK(unchanged());
         // A kept P of the wrong shape.
-        std::vector<Scalar> p((n + 1) * (r + 1), Scalar(0.5));
-        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, W(), G(), M(), V(), counters, 2, ws.get(), cview_of(p, n, r + 1)),
+        const auto p_d = dev.upload(std::vector<Scalar>((n + 1) * (r + 1), Scalar(0.5)));
+        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, W(), G(), M(), V(), counters, 2, ws.get(), p_d.cview(n, r + 1)),
                              Contains("subspace_adamw::step: P is (20, 6)"), compact::error);
         CHECK(unchanged());
-        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, W(), G(), M(), V(), counters, 2, ws.get(), cview_of(p, n + 1, r)),
+        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, W(), G(), M(), V(), counters, 2, ws.get(), p_d.cview(n + 1, r)),
                              Contains("subspace_adamw::step: P is (21, 5)"), compact::error);
         CHECK(unchanged());
     }
@@ -668,51 +772,57 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
     }
     SUBCASE("a valid call after the failures behaves as if they never happened")
     {
-        auto w1 = w0;
-        auto m1 = m0, v1 = v0;
+        auto w1_d = dev.upload(w0);
+        const auto g1_d = dev.upload(g0);
+        auto m1_d = dev.upload(m0), v1_d = dev.upload(v0);
         auto c1 = c0;
         CHECK_THROWS_AS(step(good, W(), G(), M(), V(), 2, compact::workspace{}), compact::error);
         step(good, W(), G(), M(), V(), 2, ws.get());
-        optimizer.step(ctx, good, view_of(w1, m, n), cview_of(g0, m, r), view_of(m1, m, r), view_of(v1, m, r), c1, 2,
-                       ws.get());
-        CHECK(bit_equal(w, w1));
-        CHECK(bit_equal(mm, m1));
+        optimizer.step(ctx, good, w1_d.view(m, n), g1_d.cview(m, r), m1_d.view(m, r), v1_d.view(m, r), c1, 2, ws.get());
+        CHECK(bit_equal(dev.download(w_d), dev.download(w1_d)));
+        CHECK(bit_equal(dev.download(mm_d), dev.download(m1_d)));
         CHECK(counters.step == c1.step);
     }
     CHECK_THROWS_WITH_AS((compact::subspace_adamw<Scalar, Backend, State>(0, projection)), Contains("out=0"),
                          compact::error);
 }
 
-TEST_CASE_TEMPLATE("adamw::step rejects bad hyper-parameters and shapes, and changes nothing when it throws", Cfg,
-                   COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("adamw::step rejects bad hyper-parameters and shapes, and changes nothing when it throws"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
     using doctest::Contains;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t rows = 4, cols = 9;
     std::mt19937_64 rng(0xadd);
-    auto w = uniform<Scalar>(rng, (rows + 1) * (cols + 1), -1, 1);
-    auto g = uniform<Scalar>(rng, (rows + 1) * (cols + 1), -1, 1);
-    std::vector<State> mm((rows + 1) * (cols + 1), State(0)), vv((rows + 1) * (cols + 1), State(0));
+    const auto w = uniform<Scalar>(rng, (rows + 1) * (cols + 1), -1, 1);
+    const auto g = uniform<Scalar>(rng, (rows + 1) * (cols + 1), -1, 1);
+    const std::vector<State> mm((rows + 1) * (cols + 1), State(0)), vv((rows + 1) * (cols + 1), State(0));
+    auto w_d = dev.upload(w);
+    const auto g_d = dev.upload(g);
+    auto mm_d = dev.upload(mm);
+    auto vv_d = dev.upload(vv);
     compact::adam_counters counters;
     const auto good = default_hyper();
     auto step = [&](const compact::adamw_params& h, compact::const_matrix_view<Scalar> gv, compact::matrix_view<State> mv,
                     compact::matrix_view<State> vv_) {
-        compact::adamw<Backend>::step(ctx, h, view_of(w, rows, cols), gv, mv, vv_, counters);
+        compact::adamw<Backend>::step(ctx, h, w_d.view(rows, cols), gv, mv, vv_, counters);
     };
-    step(good, cview_of(g, rows, cols), view_of(mm, rows, cols), view_of(vv, rows, cols));
-    const auto w0 = w;
-    const auto m0 = mm, v0 = vv;
+    step(good, g_d.cview(rows, cols), mm_d.view(rows, cols), vv_d.view(rows, cols));
+    const auto w0 = dev.download(w_d);
+    const auto m0 = dev.download(mm_d), v0 = dev.download(vv_d);
     const auto c0 = counters;
     auto unchanged = [&] {
-        return bit_equal(w, w0) && bit_equal(mm, m0) && bit_equal(vv, v0) && counters.step == c0.step &&
-               counters.epoch == c0.epoch;
+        return bit_equal(dev.download(w_d), w0) && bit_equal(dev.download(mm_d), m0) &&
+               bit_equal(dev.download(vv_d), v0) && counters.step == c0.step && counters.epoch == c0.epoch;
     };
-    auto G = [&] { return cview_of(g, rows, cols); };
-    auto M = [&] { return view_of(mm, rows, cols); };
-    auto V = [&] { return view_of(vv, rows, cols); };
+    auto G = [&] { return g_d.cview(rows, cols); };
+    auto M = [&] { return mm_d.view(rows, cols); };
+    auto V = [&] { return vv_d.view(rows, cols); };
 
     auto h = good;
     h.lr = -1e-3;
@@ -727,25 +837,26 @@ TEST_CASE_TEMPLATE("adamw::step rejects bad hyper-parameters and shapes, and cha
     h.eps = 0.0;
     CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("eps=0 "), compact::error);
     CHECK(unchanged());
-    CHECK_THROWS_WITH_AS(step(good, cview_of(g, rows, cols + 1), M(), V()), Contains("adamw::step: G is (4, 10)"),
+    CHECK_THROWS_WITH_AS(step(good, g_d.cview(rows, cols + 1), M(), V()), Contains("adamw::step: G is (4, 10)"),
                          compact::error);
     CHECK(unchanged());
-    CHECK_THROWS_WITH_AS(step(good, G(), view_of(mm, rows + 1, cols), V()), Contains("adamw::step: M is (5, 9)"),
+    CHECK_THROWS_WITH_AS(step(good, G(), mm_d.view(rows + 1, cols), V()), Contains("adamw::step: M is (5, 9)"),
                          compact::error);
     CHECK(unchanged());
-    CHECK_THROWS_WITH_AS(step(good, G(), M(), view_of(vv, rows, cols - 1)), Contains("adamw::step: V is (4, 8)"),
+    CHECK_THROWS_WITH_AS(step(good, G(), M(), vv_d.view(rows, cols - 1)), Contains("adamw::step: V is (4, 8)"),
                          compact::error);
     CHECK(unchanged());
 }
 
 // ================================================================================= memory queries
 
-TEST_CASE_TEMPLATE("state_bytes and workspace_bytes", Cfg, COMPACT_TEST_CONFIGS)
+TEST_CASE_TEMPLATE("state_bytes and workspace_bytes" COMPACT_TEST_ON_DEVICE, Cfg, COMPACT_TEST_CONFIGS)
 {
     using Backend = typename Cfg::backend;
     using Scalar = typename Cfg::scalar;
     using State = typename Cfg::state;
-    const typename Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 40, n = 64, r = 16;
     const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 5, 6);
     const compact::subspace_adamw<Scalar, Backend, State> keep(m, projection, compact::moment_policy::keep);
@@ -772,17 +883,20 @@ TEST_CASE_TEMPLATE("state_bytes and workspace_bytes", Cfg, COMPACT_TEST_CONFIGS)
         CAPTURE(compact::to_string(optimizer->policy()));
         const std::size_t bytes = optimizer->workspace_bytes();
         for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{8}, std::size_t{63}}) {
-            std::vector<unsigned char> memory(bytes + offset);
-            const compact::workspace space{memory.data() + offset, bytes};
-            std::vector<Scalar> w(m * n, Scalar(0.5)), g(m * r, Scalar(0.25));
-            std::vector<State> mm(m * r, State(0)), vv(m * r, State(0));
+            auto memory = dev.workspace(bytes + offset);
+            const compact::workspace space{memory.bytes.data() + offset, bytes};
+            auto w_d = dev.upload(std::vector<Scalar>(m * n, Scalar(0.5)));
+            const auto g_d = dev.upload(std::vector<Scalar>(m * r, Scalar(0.25)));
+            auto mm_d = dev.upload(std::vector<State>(m * r, State(0)));
+            auto vv_d = dev.upload(std::vector<State>(m * r, State(0)));
             compact::adam_counters counters;
             const auto h = default_hyper();
-            optimizer->step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, 0,
+            optimizer->step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 0,
                             space);
-            optimizer->step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, 1,
+            optimizer->step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 1,
                             space);
             CHECK(counters.epoch == 1);
+            dev.synchronize(); // the steps have finished before their buffers are freed
         }
     }
 
@@ -794,35 +908,39 @@ TEST_CASE_TEMPLATE("state_bytes and workspace_bytes", Cfg, COMPACT_TEST_CONFIGS)
     CHECK(identity_optimizer.workspace_bytes() < gaussian_full.workspace_bytes());
 }
 
-TEST_CASE("subspace_adamw with the identity ignores epoch changes under every moment policy")
+TEST_CASE("subspace_adamw with the identity ignores epoch changes under every moment policy" COMPACT_TEST_ON_DEVICE)
 {
     // P = I never changes, so resampling must not reset or transfer its moments: every policy has to
     // give plain AdamW, bit for bit, across epoch boundaries.
     using compact::index_t;
+    using Backend = backend_under_test;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     const index_t m = 6, n = 5;
-    const compact::input_projection<double, compact::cpu> identity(n, n, compact::distribution::identity, 3, 4);
+    const compact::input_projection<double, Backend> identity(n, n, compact::distribution::identity, 3, 4);
     compact::adamw_params h;
     h.lr = 1e-2;
     h.weight_decay = 0.1;
     std::vector<double> g(m * n);
     for (std::size_t i = 0; i < g.size(); ++i) g[i] = std::sin(0.7 * static_cast<double>(i) + 0.3);
+    const auto g_d = dev.upload(g);
     for (auto policy : {compact::moment_policy::keep, compact::moment_policy::reset, compact::moment_policy::transfer}) {
         CAPTURE(std::string(compact::to_string(policy)));
-        const compact::subspace_adamw<double, compact::cpu, double> opt(m, identity, policy);
-        std::vector<double> w(m * n, 0.5), w_plain(m * n, 0.5), mo(m * n), vo(m * n), mp(m * n), vp(m * n);
-        std::vector<unsigned char> ws(opt.workspace_bytes());
+        const compact::subspace_adamw<double, Backend, double> opt(m, identity, policy);
+        const std::vector<double> w_start(m * n, 0.5), zero(m * n, 0.0);
+        auto w_d = dev.upload(w_start), w_plain_d = dev.upload(w_start);
+        auto mo_d = dev.upload(zero), vo_d = dev.upload(zero), mp_d = dev.upload(zero), vp_d = dev.upload(zero);
+        auto ws = dev.workspace(opt.workspace_bytes());
         compact::adam_counters c{}, cp{};
         for (std::uint64_t update = 0; update < 7; ++update) {
-            opt.step({}, h, compact::make_view(w.data(), m, n), compact::make_view<const double>(g.data(), m, n),
-                     compact::make_view(mo.data(), m, n), compact::make_view(vo.data(), m, n), c,
-                     compact::resampling{2}.epoch(update), {ws.data(), ws.size()});
-            compact::adamw<compact::cpu>::step({}, h, compact::make_view(w_plain.data(), m, n),
-                                              compact::make_view<const double>(g.data(), m, n),
-                                              compact::make_view(mp.data(), m, n), compact::make_view(vp.data(), m, n), cp);
+            opt.step(ctx, h, w_d.view(m, n), g_d.cview(m, n), mo_d.view(m, n), vo_d.view(m, n), c,
+                     compact::resampling{2}.epoch(update), ws.get());
+            compact::adamw<Backend>::step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, n), mp_d.view(m, n),
+                                          vp_d.view(m, n), cp);
         }
         CHECK(c.step == 7);
-        CHECK(w == w_plain);
-        CHECK(mo == mp);
+        CHECK(dev.download(w_d) == dev.download(w_plain_d));
+        CHECK(dev.download(mo_d) == dev.download(mp_d));
     }
 }
 
@@ -858,14 +976,20 @@ std::vector<double> change_from(const std::vector<T>& w, const std::vector<doubl
 
 } // namespace
 
-// Scalar = float weights and gradients, State = double moments and master. lr = 5e-9 with weights in
-// [0.5, 1), where half an ulp of float is 2^-25 = 3.0e-8: Adam's step |eta_t M / (sqrt(V) + eps)| is
-// at most about 3.2 lr = 1.6e-8 (transformers-style bias correction), so every update of a float W is
-// rounded away, while the master accumulates them: 2000 steps move it by about 1e-5 (170 float ulps).
-TEST_CASE("adamw::step with a double master beside float weights tracks float64 where float alone stalls")
+// Float weights and gradients, double moments and master (not one of COMPACT_TEST_CONFIGS: these
+// cases name their types and run on the backend under test). W's rounding from the master is one
+// conversion of each value, the same on every backend, so it is checked bit for bit.
+//
+// lr = 5e-9 with weights in [0.5, 1), where half an ulp of float is 2^-25 = 3.0e-8: Adam's step
+// |eta_t M / (sqrt(V) + eps)| is at most about 3.2 lr = 1.6e-8 (transformers-style bias correction), so
+// every update of a float W is rounded away, while the master accumulates them: 2000 steps move it by
+// about 1e-5 (170 float ulps).
+TEST_CASE("adamw::step with a double master beside float weights tracks float64 where float alone stalls"
+          COMPACT_TEST_ON_DEVICE)
 {
-    using Backend = compact::cpu;
-    const Backend::context ctx{};
+    using Backend = backend_under_test;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t rows = 7, cols = 19, size = rows * cols;
     constexpr int steps = 2000;
     std::mt19937_64 rng(0xa57e);
@@ -875,21 +999,28 @@ TEST_CASE("adamw::step with a double master beside float weights tracks float64 
     h.lr = 5e-9;
     h.weight_decay = 0.1;
 
-    auto w = w_start, w_plain = w_start;
-    std::vector<double> master(w_start.begin(), w_start.end()); // the caller's initialisation
-    std::vector<double> m(size, 0.0), v(size, 0.0), m_plain(size, 0.0), v_plain(size, 0.0);
+    auto w_d = dev.upload(w_start), w_plain_d = dev.upload(w_start);
+    auto master_d = dev.upload(std::vector<double>(w_start.begin(), w_start.end())); // the caller's initialisation
+    const std::vector<double> zero(size, 0.0);
+    auto m_d = dev.upload(zero), v_d = dev.upload(zero), m_plain_d = dev.upload(zero), v_plain_d = dev.upload(zero);
+    device_array<Backend, float> g_d(static_cast<std::size_t>(size));
     compact::adam_counters counters, counters_plain;
     const auto start = to_double(w_start);
     auto w_ref = start;
     reference_adam ref(static_cast<std::size_t>(size));
     for (int s = 0; s < steps; ++s) {
         const auto g = drifting_gradient(rng, base);
-        compact::adamw<Backend>::step(ctx, h, view_of(w, rows, cols), cview_of(g, rows, cols), view_of(m, rows, cols),
-                                      view_of(v, rows, cols), counters, view_of(master, rows, cols));
-        compact::adamw<Backend>::step(ctx, h, view_of(w_plain, rows, cols), cview_of(g, rows, cols),
-                                      view_of(m_plain, rows, cols), view_of(v_plain, rows, cols), counters_plain);
+        dev.upload_to(g_d, g);
+        compact::adamw<Backend>::step(ctx, h, w_d.view(rows, cols), g_d.cview(rows, cols), m_d.view(rows, cols),
+                                      v_d.view(rows, cols), counters, master_d.view(rows, cols));
+        compact::adamw<Backend>::step(ctx, h, w_plain_d.view(rows, cols), g_d.cview(rows, cols),
+                                      m_plain_d.view(rows, cols), v_plain_d.view(rows, cols), counters_plain);
         reference_adamw_step(h, w_ref, to_double(g), ref);
     }
+    const auto w = dev.download(w_d), w_plain = dev.download(w_plain_d);
+    const auto master = dev.download(master_d);
+    const auto m = dev.download(m_d), v = dev.download(v_d), m_plain = dev.download(m_plain_d),
+               v_plain = dev.download(v_plain_d);
     const auto change_ref = change_from(w_ref, start);
     // The master: double arithmetic, so the change (about 1e-5) is off by a few roundings of W per
     // step, 2000 * 1.1e-16 at most: 2e-8 relative, far inside the stated 1e-6.
@@ -915,10 +1046,12 @@ TEST_CASE("adamw::step with a double master beside float weights tracks float64 
 // The same for the subspace update: float W (m, n), double moments (m, r) and master; the reference
 // uses P rounded to float, the P the forward pass used and the step widens. lr = 2e-9 keeps
 // |eta_t alpha (N P^T)_ij| below 3e-8 (|N| <= 3.2, |P_ij| about 1/sqrt(r), r terms).
-TEST_CASE("subspace_adamw::step with a double master beside float weights tracks float64 where float alone stalls")
+TEST_CASE("subspace_adamw::step with a double master beside float weights tracks float64 where float alone stalls"
+          COMPACT_TEST_ON_DEVICE)
 {
-    using Backend = compact::cpu;
-    const Backend::context ctx{};
+    using Backend = backend_under_test;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 8, n = 24, r = 6;
     constexpr int steps = 2000;
     constexpr std::uint64_t epoch = 3;
@@ -935,26 +1068,34 @@ TEST_CASE("subspace_adamw::step with a double master beside float weights tracks
     h.alpha = 1.0;
     h.weight_decay = 0.1;
 
-    auto w = w_start, w_plain = w_start, w_kept = w_start;
-    std::vector<double> master(w_start.begin(), w_start.end()), master_kept = master;
-    std::vector<double> mm(m * r, 0.0), vv(m * r, 0.0), mm_plain = mm, vv_plain = vv, mm_kept = mm, vv_kept = vv;
+    auto w_d = dev.upload(w_start), w_plain_d = dev.upload(w_start), w_kept_d = dev.upload(w_start);
+    const std::vector<double> master_start(w_start.begin(), w_start.end()), zero(m * r, 0.0);
+    auto master_d = dev.upload(master_start), master_kept_d = dev.upload(master_start);
+    auto mm_d = dev.upload(zero), vv_d = dev.upload(zero), mm_plain_d = dev.upload(zero), vv_plain_d = dev.upload(zero),
+         mm_kept_d = dev.upload(zero), vv_kept_d = dev.upload(zero);
+    device_array<Backend, float> g_d(static_cast<std::size_t>(m * r));
     compact::adam_counters counters, counters_plain, counters_kept;
-    workspace_buffer ws(optimizer.workspace_bytes(true)), ws_plain(optimizer.workspace_bytes());
-    std::vector<float> p_kept(n * r);
-    Backend::generate_projection<float>(ctx, projection.spec(epoch), 0, 0, view_of(p_kept, n, r));
+    auto ws = dev.workspace(optimizer.workspace_bytes(true));
+    auto ws_plain = dev.workspace(optimizer.workspace_bytes());
+    device_array<Backend, float> p_kept_d(static_cast<std::size_t>(n * r));
+    Backend::generate_projection<float>(ctx, projection.spec(epoch), 0, 0, p_kept_d.view(n, r));
     const auto start = to_double(w_start);
     auto w_ref = start;
     reference_adam ref(static_cast<std::size_t>(m * r));
     for (int s = 0; s < steps; ++s) {
         const auto g = drifting_gradient(rng, base);
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, epoch,
-                       ws.get(), {}, view_of(master, m, n));
-        optimizer.step(ctx, h, view_of(w_kept, m, n), cview_of(g, m, r), view_of(mm_kept, m, r), view_of(vv_kept, m, r),
-                       counters_kept, epoch, ws.get(), cview_of(p_kept, n, r), view_of(master_kept, m, n));
-        optimizer.step(ctx, h, view_of(w_plain, m, n), cview_of(g, m, r), view_of(mm_plain, m, r),
-                       view_of(vv_plain, m, r), counters_plain, epoch, ws_plain.get());
+        dev.upload_to(g_d, g);
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, epoch,
+                       ws.get(), {}, master_d.view(m, n));
+        optimizer.step(ctx, h, w_kept_d.view(m, n), g_d.cview(m, r), mm_kept_d.view(m, r), vv_kept_d.view(m, r),
+                       counters_kept, epoch, ws.get(), p_kept_d.cview(n, r), master_kept_d.view(m, n));
+        optimizer.step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, r), mm_plain_d.view(m, r), vv_plain_d.view(m, r),
+                       counters_plain, epoch, ws_plain.get());
         reference_subspace_step(h, w_ref, to_double(g), p_ref, m, n, r, ref);
     }
+    const auto w = dev.download(w_d), w_plain = dev.download(w_plain_d), w_kept = dev.download(w_kept_d);
+    const auto master = dev.download(master_d), master_kept = dev.download(master_kept_d);
+    const auto mm = dev.download(mm_d), mm_plain = dev.download(mm_plain_d);
     const auto change_ref = change_from(w_ref, start);
     CHECK_RELATIVE(relative_error(change_from(master, start), change_ref), 1e-6);
     bool rounded = true;
@@ -970,89 +1111,99 @@ TEST_CASE("subspace_adamw::step with a double master beside float weights tracks
     CHECK(bit_equal(mm, mm_plain));
 }
 
-TEST_CASE("subspace_adamw with the identity and a master is adamw::step with that master, bit for bit")
+TEST_CASE("subspace_adamw with the identity and a master is adamw::step with that master, bit for bit"
+          COMPACT_TEST_ON_DEVICE)
 {
-    using Backend = compact::cpu;
-    const Backend::context ctx{};
+    using Backend = backend_under_test;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 5, n = 11;
     const compact::input_projection<float, Backend> identity(n, n, compact::distribution::identity, 1, 2);
     const compact::subspace_adamw<float, Backend, double> optimizer(m, identity);
     CHECK(optimizer.workspace_bytes(true) == 0);
     std::mt19937_64 rng(0x1de);
     const auto w_start = uniform<float>(rng, m * n, -1, 1);
-    auto w = w_start, w_plain = w_start;
-    std::vector<double> master(w_start.begin(), w_start.end()), master_plain = master;
-    std::vector<double> mo(m * n, 0.0), vo = mo, mp = mo, vp = mo;
+    auto w_d = dev.upload(w_start), w_plain_d = dev.upload(w_start);
+    const std::vector<double> master_start(w_start.begin(), w_start.end()), zero(m * n, 0.0);
+    auto master_d = dev.upload(master_start), master_plain_d = dev.upload(master_start);
+    auto mo_d = dev.upload(zero), vo_d = dev.upload(zero), mp_d = dev.upload(zero), vp_d = dev.upload(zero);
+    device_array<Backend, float> g_d(static_cast<std::size_t>(m * n));
     compact::adam_counters c, cp;
     auto h = default_hyper();
     h.lr = 1e-7;
     for (int s = 0; s < 50; ++s) {
-        const auto g = uniform<float>(rng, m * n, -1, 1);
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, n), view_of(mo, m, n), view_of(vo, m, n), c,
-                       static_cast<std::uint64_t>(s / 7), {}, {}, view_of(master, m, n));
-        compact::adamw<Backend>::step(ctx, h, view_of(w_plain, m, n), cview_of(g, m, n), view_of(mp, m, n),
-                                      view_of(vp, m, n), cp, view_of(master_plain, m, n));
+        dev.upload_to(g_d, uniform<float>(rng, m * n, -1, 1));
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, n), mo_d.view(m, n), vo_d.view(m, n), c,
+                       static_cast<std::uint64_t>(s / 7), {}, {}, master_d.view(m, n));
+        compact::adamw<Backend>::step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, n), mp_d.view(m, n), vp_d.view(m, n),
+                                      cp, master_plain_d.view(m, n));
     }
-    CHECK(bit_equal(master, master_plain));
-    CHECK(bit_equal(w, w_plain));
-    CHECK(bit_equal(mo, mp));
+    const auto w = dev.download(w_d);
+    CHECK(bit_equal(dev.download(master_d), dev.download(master_plain_d)));
+    CHECK(bit_equal(w, dev.download(w_plain_d)));
+    CHECK(bit_equal(dev.download(mo_d), dev.download(mp_d)));
     CHECK(!bit_equal(w, w_start));
 }
 
 TEST_CASE("master weights: wrong shapes, a null master and a workspace sized without it are refused, "
-          "changing nothing")
+          "changing nothing" COMPACT_TEST_ON_DEVICE)
 {
-    using Backend = compact::cpu;
+    using Backend = backend_under_test;
     using doctest::Contains;
-    const Backend::context ctx{};
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
     constexpr index_t m = 4, n = 10, r = 3;
     const compact::input_projection<float, Backend> projection(n, r, compact::distribution::gaussian, 4, 5);
     const compact::subspace_adamw<float, Backend, double> optimizer(m, projection);
     std::mt19937_64 rng(0xe11);
-    auto w = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
+    const auto w0 = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
     const auto g = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
-    std::vector<double> mm((m + 1) * (n + 1), 0.0), vv = mm, master((m + 1) * (n + 1), 0.25);
+    const std::vector<double> zero((m + 1) * (n + 1), 0.0), master0((m + 1) * (n + 1), 0.25);
+    auto w_d = dev.upload(w0);
+    const auto g_d = dev.upload(g);
+    auto mm_d = dev.upload(zero), vv_d = dev.upload(zero), master_d = dev.upload(master0);
     compact::adam_counters counters;
-    workspace_buffer ws(optimizer.workspace_bytes(true));
+    auto ws = dev.workspace(optimizer.workspace_bytes(true));
     const auto h = default_hyper();
-    const auto w0 = w;
-    const auto master0 = master;
-    auto unchanged = [&] { return bit_equal(w, w0) && bit_equal(master, master0) && counters.step == 0; };
+    auto unchanged = [&] {
+        return bit_equal(dev.download(w_d), w0) && bit_equal(dev.download(master_d), master0) && counters.step == 0;
+    };
 
     auto sub = [&](compact::matrix_view<double> mv, compact::workspace space) {
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g, m, r), view_of(mm, m, r), view_of(vv, m, r), counters, 0,
-                       space, {}, mv);
+        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 0, space,
+                       {}, mv);
     };
     CHECK(optimizer.workspace_bytes(true) > optimizer.workspace_bytes());
     CHECK(optimizer.workspace_bytes(true) >=
           optimizer.workspace_bytes() + static_cast<std::size_t>(m * r + n * r) * sizeof(double) -
               static_cast<std::size_t>(m * r) * sizeof(float));
-    CHECK_THROWS_WITH_AS(sub(view_of(master, m, n + 1), ws.get()),
+    CHECK_THROWS_WITH_AS(sub(master_d.view(m, n + 1), ws.get()),
                          Contains("subspace_adamw::step: master (the master copy of W) is (4, 11) but (4, 10)"),
                          compact::error);
     CHECK(unchanged());
-    CHECK_THROWS_WITH_AS(sub(view_of(master, m + 1, n), ws.get()), Contains("master (the master copy of W) is (5, 10)"),
+    CHECK_THROWS_WITH_AS(sub(master_d.view(m + 1, n), ws.get()), Contains("master (the master copy of W) is (5, 10)"),
                          compact::error);
     CHECK(unchanged());
     CHECK_THROWS_WITH_AS(sub(compact::matrix_view<double>(nullptr, m, n), ws.get()),
                          Contains("subspace_adamw::step: master is null but has shape (4, 10)"), compact::error);
     CHECK(unchanged());
-    std::vector<unsigned char> small(optimizer.workspace_bytes());
-    CHECK_THROWS_WITH_AS(sub(view_of(master, m, n), compact::workspace{small.data(), small.size()}),
-                         Contains("subspace_adamw::step: workspace holds"), compact::error);
+    auto small = dev.workspace(optimizer.workspace_bytes());
+    CHECK_THROWS_WITH_AS(sub(master_d.view(m, n), small.get()), Contains("subspace_adamw::step: workspace holds"),
+                         compact::error);
     CHECK(unchanged());
 
     auto plain = [&](compact::matrix_view<double> mv) {
-        compact::adamw<Backend>::step(ctx, h, view_of(w, m, n), cview_of(g, m, n), view_of(mm, m, n), view_of(vv, m, n),
+        compact::adamw<Backend>::step(ctx, h, w_d.view(m, n), g_d.cview(m, n), mm_d.view(m, n), vv_d.view(m, n),
                                       counters, mv);
     };
-    CHECK_THROWS_WITH_AS(plain(view_of(master, m, n - 1)), Contains("adamw::step: master (the master copy of W) is (4, 9)"),
-                         compact::error);
+    CHECK_THROWS_WITH_AS(plain(master_d.view(m, n - 1)),
+                         Contains("adamw::step: master (the master copy of W) is (4, 9)"), compact::error);
     CHECK(unchanged());
     CHECK_THROWS_WITH_AS(plain(compact::matrix_view<double>(nullptr, 1, 1)), Contains("adamw::step: master is null"),
                          compact::error);
     CHECK(unchanged());
     // The right shapes go through.
-    CHECK_NOTHROW(sub(view_of(master, m, n), ws.get()));
+    CHECK_NOTHROW(sub(master_d.view(m, n), ws.get()));
     CHECK(counters.step == 1);
+    dev.synchronize(); // the step has finished before its buffers are freed
 }

@@ -1,6 +1,9 @@
-// tests/test_support.hpp: helpers shared by the optimizer and layer tests: the `config` type list the
-// test bodies are templated over, random vectors, float64 relative errors and views of std::vector.
+// tests/test_support.hpp: helpers shared by the optimizer and layer tests: random vectors, float64
+// relative errors and views of std::vector. The configurations the test bodies are templated over, and
+// the backend they run on, come from backend_under_test.hpp.
 #pragma once
+
+#include "backend_under_test.hpp"
 
 #include <compact/core/matrix_view.hpp>
 
@@ -16,15 +19,6 @@
 namespace compact_test {
 
 using compact::index_t;
-
-template <class Backend, class Scalar, class State>
-struct config {
-    using backend = Backend;
-    using scalar = Scalar;
-    using state = State;
-};
-
-#define COMPACT_TEST_CONFIGS config<compact::cpu, float, float>, config<compact::cpu, double, double>
 
 template <class T>
 constexpr bool is_float = std::is_same_v<T, float>;
