@@ -6,9 +6,12 @@
 // it hold device pointers. Storage types: float, double, __half and __nv_bfloat16 (the 16-bit types
 // compute in float: compute_t in scalar.cuh).
 //
-// - gemm: cublasGemmEx with CUBLAS_COMPUTE_32F for float, __half and __nv_bfloat16 storage (no TF32),
-//   cublasDgemm for double. Row-major C (M, N) is column-major C^T, and C^T = op(B)^T op(A)^T, so the
-//   operands are passed to cuBLAS swapped. Dimensions and leading dimensions must be below 2^31.
+// - gemm: cublasGemmEx with CUBLAS_COMPUTE_32F for float, __half and __nv_bfloat16 storage, cublasDgemm
+//   for double. Float operands are not rounded to TF32 under the handle's default math mode; a handle
+//   the caller set to CUBLAS_TF32_TENSOR_OP_MATH makes float products TF32 here too (the caller's
+//   choice: gemm never changes the handle's math mode). Row-major C (M, N) is column-major C^T, and
+//   C^T = op(B)^T op(A)^T, so the operands are passed to cuBLAS swapped. Dimensions and leading
+//   dimensions must be below 2^31.
 // - generate_projection: one thread per (row, quad of columns), through the very functions the CPU
 //   uses (detail::gaussian_quad / rademacher_quad of core/projection.hpp), then rounded to T. nvcc
 //   contracts a*b+c into FMA in device code by default where the host compiler does not, so a double
