@@ -454,7 +454,6 @@ struct problem {
     view<bf16> dxv() { return {dx.data(), rows, in}; }
     view<bf16> zv(index_t r) { return {z.data(), rows, r}; }
     view<bf16> gv(index_t r) { return {g.data(), out, r}; }
-    bf16* dbp() { return bias ? db.data() : nullptr; }
     compact::workspace wsv() { return {ws.data(), ws.size()}; }
 };
 
@@ -537,30 +536,36 @@ public:
     using optimizer_type = compact::subspace_adamw<bf16, backend, float>;
 
     library_step(problem& p, std::string name, Policy policy)
-        : library_step(p, std::move(name), layer_type(p.in, p.out, seed, /*layer=*/1, policy))
+        : library_step(p, std::move(name),
+                       layer_type(compact::in_features{p.in}, compact::out_features{p.out}, seed, /*layer=*/1, policy))
     {
     }
 
     static std::size_t workspace_bytes(const shape& s, Policy policy)
     {
-        const layer_type layer(s.in, s.out, seed, 1, policy);
-        const optimizer_type opt(s.out, layer.projection());
-        return std::max(layer.workspace_bytes(), opt.workspace_bytes());
+        const layer_type layer(compact::in_features{s.in}, compact::out_features{s.out}, seed, 1, policy);
+        const optimizer_type opt(compact::out_features{s.out}, layer.projection());
+        return std::max(layer.workspace_bytes(s.rows), opt.workspace_bytes());
     }
 
     const layer_type& layer() const noexcept { return layer_; }
 
     void forward(const context& ctx) override
     {
-        layer_.forward(ctx, p_.xv(), w(), b(), p_.yv(), p_.zv(r_), epoch, p_.wsv());
+        // Z (N, r) is kept in the first N r values of the problem's Z buffer.
+        saved_ = compact::bind_saved<typename layer_type::saved_type>(p_.z.data(), p_.z.size() * sizeof(bf16));
+        const cview<bf16> bias = p_.bias ? cview<bf16>(b(), 1, p_.out) : cview<bf16>{};
+        layer_.forward(ctx, p_.xv(), w(), bias, p_.yv(), saved_, step, p_.wsv());
     }
     void backward(const context& ctx) override
     {
-        layer_.backward(ctx, p_.dyv(), w(), p_.zv(r_), p_.dxv(), p_.gv(r_), p_.dbp());
+        grads_.weight = p_.gv(r_);
+        grads_.bias = p_.bias ? view<bf16>(p_.db.data(), 1, p_.out) : view<bf16>{};
+        layer_.backward(ctx, p_.dyv(), w(), saved_, p_.dxv(), grads_, p_.wsv());
     }
     void optimize(const context& ctx) override
     {
-        opt_.step(ctx, hyper, w(), p_.gv(r_), mv(r_), vv(r_), counters_, epoch, p_.wsv());
+        opt_.step(ctx, hyper, layer_.projection(), w(), grads_, mv(r_), vv(r_), counters_, p_.wsv());
         bias_step(ctx);
     }
     std::size_t saved_bytes() const override { return layer_.saved_bytes(p_.rows); }
@@ -568,12 +573,17 @@ public:
 private:
     library_step(problem& p, std::string name, const layer_type& layer)
         : step_variant(p, std::move(name), layer.rank(), layer.rank()), layer_(layer),
-          opt_(p.out, layer_.projection())
+          opt_(compact::out_features{p.out}, layer_.projection())
     {
     }
 
+    // T = 0 (the layer's default resampling): forward is passed step 0 and every step uses P of epoch 0.
+    static constexpr std::uint64_t step = 0;
+
     layer_type layer_;
     optimizer_type opt_;
+    typename layer_type::saved_type saved_{}; // what forward kept (Z in the problem's Z buffer)
+    compact::layer_gradient<bf16> grads_{};   // G_sub (or G) and db in the problem's buffers, with their epoch
 };
 
 /// The uncompressed step written by hand: three cublasGemmEx calls (bf16 operands and output, fp32
@@ -864,7 +874,7 @@ void time_kernels(const options& o, const compact::owned_cuda_context& owner, pr
     const std::string Nm_s = "(" + std::to_string(N) + ", " + std::to_string(m) + ")";
     const std::string Nn_s = "(" + std::to_string(N) + ", " + std::to_string(n) + ")";
     if (adam_and_projection) {
-        const compact::input_projection<bf16, backend> projection(n, r, compact::distribution::gaussian, seed, 1);
+        const compact::projection_source<bf16, backend> projection(n, r, compact::distribution::gaussian, seed, 1);
         dbuf<bf16> pbuf(count_of(n, r), bf16{}), direction(count_of(m, r), bf16{}), w(count_of(m, n), bf16{});
         dbuf<float> mom(count_of(m, n), 0.0f), var(count_of(m, n), 0.0f);
         copy_device(owner.get(), w.data(), p.w0.data(), w.size() * sizeof(bf16));
@@ -903,7 +913,7 @@ void time_kernels(const options& o, const compact::owned_cuda_context& owner, pr
     {
         // P generation at (N, n/4), into Z's memory: the step's P (n, n/4) is at most 32 MiB, inside the
         // L2 of an H100 or H200, so this is the row that measures the kernel against device memory.
-        const compact::input_projection<bf16, backend> tall(N, r, compact::distribution::gaussian, seed, 2);
+        const compact::projection_source<bf16, backend> tall(N, r, compact::distribution::gaussian, seed, 2);
         rows.push_back(time_kernel(o, owner,
                                    "generate_projection<bf16> P (" + std::to_string(N) + ", " + std::to_string(r) +
                                        "), gaussian, into Z's memory",

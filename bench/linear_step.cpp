@@ -18,7 +18,8 @@
 //     the step with P kept equals the regenerating one bit for bit.
 //
 // Timing: every buffer is allocated before the clock starts. Per r, after two warm-up rounds, the variants
-// (uncompressed; compressed; compressed with P kept, i.e. generated once and passed to forward and step)
+// (uncompressed; compressed; compressed with P kept, i.e. kept by the layer's projection_source through
+// projection().keep, generated once and reused by forward and step)
 // run in rounds, in order and then reversed (A B C, C B A, ...), so that noise from a shared machine hits
 // all of them; the ratio is the median over rounds of compressed / uncompressed from the same round. Each
 // step is timed whole and by phase (forward, backward, optimizer); P's generation is timed on its own (the
@@ -317,7 +318,8 @@ private:
 
 /// The compressed step: compressed_linear forward/backward and subspace_adamw, all memory preallocated.
 /// By default P is regenerated in forward and again in the optimizer step, as SPEC section 1 has it;
-/// with keep_projection it is generated once (T = 0: one P for the whole run) and passed to both.
+/// with keep_projection the layer's projection_source keeps P (projection().keep) in memory of this step
+/// (T = 0: one P for the whole run), so forward and step generate it once and then reuse it.
 template <class Policy>
 class compressed_step {
 public:
@@ -325,18 +327,24 @@ public:
     using optimizer_type = compact::subspace_adamw<float, cpu, float>;
 
     compressed_step(const problem& p, Policy policy, bool keep_projection = false)
-        : p_(p), layer_(p.in, p.out, /*seed=*/42, /*layer=*/7, policy), opt_(p.out, layer_.projection()),
-          r_(layer_.rank()), w_(p.w0), y_(size(p.rows, p.out)), z_(size(p.rows, r_)), dx_(size(p.rows, p.in)),
-          g_sub_(size(p.out, r_)), m_(size(p.out, r_)), v_(size(p.out, r_)),
-          ws_(std::max(layer_.workspace_bytes(), opt_.workspace_bytes()))
+        : p_(p), layer_(compact::in_features{p.in}, compact::out_features{p.out}, /*seed=*/42, /*layer=*/7, policy),
+          opt_(compact::out_features{p.out}, layer_.projection()), r_(layer_.rank()), w_(p.w0),
+          y_(size(p.rows, p.out)), z_(size(p.rows, r_)), dx_(size(p.rows, p.in)), g_sub_(size(p.out, r_)),
+          m_(size(p.out, r_)), v_(size(p.out, r_)),
+          ws_(std::max(layer_.workspace_bytes(p.rows), opt_.workspace_bytes()))
     {
         if (keep_projection && !layer_.projection().is_identity()) {
             p_kept_.resize(size(p.in, r_));
-            cpu::generate_projection<float>(cpu::context{}, layer_.projection().spec(epoch), 0, 0,
-                                            view_of(p_kept_, p.in, r_));
+            layer_.compressor().projection().keep(view_of(p_kept_, p.in, r_));
         }
+        grads_ = compact::layer_gradient<float>{view_of(g_sub_, p.out, r_)}; // no bias
         reset();
     }
+
+    // The layer's projection source points into p_kept_: a copy would not keep P, a moved-from one would.
+    compressed_step(const compressed_step&) = delete;
+    compressed_step& operator=(const compressed_step&) = delete;
+    compressed_step(compressed_step&&) = default;
 
     void reset()
     {
@@ -344,6 +352,7 @@ public:
         std::fill(m_.begin(), m_.end(), 0.0f);
         std::fill(v_.begin(), v_.end(), 0.0f);
         counters_ = {};
+        grads_.written = false;
     }
 
     step_time run(const cpu::context& ctx)
@@ -351,15 +360,14 @@ public:
         const index_t N = p_.rows, n = p_.in, m = p_.out;
         const auto x = p_.xv(), dy = p_.dyv();
         const compact::workspace ws{ws_.data(), ws_.size()};
-        const compact::const_matrix_view<float> p = kept() ? view_of(p_kept_, n, r_) : compact::matrix_view<float>{};
+        auto saved = compact::bind_saved<typename layer_type::saved_type>(z_.data(), z_.size() * sizeof(float));
         const auto t0 = clock_type::now();
-        if (kept()) layer_.forward(ctx, x, w(), nullptr, view_of(y_, N, m), view_of(z_, N, r_), p);
-        else layer_.forward(ctx, x, w(), nullptr, view_of(y_, N, m), view_of(z_, N, r_), epoch, ws);
+        layer_.forward(ctx, x, w(), {}, view_of(y_, N, m), saved, step, ws); // Z = X P into z_
         const auto t1 = clock_type::now();
-        layer_.backward(ctx, dy, w(), view_of(z_, N, r_), view_of(dx_, N, n), view_of(g_sub_, m, r_), nullptr);
+        layer_.backward(ctx, dy, w(), saved, view_of(dx_, N, n), grads_, ws);
         const auto t2 = clock_type::now();
-        opt_.step(ctx, hyper, view_of(w_, m, n), view_of(g_sub_, m, r_), view_of(m_, m, r_), view_of(v_, m, r_),
-                  counters_, epoch, ws, p);
+        opt_.step(ctx, hyper, layer_.projection(), view_of(w_, m, n), grads_, view_of(m_, m, r_), view_of(v_, m, r_),
+                  counters_, ws);
         const auto t3 = clock_type::now();
         return {seconds_between(t0, t1), seconds_between(t1, t2), seconds_between(t2, t3), seconds_between(t0, t3)};
     }
@@ -368,9 +376,10 @@ public:
     double time_generation(const cpu::context& ctx)
     {
         if (layer_.projection().is_identity()) return 0;
-        const compact::workspace ws{ws_.data(), ws_.size()};
+        if (p_gen_.empty()) p_gen_.resize(size(p_.in, r_)); // allocated before the clock starts
+        const auto out = view_of(p_gen_, p_.in, r_);
         const auto t0 = clock_type::now();
-        layer_.projection().generate(ctx, epoch, ws);
+        layer_.projection().generate(ctx, epoch, out);
         return seconds_between(t0, clock_type::now());
     }
 
@@ -386,7 +395,9 @@ public:
 
 private:
     static std::size_t size(index_t r, index_t c) { return static_cast<std::size_t>(r * c); }
-    static constexpr std::uint64_t epoch = 0; // T = 0: one P for the whole run
+    // T = 0 (no resampling, the layer's default): every step uses P of epoch 0; forward is passed step 0.
+    static constexpr std::uint64_t step = 0;
+    static constexpr std::uint64_t epoch = 0;
 
     const problem& p_;
     layer_type layer_;
@@ -400,7 +411,9 @@ private:
     buffer<float> m_;         // (m, r) first moment
     buffer<float> v_;         // (m, r) second moment
     buffer<unsigned char> ws_; // P (n, r) and the update direction (m, r)
-    buffer<float> p_kept_;    // (n, r) when P is kept, else empty
+    buffer<float> p_kept_;    // (n, r) when P is kept (the layer's projection source holds it), else empty
+    buffer<float> p_gen_;     // (n, r) for time_generation
+    compact::layer_gradient<float> grads_{}; // G_sub (m, r) in g_sub_, with the epoch backward recorded
     compact::adam_counters counters_;
 };
 

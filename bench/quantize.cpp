@@ -19,6 +19,7 @@
 //   quantize [--rows N] [--cols n] [--out m] [--threads t] [--reps k] [--smoke]
 #include <compact/backend/cpu/cpu.hpp>
 #include <compact/compress/activation_store.hpp>
+#include <compact/compress/store_compressor.hpp>
 #include <compact/nn/linear_layer.hpp>
 #include <compact/random/uniform.hpp>
 
@@ -108,7 +109,7 @@ void layer_steps(const options& o, const cpu::context& ctx, const cpu::buffer<fl
     compact::fill_uniform(compact::make_view(dy.data(), rows, m), -1e-3, 1e-3, 2, 2);
     const compact::const_matrix_view<float> xv(x_data.data(), rows, n), dyv(dy.data(), rows, m);
     const compact::matrix_view<float> yv(y.data(), rows, m), dxv(dx.data(), rows, n);
-    compact::linear_layer<float, compact::rank::full, cpu> base(n, m, lo);
+    compact::linear_layer<float, compact::rank::full, cpu> base(compact::in_features{n}, compact::out_features{m}, lo);
     auto step = [&](auto& layer) {
         const auto t0 = clock_type::now();
         layer.forward(ctx, xv, yv);
@@ -122,7 +123,8 @@ void layer_steps(const options& o, const cpu::context& ctx, const cpu::buffer<fl
                 o.reps);
     for (const store_scheme& s : {store_scheme::quantized(8, 256), store_scheme::quantized(4, 256),
                                   store_scheme::quantized(2, 256), store_scheme::average(128)}) {
-        compact::linear_layer<float, compact::quantized, cpu> q(n, m, lo, compact::quantized{s});
+        compact::linear_layer<float, compact::quantized, cpu> q(compact::in_features{n}, compact::out_features{m}, lo,
+                                                                compact::quantized{s});
         step(base), step(q); // warm-up
         std::vector<double> ratio;
         for (int r = 0; r < o.reps; ++r) {

@@ -400,14 +400,18 @@ class compressed_step {
 public:
     using layer_type = compact::compressed_linear<float, compact::rank::fixed, cpu>;
     using optimizer_type = compact::subspace_adamw<float, cpu, float>;
-    static constexpr std::uint64_t epoch = 0; // one P for the whole run (T = 0)
+    static constexpr std::uint64_t epoch = 0; // one P for the whole run (T = 0: the layer's default)
+    static constexpr std::uint64_t step = 0;  // the completed updates passed to forward (any gives epoch 0)
 
     compressed_step(const problem& p, step_outputs& out, index_t rank)
-        : p_(p), out_(out), layer_(p.shape.in, p.shape.out, /*seed=*/42, /*layer=*/7, compact::rank::fixed{rank}),
-          opt_(p.shape.out, layer_.projection()), r_(layer_.rank()), w_(p.w0), z_(count_of(p.shape.rows, r_)),
-          g_sub_(count_of(p.shape.out, r_)), m_(g_sub_.size()), v_(g_sub_.size()),
-          ws_(std::max(layer_.workspace_bytes(), opt_.workspace_bytes()))
+        : p_(p), out_(out),
+          layer_(compact::in_features{p.shape.in}, compact::out_features{p.shape.out}, /*seed=*/42, /*layer=*/7,
+                 compact::rank::fixed{rank}),
+          opt_(compact::out_features{p.shape.out}, layer_.projection()), r_(layer_.rank()), w_(p.w0),
+          z_(count_of(p.shape.rows, r_)), g_sub_(count_of(p.shape.out, r_)), m_(g_sub_.size()), v_(g_sub_.size()),
+          ws_(std::max(layer_.workspace_bytes(p.shape.rows), opt_.workspace_bytes()))
     {
+        grads_.weight = g_sub(); // no bias
         reset();
     }
 
@@ -417,18 +421,21 @@ public:
         std::fill(m_.begin(), m_.end(), 0.0f);
         std::fill(v_.begin(), v_.end(), 0.0f);
         counters_ = {};
+        grads_.written = false;
     }
 
     step_time run(const cpu::context& ctx)
     {
         const auto x = p_.xv(), dy = p_.dyv();
         const compact::workspace ws{ws_.data(), ws_.size()};
+        // Z = X P is kept in z_ (N r floats: exactly saved_bytes(N)).
+        auto saved = compact::bind_saved<layer_type::saved_type>(z_.data(), z_.size() * sizeof(float));
         const auto t0 = clock_type::now();
-        layer_.forward(ctx, x, w(), nullptr, y(), z(), epoch, ws);
+        layer_.forward(ctx, x, w(), {}, y(), saved, step, ws);
         const auto t1 = clock_type::now();
-        layer_.backward(ctx, dy, w(), z(), dx(), g_sub(), nullptr);
+        layer_.backward(ctx, dy, w(), saved, dx(), grads_, ws);
         const auto t2 = clock_type::now();
-        opt_.step(ctx, hyper, w(), g_sub(), m(), v(), counters_, epoch, ws);
+        opt_.step(ctx, hyper, layer_.projection(), w(), grads_, m(), v(), counters_, ws);
         const auto t3 = clock_type::now();
         return {seconds_between(t0, t1), seconds_between(t1, t2), seconds_between(t2, t3), seconds_between(t0, t3)};
     }
@@ -456,6 +463,7 @@ private:
     buffer<float> m_;          // (m, r) first moment
     buffer<float> v_;          // (m, r) second moment
     buffer<unsigned char> ws_; // P (n, r) and the update direction (m, r)
+    compact::layer_gradient<float> grads_{}; // G_sub (m, r) in g_sub_, with the epoch backward recorded
     compact::adam_counters counters_;
 };
 
@@ -1091,7 +1099,7 @@ void write_targets(std::ostream& out, const options& o, const std::vector<group_
                    "side, here m, so every part streams all N rows of dY and Z), e.g. over N with a fixed-order "
                    "sum of the parts, which keeps results independent of the thread count.\n";
         else
-            out << "What would close it: keeping P for the epoch (the overloads that take P) removes both "
+            out << "What would close it: keeping P for the epoch (projection_source::keep) removes both "
                    "generations; the update GEMM is bounded by one read and write of W, which the model's m r n "
                    "multiply-adds do not count.\n";
     }

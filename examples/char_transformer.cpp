@@ -76,6 +76,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <sys/wait.h>
@@ -455,16 +456,19 @@ struct dense_parameter {
 // backward; each member k has its own W_k (m_k, n), subspace gradient G_k = dY_k^T Z (m_k, r) and
 // subspace-AdamW moments (m_k, r), its optimizer built from the group's projection. Outputs are side by
 // side: Y = [X W_0^T | X W_1^T | ...] (N, sum m_k). With rank::full, P = I and r = n: Z is a copy of X,
-// G_k the exact gradient and the optimizer plain AdamW.
+// G_k the exact gradient and the optimizer plain AdamW. The group draws a new P every `resample.gap`
+// updates: forward takes the completed updates (step), and each gradient records the epoch of the P that
+// compressed it, which the optimizer then applies.
 template <class T, class Policy>
 class linear_group {
 public:
     using group_type = compact::input_group<T, Policy, cpu>;
-    using optimizer_type = compact::subspace_adamw<T, cpu>;
+    using saved_type = typename group_type::saved_type; // Z over the caller's bytes, and its epoch
+    using optimizer_type = compact::subspace_adamw<T, cpu, float>;
 
     linear_group(index_t in, const std::vector<index_t>& outs, std::uint64_t seed, std::uint64_t id,
-                 compact::moment_policy moments)
-        : group_(in, outs, seed, id)
+                 compact::moment_policy moments, compact::resampling resample)
+        : group_(compact::in_features{in}, outs, seed, id, Policy{}, compact::distribution::gaussian, resample)
     {
         index_t offset = 0;
         for (index_t m : outs) {
@@ -473,19 +477,19 @@ public:
         }
     }
 
-    index_t in() const { return group_.projection().in(); }
+    index_t in() const { return group_.in(); }
     index_t out() const { return members_.back().offset + members_.back().out; }
     index_t rank() const { return group_.rank(); }
     bool compressed() const { return !group_.projection().is_identity(); }
     std::size_t size() const { return members_.size(); }
     mat<T> weight(std::size_t k) { return members_[k].w(); }
-    cmat<T> gradient(std::size_t k) const { return members_[k].g(); }
+    cmat<T> gradient(std::size_t k) const { return members_[k].grads.weight; }
 
     /// Bytes kept for backward for N rows: one Z for the whole group (the library's query).
     std::size_t saved_bytes(index_t rows) const { return group_.saved_bytes(rows); }
-    std::size_t workspace_bytes() const
+    std::size_t workspace_bytes(index_t rows) const
     {
-        std::size_t bytes = group_.workspace_bytes();
+        std::size_t bytes = group_.workspace_bytes(rows);
         for (const auto& m : members_) bytes = std::max(bytes, m.optimizer.workspace_bytes());
         return bytes;
     }
@@ -497,47 +501,48 @@ public:
     }
     index_t parameter_count() const { return out() * in(); }
 
-    /// Y (N, sum m_k) from X (N, n); with a non-empty z, also Z = X P (N, r) of `epoch` for backward.
-    void forward(const context& ctx, cmat<T> x, mat<T> y, mat<T> z, std::uint64_t epoch, compact::workspace ws)
+    /// Y (N, sum m_k) from X (N, n); with a saved activation, also Z = X P (N, r) for backward, with the
+    /// P of the epoch that `step` completed updates fall in.
+    void forward(const context& ctx, cmat<T> x, mat<T> y, saved_type* saved, std::uint64_t step,
+                 compact::workspace ws)
     {
-        if (!z.empty()) group_.compress(ctx, x, epoch, z, ws);
+        if (saved) group_.compress(ctx, x, step, *saved, ws);
         for (std::size_t k = 0; k < members_.size(); ++k)
-            group_.layer(k).forward(ctx, x, members_[k].w(), nullptr, columns(y, k));
+            group_.layer(k).forward(ctx, x, members_[k].w(), {}, columns(y, k)); // no bias
     }
 
-    /// From dY (N, sum m_k) and forward's Z (N, r): G_k = dY_k^T Z for every member, and
-    /// dX = sum_k dY_k W_k (N, n), overwritten.
-    void backward(const context& ctx, cmat<T> dy, cmat<T> z, mat<T> dx)
+    /// From dY (N, sum m_k) and forward's Z: G_k = dY_k^T Z for every member, and dX = sum_k dY_k W_k
+    /// (N, n), overwritten.
+    void backward(const context& ctx, cmat<T> dy, const saved_type& saved, mat<T> dx, compact::workspace ws)
     {
         for (std::size_t k = 0; k < members_.size(); ++k) {
             member& layer = members_[k];
-            group_.layer(k).backward(ctx, columns(dy, k), layer.w(), z, dx, layer.g(), nullptr,
+            group_.layer(k).backward(ctx, columns(dy, k), layer.w(), saved, dx, layer.grads, ws,
                                      compact::write_mode::overwrite,
                                      k == 0 ? compact::write_mode::overwrite : compact::write_mode::accumulate);
         }
     }
 
-    /// One subspace-AdamW update of every member, under the projection of `epoch`.
-    void step(const context& ctx, const compact::adamw_params& h, std::uint64_t epoch, compact::workspace ws)
+    /// One subspace-AdamW update of every member, under the projection its gradient was computed with.
+    void step(const context& ctx, const compact::adamw_params& h, compact::workspace ws)
     {
         for (member& layer : members_)
-            layer.optimizer.step(ctx, h, layer.w(), layer.g(), layer.first_moment(), layer.second_moment(),
-                                 layer.counters, epoch, ws);
+            layer.optimizer.step(ctx, h, group_.projection(), layer.w(), layer.grads, layer.first_moment(),
+                                 layer.second_moment(), layer.counters, ws);
     }
 
 private:
     struct member {
         member(index_t out_features, index_t column, index_t in, index_t r,
-               const typename optimizer_type::projection_type& projection, compact::moment_policy moments)
+               const typename optimizer_type::source_type& projection, compact::moment_policy moments)
             : out(out_features), offset(column), in_features(in), rank(r),
-              optimizer(out_features, projection, moments), weight(size(out_features, in)),
+              optimizer(compact::out_features{out_features}, projection, moments), weight(size(out_features, in)),
               gradient(size(out_features, r)), m(size(out_features, r), 0.0f), v(size(out_features, r), 0.0f)
         {
+            grads.weight = {gradient.data(), out, rank};
         }
         static std::size_t size(index_t rows, index_t cols) { return static_cast<std::size_t>(rows * cols); }
         mat<T> w() { return {weight.data(), out, in_features}; }
-        mat<T> g() { return {gradient.data(), out, rank}; }
-        cmat<T> g() const { return {gradient.data(), out, rank}; }
         mat<float> first_moment() { return {m.data(), out, rank}; }
         mat<float> second_moment() { return {v.data(), out, rank}; }
 
@@ -546,6 +551,7 @@ private:
         buffer<T> weight;   // W_k (m_k, n)
         buffer<T> gradient; // G_k (m_k, r)
         buffer<float> m, v; // (m_k, r): subspace-AdamW moments
+        compact::layer_gradient<T> grads; // G_k's view and the epoch backward computed it under
         compact::adam_counters counters{};
     };
 
@@ -604,7 +610,9 @@ public:
         linear_group<T, Policy> down;         // W_down (C, F)
     };
 
-    transformer(const model_config& cfg, std::uint64_t seed, compact::moment_policy moments, int threads)
+    /// `resample`: the linear groups draw a new P every resample.gap updates (0: one P for the run).
+    transformer(const model_config& cfg, std::uint64_t seed, compact::moment_policy moments,
+                compact::resampling resample, int threads)
         : cfg_(cfg), token_embedding_(cfg.vocab, cfg.channels), position_embedding_(cfg.context, cfg.channels),
           final_norm_(1, cfg.channels)
     {
@@ -617,18 +625,19 @@ public:
             // Projection ids: one per group, unique in the run (SPEC section 1).
             const auto id = static_cast<std::uint64_t>(4 * l);
             blocks_.push_back(block{dense_parameter<T>(1, c), dense_parameter<T>(1, c),
-                                    linear_group<T, Policy>(c, {c, c, c}, seed, id + 1, moments),
-                                    linear_group<T, OutPolicy>(c, {c}, seed, id + 2, moments),
-                                    linear_group<T, Policy>(c, {f, f}, seed, id + 3, moments),
-                                    linear_group<T, Policy>(f, {c}, seed, id + 4, moments)});
+                                    linear_group<T, Policy>(c, {c, c, c}, seed, id + 1, moments, resample),
+                                    linear_group<T, OutPolicy>(c, {c}, seed, id + 2, moments, resample),
+                                    linear_group<T, Policy>(c, {f, f}, seed, id + 3, moments, resample),
+                                    linear_group<T, Policy>(f, {c}, seed, id + 4, moments, resample)});
         }
         initialise(seed);
         threads_ = cpu::thread_count(context{threads});
         plan_activations();
         std::size_t ws = 0;
+        const index_t n = cfg.rows();
         for (auto& b : blocks_)
-            ws = std::max({ws, b.qkv.workspace_bytes(), b.attn_out.workspace_bytes(), b.gate_up.workspace_bytes(),
-                           b.down.workspace_bytes()});
+            ws = std::max({ws, b.qkv.workspace_bytes(n), b.attn_out.workspace_bytes(n), b.gate_up.workspace_bytes(n),
+                           b.down.workspace_bytes(n)});
         workspace_.assign(ws, std::byte{0});
     }
 
@@ -647,9 +656,10 @@ public:
 
     /// Forward over `batch` sequences of `length` tokens (N = batch length rows, at most B T). With
     /// targets, returns the mean cross-entropy and leaves its gradient for backward(); without, leaves
-    /// the logits (logits()). `training` keeps each linear group's Z, with the projections of `epoch`.
+    /// the logits (logits()). `training` keeps each linear group's Z, with the projections of the epoch
+    /// that `step` completed updates fall in.
     double forward(const context& ctx, const int* tokens, const int* targets, index_t batch, index_t length,
-                   bool training, std::uint64_t epoch)
+                   bool training, std::uint64_t step)
     {
         const index_t n = batch * length;
         if (length < 1 || length > cfg_.context || n > cfg_.rows())
@@ -658,22 +668,22 @@ public:
                                         std::to_string(cfg_.batch) + ", T=" + std::to_string(cfg_.context));
         batch_ = batch, length_ = length;
         const auto rows = [n](mat<T> m) { return m.row_block(0, n); };
-        const auto z = [&](mat<T> m) { return training ? rows(m) : mat<T>{}; };
+        const auto z = [&](saved_z& saved) { return training ? &saved : nullptr; };
         activations& a = acts_;
 
         embed(tokens, rows(a.residual[0]));
         for (std::size_t l = 0; l < blocks_.size(); ++l) {
             block& b = blocks_[l];
             rmsnorm_forward<T>(ctx, rows(a.residual[l]), b.norm1.value.data(), rows(a.normed), a.rstd1[l].data);
-            b.qkv.forward(ctx, rows(a.normed), rows(a.qkv[l]), z(a.z_qkv[l]), epoch, ws());
+            b.qkv.forward(ctx, rows(a.normed), rows(a.qkv[l]), z(a.z_qkv[l]), step, ws());
             attention_forward<T>(ctx, rows(a.qkv[l]), batch, length, cfg_.heads, rows(a.attn), rows(a.lse[l]),
                                  a.scores);
-            b.attn_out.forward(ctx, rows(a.attn), rows(a.proj), z(a.z_out[l]), epoch, ws());
+            b.attn_out.forward(ctx, rows(a.attn), rows(a.proj), z(a.z_out[l]), step, ws());
             add<T>(ctx, rows(a.residual[l]), rows(a.proj), rows(a.mid[l]));
             rmsnorm_forward<T>(ctx, rows(a.mid[l]), b.norm2.value.data(), rows(a.normed), a.rstd2[l].data);
-            b.gate_up.forward(ctx, rows(a.normed), rows(a.gate_up[l]), z(a.z_gate_up[l]), epoch, ws());
+            b.gate_up.forward(ctx, rows(a.normed), rows(a.gate_up[l]), z(a.z_gate_up[l]), step, ws());
             swiglu_forward<T>(ctx, rows(a.gate_up[l]), rows(a.act));
-            b.down.forward(ctx, rows(a.act), rows(a.proj), z(a.z_down[l]), epoch, ws());
+            b.down.forward(ctx, rows(a.act), rows(a.proj), z(a.z_down[l]), step, ws());
             add<T>(ctx, rows(a.mid[l]), rows(a.proj), rows(a.residual[l + 1]));
         }
         rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), rows(a.final_normed),
@@ -704,16 +714,16 @@ public:
         for (std::size_t l = blocks_.size(); l-- > 0;) {
             block& b = blocks_[l];
             // d_stream holds dL/d(residual[l + 1]).
-            b.down.backward(ctx, rows(a.d_stream), rows(a.z_down[l]), rows(a.d_act));
+            b.down.backward(ctx, rows(a.d_stream), a.z_down[l], rows(a.d_act), ws());
             swiglu_backward<T>(ctx, rows(a.gate_up[l]), rows(a.d_act), rows(a.d_gate_up));
-            b.gate_up.backward(ctx, rows(a.d_gate_up), rows(a.z_gate_up[l]), rows(a.d_normed));
+            b.gate_up.backward(ctx, rows(a.d_gate_up), a.z_gate_up[l], rows(a.d_normed), ws());
             rmsnorm_backward<T>(ctx, rows(a.mid[l]), a.rstd2[l].data, b.norm2.value.data(), rows(a.d_normed),
                                 rows(a.d_stream), true, b.norm2.grad.data());
             // d_stream now holds dL/d(mid[l]).
-            b.attn_out.backward(ctx, rows(a.d_stream), rows(a.z_out[l]), rows(a.d_attn));
+            b.attn_out.backward(ctx, rows(a.d_stream), a.z_out[l], rows(a.d_attn), ws());
             attention_backward<T>(ctx, rows(a.qkv[l]), rows(a.lse[l]), rows(a.d_attn), batch_, length_, cfg_.heads,
                                   rows(a.d_qkv), a.scores, a.d_scores);
-            b.qkv.backward(ctx, rows(a.d_qkv), rows(a.z_qkv[l]), rows(a.d_normed));
+            b.qkv.backward(ctx, rows(a.d_qkv), a.z_qkv[l], rows(a.d_normed), ws());
             rmsnorm_backward<T>(ctx, rows(a.residual[l]), a.rstd1[l].data, b.norm1.value.data(), rows(a.d_normed),
                                 rows(a.d_stream), true, b.norm1.grad.data());
         }
@@ -723,13 +733,13 @@ public:
     /// One optimizer update: plain AdamW with `dense` for embeddings and gains; for each linear group,
     /// subspace AdamW with `compressed` if it is compressed, else with `uncompressed`.
     void step(const context& ctx, const compact::adamw_params& dense, const compact::adamw_params& uncompressed,
-              const compact::adamw_params& compressed, std::uint64_t epoch)
+              const compact::adamw_params& compressed)
     {
         token_embedding_.step(ctx, dense);
         position_embedding_.step(ctx, dense);
         final_norm_.step(ctx, dense);
         auto linear = [&](auto& group) {
-            group.step(ctx, group.compressed() ? compressed : uncompressed, epoch, ws());
+            group.step(ctx, group.compressed() ? compressed : uncompressed, ws());
         };
         for (auto& b : blocks_) {
             b.norm1.step(ctx, dense);
@@ -771,6 +781,11 @@ public:
     }
 
 private:
+    // What a linear group keeps for backward: Z's bytes and the record of what forward wrote there (the
+    // same type for every rank policy).
+    using saved_z = typename linear_group<T, Policy>::saved_type;
+    static_assert(std::is_same_v<saved_z, typename linear_group<T, OutPolicy>::saved_type>);
+
     // Everything the forward pass keeps for backward, and the scratch reused within a step; N = B T.
     struct activations {
         // Kept for backward by this program (vectors hold one per layer l < L unless noted).
@@ -785,10 +800,10 @@ private:
         mat<T> final_normed;            // (N, C): the tied head's input
         mat<T> logits;                  // (N, V): logits, then their gradient after the loss
         // Kept for backward by the library: each linear group's Z = X P (r = n and Z = X with P = I).
-        std::vector<mat<T>> z_qkv;      // (N, r_qkv)
-        std::vector<mat<T>> z_out;      // (N, r_out)
-        std::vector<mat<T>> z_gate_up;  // (N, r_gate_up)
-        std::vector<mat<T>> z_down;     // (N, r_down)
+        std::vector<saved_z> z_qkv;     // (N, r_qkv)
+        std::vector<saved_z> z_out;     // (N, r_out)
+        std::vector<saved_z> z_gate_up; // (N, r_gate_up)
+        std::vector<saved_z> z_down;    // (N, r_down)
         // Scratch, reused by every block.
         mat<T> normed;                  // (N, C): a norm's output, the input of qkv or gate-up
         mat<T> attn;                    // (N, C): attention output, the input of attn-out
@@ -834,7 +849,7 @@ private:
                 } else {
                     memory_.saved_uncompressed += bytes;
                 }
-                return v;
+                return compact::bind_saved<saved_z>(v.data, bytes);
             };
             std::size_t& kept = memory_.saved_program;
             std::size_t& scratch = memory_.scratch;
@@ -1084,8 +1099,7 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
 {
     using model_type = transformer<float, Policy, OutPolicy>;
     const context ctx{s.threads};
-    model_type model(cfg, s.seed, s.moments, s.threads);
-    const compact::resampling resample{s.gap};
+    model_type model(cfg, s.seed, s.moments, compact::resampling{s.gap}, s.threads);
 
     run_summary out{};
     std::snprintf(out.name, sizeof out.name, "%s", name);
@@ -1127,8 +1141,9 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
         const auto start = clock_type::now();
         for (auto& p : starts) p = static_cast<std::size_t>(order() % positions);
         fill_windows(text, starts.data(), b, t, tokens, targets);
-        const std::uint64_t epoch = resample.epoch(static_cast<std::uint64_t>(step));
-        const double loss = model.forward(ctx, tokens.data(), targets.data(), b, t, true, epoch);
+        // The step (completed updates) selects each group's P: a new one every s.gap updates.
+        const double loss = model.forward(ctx, tokens.data(), targets.data(), b, t, true,
+                                          static_cast<std::uint64_t>(step));
         model.backward(ctx, tokens.data());
         const double f = lr_factor(step, s);
         compact::adamw_params dense, full, compressed;
@@ -1137,7 +1152,7 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
         compressed.lr = (s.lr_compressed > 0 ? s.lr_compressed : s.lr) * f;
         compressed.weight_decay = s.weight_decay;
         compressed.alpha = s.alpha;
-        model.step(ctx, dense, full, compressed, epoch);
+        model.step(ctx, dense, full, compressed);
         seconds += std::chrono::duration<double>(clock_type::now() - start).count();
         if (!std::isfinite(loss))
             throw std::runtime_error(std::string(name) + ": the loss is not finite at step " + std::to_string(step));
@@ -1228,7 +1243,7 @@ bool gradient_check(const corpus& text, model_config cfg)
     using model_type = transformer<double, compact::rank::full, compact::rank::full>;
     cfg.vocab = text.vocab();
     const context ctx{1};
-    model_type model(cfg, 7, compact::moment_policy::keep, 1);
+    model_type model(cfg, 7, compact::moment_policy::keep, compact::resampling{}, 1);
     const index_t b = cfg.batch, t = cfg.context;
     std::vector<int> tokens(static_cast<std::size_t>(b * t)), targets(static_cast<std::size_t>(b * t));
     const auto starts = spread_windows(0, text.ids.size(), t, static_cast<std::size_t>(b));

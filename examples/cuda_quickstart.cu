@@ -137,9 +137,11 @@ double train(const char* name, int steps, compact::index_t batch, const teacher&
     options.max_rows = batch;
     options.resample.gap = 50;
     options.layer = 1;
-    compact::linear_layer<float, Policy, compact::cuda> fc1(features, hidden, options);
+    compact::linear_layer<float, Policy, compact::cuda> fc1(compact::in_features{features},
+                                                            compact::out_features{hidden}, options);
     options.layer = 2;
-    compact::linear_layer<float, Policy, compact::cuda> fc2(hidden, classes, options);
+    compact::linear_layer<float, Policy, compact::cuda> fc2(compact::in_features{hidden},
+                                                            compact::out_features{classes}, options);
     init_uniform(fc1, options.seed, 10);
     init_uniform(fc2, options.seed, 12);
     compact::adamw_params hyper;

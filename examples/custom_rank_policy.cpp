@@ -104,11 +104,12 @@ std::size_t build_block(const Policy& policy)
     print_header();
     for (const block_layer& l : block) {
         if (l.outs.size() > 1) {
-            const group_type group(l.in, l.outs, seed, l.id, policy);
+            const group_type group(compact::in_features{l.in}, l.outs, seed, l.id, policy);
             print_row(l, group);
             saved += group.saved_bytes(tokens);
         } else {
-            const layer_type layer(l.in, l.outs.front(), seed, l.id, policy);
+            const layer_type layer(compact::in_features{l.in}, compact::out_features{l.outs.front()}, seed, l.id,
+                                   policy);
             print_row(l, layer);
             saved += layer.saved_bytes(tokens);
         }
@@ -125,18 +126,21 @@ void run_one_layer(const per_layer_ranks& policy)
 {
     const compact::cpu::context ctx{};
     const index_t rows = 64, n = 2048, m = 512;
-    const compact::compressed_linear<scalar, per_layer_ranks, compact::cpu> down(n, m, seed, 4, policy);
+    const compact::compressed_linear<scalar, per_layer_ranks, compact::cpu> down(
+        compact::in_features{n}, compact::out_features{m}, seed, 4, policy);
     const index_t r = down.rank();
-    compact::row_major_matrix<scalar> x(rows, n), w(m, n), y(rows, m), z(rows, r), dx(rows, n), g_sub(m, r);
-    std::vector<std::byte> ws(down.workspace_bytes());
+    compact::row_major_matrix<scalar> x(rows, n), w(m, n), y(rows, m), dx(rows, n), g_sub(m, r);
+    std::vector<scalar> z(static_cast<std::size_t>(rows * r)); // what forward keeps: Z (rows, r)
+    auto saved = compact::bind_saved<decltype(down)::saved_type>(z.data(), down.saved_bytes(rows));
+    std::vector<std::byte> ws(down.workspace_bytes(rows));
     compact::fill_uniform(compact::view(x), -1.0, 1.0, seed, 1);
     compact::fill_uniform(compact::view(w), -0.02, 0.02, seed, 2);
 
-    down.forward(ctx, compact::view(x), compact::view(w), nullptr, compact::view(y), compact::view(z), /*epoch=*/0,
-                 {ws.data(), ws.size()});
-    // dY = Y: the gradient of 0.5 |Y|^2.
-    down.backward(ctx, compact::view(y), compact::view(w), compact::view(z), compact::view(dx), compact::view(g_sub),
-                  nullptr);
+    down.forward(ctx, compact::view(x), compact::view(w), {}, compact::view(y), saved, /*step=*/0,
+                 {ws.data(), ws.size()}); // no bias
+    // dY = Y: the gradient of 0.5 |Y|^2. No bias, so no bias gradient.
+    compact::layer_gradient<scalar> grads{compact::view(g_sub)};
+    down.backward(ctx, compact::view(y), compact::view(w), saved, compact::view(dx), grads, {ws.data(), ws.size()});
     std::printf("  mlp.down, one step on %lld rows: saved Z (%lld, %lld) instead of X (%lld, %lld); weight gradient "
                 "G_sub (%lld, %lld), %zu KiB instead of G's %zu KiB\n",
                 static_cast<long long>(rows), static_cast<long long>(rows), static_cast<long long>(r),
@@ -171,17 +175,20 @@ void show_errors()
         {"rank 0",
          [] {
              const per_layer_ranks zero{{{5, 0}}, 0.25};
-             compact::compressed_linear<scalar, per_layer_ranks, compact::cpu> layer(512, 512, seed, 5, zero);
+             compact::compressed_linear<scalar, per_layer_ranks, compact::cpu> layer(
+                 compact::in_features{512}, compact::out_features{512}, seed, 5, zero);
          }},
         {"rank above n",
          [] {
              const per_layer_ranks too_big{{{6, 1024}}, 0.25};
-             compact::compressed_linear<scalar, per_layer_ranks, compact::cpu> layer(512, 512, seed, 6, too_big);
+             compact::compressed_linear<scalar, per_layer_ranks, compact::cpu> layer(
+                 compact::in_features{512}, compact::out_features{512}, seed, 6, too_big);
          }},
         {"a layer the budget does not know",
          [] {
              const compact::rank::budget budget = make_budget(0.25);
-             compact::compressed_linear<scalar, compact::rank::budget, compact::cpu> layer(512, 512, seed, 9, budget);
+             compact::compressed_linear<scalar, compact::rank::budget, compact::cpu> layer(
+                 compact::in_features{512}, compact::out_features{512}, seed, 9, budget);
          }},
     };
     for (const auto& [what, build] : cases) {

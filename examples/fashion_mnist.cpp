@@ -505,9 +505,9 @@ public:
     using layer = compact::linear_layer<float, Policy, compact::cpu>;
 
     mlp(const settings& s, const recipe& r, Policy policy = {})
-        : fc1_(pixels, s.hidden, options(s, r, 1), policy),
-          fc2_(s.hidden, s.hidden, options(s, r, 2), policy),
-          fc3_(s.hidden, classes, options(s, r, 3), policy),
+        : fc1_(compact::in_features{pixels}, compact::out_features{s.hidden}, options(s, r, 1), policy),
+          fc2_(compact::in_features{s.hidden}, compact::out_features{s.hidden}, options(s, r, 2), policy),
+          fc3_(compact::in_features{s.hidden}, compact::out_features{classes}, options(s, r, 3), policy),
           x_(static_cast<std::size_t>(s.batch * pixels)),
           h1_(static_cast<std::size_t>(s.batch * s.hidden)),
           h2_(h1_.size()),
@@ -581,11 +581,11 @@ public:
             const auto h1 = buffer(h1_, rows, fc1_.out()), h2 = buffer(h2_, rows, fc2_.out());
             const auto logits = buffer(logits_, rows, classes);
             gather(d, set, order, first, x, labels);
-            fc1_.layer().forward(ctx, x, fc1_.weight(), fc1_.bias(), h1);
+            fc1_.layer().forward(ctx, x, fc1_.weight(), bias(fc1_), h1);
             relu(ctx, h1, mask1_);
-            fc2_.layer().forward(ctx, h1, fc2_.weight(), fc2_.bias(), h2);
+            fc2_.layer().forward(ctx, h1, fc2_.weight(), bias(fc2_), h2);
             relu(ctx, h2, mask2_);
-            fc3_.layer().forward(ctx, h2, fc3_.weight(), fc3_.bias(), logits);
+            fc3_.layer().forward(ctx, h2, fc3_.weight(), bias(fc3_), logits);
             const score s = cross_entropy(logits, labels, {});
             total.loss += s.loss;
             total.correct += s.correct;
@@ -608,10 +608,10 @@ public:
         out.mask_bytes = (mask1_.size() + mask2_.size()) * sizeof(std::uint8_t);
         out.rows = batch;
         out.used = r;
-        if constexpr (layer::stores_input) {
+        if constexpr (!layer::layer_type::subspace) { // an activation store keeps X, not Z = X P
             out.projected = false;
             for (int l = 0; l < layer_count; ++l)
-                out.schemes[static_cast<std::size_t>(l)] = layers[static_cast<std::size_t>(l)]->scheme();
+                out.schemes[static_cast<std::size_t>(l)] = layers[static_cast<std::size_t>(l)]->compressor().scheme();
         }
         return out;
     }
@@ -633,6 +633,9 @@ private:
     {
         return compact::make_view(storage.data(), rows, cols);
     }
+
+    // A layer's bias as the (1, m) view the caller-memory forward takes.
+    static compact::const_matrix_view<float> bias(const layer& l) { return compact::make_view(l.bias(), 1, l.out()); }
 
     // In place H = max(H, 0), keeping the mask of H > 0: one bit per value (compact/compress/mask.hpp).
     static void relu(const compact::cpu::context& ctx, compact::matrix_view<float> h, std::vector<std::uint8_t>& mask)
@@ -764,7 +767,7 @@ std::pair<run_summary, std::vector<epoch_record>> train_quantized(const std::str
     const index_t steps = (d.train.count + s.batch - 1) / s.batch;
     compact::bit_allocator allocator = Allocator::make(static_cast<std::uint64_t>(steps) * static_cast<std::uint64_t>(s.epochs));
     // D_l: the values each store holds per full batch.
-    for (auto* l : model.layers()) allocator.add(l->settings(), s.batch * l->in());
+    for (auto* l : model.layers()) allocator.add(l->compressor().settings(), s.batch * l->in());
     int allocations = 0;
     auto curve = train(model, name, s, d, r,
                        [&](const compact::cpu::context& ctx, std::uint64_t step, index_t rows,

@@ -218,9 +218,11 @@ template <class Layer>
 score evaluate(const compact::cpu::context& ctx, const Layer& fc1, const Layer& fc2, const batch& data)
 {
     matrix h(data.x.rows(), hidden), logits(data.x.rows(), classes);
-    fc1.layer().forward(ctx, compact::view(data.x), fc1.weight(), fc1.bias(), compact::view(h));
+    fc1.layer().forward(ctx, compact::view(data.x), fc1.weight(), compact::make_view(fc1.bias(), 1, hidden),
+                        compact::view(h));
     relu(compact::view(h));
-    fc2.layer().forward(ctx, compact::view(h), fc2.weight(), fc2.bias(), compact::view(logits));
+    fc2.layer().forward(ctx, compact::view(h), fc2.weight(), compact::make_view(fc2.bias(), 1, classes),
+                        compact::view(logits));
     return cross_entropy(compact::view(logits), data.label, {});
 }
 
@@ -281,9 +283,11 @@ run_result train(const char* name, const char* tag, const settings& s, const tea
     options.max_rows = s.batch; // sizes the saved Z (N, r)
     options.resample.gap = 50;  // T: a new P every 50 updates
     options.layer = 1;
-    compact::linear_layer<float, Policy, compact::cpu> fc1(features, hidden, options);
+    compact::linear_layer<float, Policy, compact::cpu> fc1(compact::in_features{features},
+                                                           compact::out_features{hidden}, options);
     options.layer = 2;
-    compact::linear_layer<float, Policy, compact::cpu> fc2(hidden, classes, options);
+    compact::linear_layer<float, Policy, compact::cpu> fc2(compact::in_features{hidden},
+                                                           compact::out_features{classes}, options);
     init_uniform(fc1, s.seed, init_stream);
     init_uniform(fc2, s.seed, init_stream + 2);
     compact::adamw_params hyper;

@@ -58,8 +58,8 @@ compact::linear_options options_for(std::uint64_t layer_id, compact::index_t max
 
 // The model and its activation buffers. `init_stream` picks the initial weights.
 struct model {
-    layer fc1{features, hidden, options_for(1, batch)};
-    layer fc2{hidden, outputs, options_for(2, batch)};
+    layer fc1{compact::in_features{features}, compact::out_features{hidden}, options_for(1, batch)};
+    layer fc2{compact::in_features{hidden}, compact::out_features{outputs}, options_for(2, batch)};
     std::vector<float> h = std::vector<float>(batch * hidden);   // (N, 128) ReLU output
     std::vector<float> y = std::vector<float>(batch * outputs);  // (N, 16)
     std::vector<float> dh = std::vector<float>(batch * hidden);  // (N, 128)

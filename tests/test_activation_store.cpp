@@ -1,5 +1,5 @@
 // Tests of the quantized activation stores and the 1-bit masks (compress/activation_store.hpp,
-// compress/mask.hpp, compress/scheme.hpp), against float64 references and statistical bounds.
+// compress/mask.hpp, backend/store_scheme.hpp), against float64 references and statistical bounds.
 #include "reference.hpp"
 #include "test_support.hpp"
 
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 using compact::index_t;
@@ -261,6 +262,82 @@ TEST_CASE("average quantization restores the block means: exactly on its grid, a
     }
 }
 
+TEST_CASE("average quantization with a value count not a multiple of 4 restores the short last run as its own mean")
+{
+    // 13, 14 and 15 values: three runs of 4 and a last run of 1, 2 or 3 values whose mean is nonzero and
+    // differs from its neighbours'. The run means 0, 3, 1 and 2 lie on the 2-bit grid of their group
+    // (lo 0, hi 3), so every restored value is its run's mean.
+    compact::cpu::context ctx;
+    for (index_t count : {13, 14, 15}) {
+        CAPTURE(count);
+        std::vector<float> x = {0.5f, -0.5f, 1.0f, -1.0f, 3.5f, 2.5f, 3.25f, 2.75f, 1.5f, 0.5f, 0.0f, 2.0f};
+        const std::vector<float> tail = count == 13 ? std::vector<float>{2.0f}
+                                        : count == 14 ? std::vector<float>{1.5f, 2.5f}
+                                                      : std::vector<float>{1.25f, 2.0f, 2.75f};
+        x.insert(x.end(), tail.begin(), tail.end());
+        REQUIRE(static_cast<index_t>(x.size()) == count);
+        store<float> s(store_scheme::average(8), 3, 3);
+        for (std::uint64_t step = 0; step < 4; ++step) {
+            const std::vector<float> out = round_trip(s, ctx, x, 1, count, step);
+            for (index_t k = 0; k < count; ++k) {
+                const double want = k < 12 ? std::vector<double>{0, 3, 1}[static_cast<std::size_t>(k / 4)] : 2.0;
+                CAPTURE(k);
+                CHECK(out[static_cast<std::size_t>(k)] == doctest::Approx(want).epsilon(1e-6));
+            }
+        }
+    }
+}
+
+TEST_CASE("restore_rows with a huge row0, and a saved tensor whose record was tampered, are errors")
+{
+    compact::cpu::context ctx;
+    const index_t rows = 4, cols = 10;
+    std::vector<float> x(static_cast<std::size_t>(rows * cols), 0.25f);
+    x[3] = -1.0f;
+    for (store_scheme sc : {store_scheme::quantized(4, 8), store_scheme::average(8)}) {
+        CAPTURE(compact::to_string(sc));
+        store<float> s(sc, 1, 1);
+        saved_buffer b(s.saved_bytes(rows, cols));
+        s.compress(ctx, cview_of(x, rows, cols), 0, b.tensor);
+        std::vector<float> out(static_cast<std::size_t>(rows * cols), -3.0f);
+        // row0 + rows would overflow: rejected by the bounds check, not wrapped into range.
+        for (index_t row0 : {std::numeric_limits<index_t>::max(), std::numeric_limits<index_t>::max() - 1,
+                             index_t{rows + 1}, index_t{-1}, std::numeric_limits<index_t>::min()})
+            for (index_t n : {index_t{1}, index_t{0}}) {
+                CAPTURE(row0);
+                CAPTURE(n);
+                CHECK(compact_test::contains(compact_test::error_message_of([&] {
+                                                 s.restore_rows(ctx, b.tensor, row0, view_of(out, n, cols));
+                                             }),
+                                             "at row"));
+            }
+        // A record whose scheme was changed to group 0 (plain memory the caller can alter): an error, not a
+        // division by zero.
+        compact::saved_tensor tampered = b.tensor;
+        tampered.scheme.group = 0;
+        CHECK(compact_test::contains(compact_test::error_message_of([&] {
+                                         s.restore(ctx, tampered, view_of(out, rows, cols));
+                                     }),
+                                     "group=0"));
+        CHECK(compact_test::contains(compact_test::error_message_of([&] {
+                                         s.restore_rows(ctx, tampered, 1, view_of(out, 2, cols));
+                                     }),
+                                     "group=0"));
+        tampered.scheme = b.tensor.scheme;
+        tampered.rows = -1;
+        CHECK(compact_test::contains(compact_test::error_message_of([&] {
+                                         s.restore(ctx, tampered, view_of(out, rows, cols));
+                                     }),
+                                     "negative extents"));
+        CHECK(std::all_of(out.begin(), out.end(), [](float v) { return v == -3.0f; }));
+        // The untouched record still restores.
+        s.restore(ctx, b.tensor, view_of(out, rows, cols));
+        const bool average = sc.kind == compact::store_kind::average; // run 0's mean is -0.0625
+        CHECK(out[0] == (average ? doctest::Approx(-0.0625) : doctest::Approx(0.25)));
+        CHECK(out[3] == (average ? doctest::Approx(-0.0625) : doctest::Approx(-1.0)));
+    }
+}
+
 TEST_CASE("restore_rows gives the same values as a whole restore, slice by slice")
 {
     compact::cpu::context ctx;
@@ -350,6 +427,36 @@ TEST_CASE("ReLU and dropout masks: one bit per value, exact outputs and gradient
     compact::dropout_forward<compact::cpu, float>(compact::cpu::context{1}, p, key, cview_of(x, rows, cols),
                                                   view_of(yd, rows, cols), {mask1.data(), mask1.size()});
     CHECK(mask1 == mask);
+}
+
+TEST_CASE("the ReLU mask sets a bit only for x > 0: +0.0, -0.0 and NaN give 0 and a zero output")
+{
+    compact::cpu::context ctx;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    const std::vector<float> x = {0.0f, -0.0f, nan, -nan, 1.0f, -1.0f, std::numeric_limits<float>::denorm_min(),
+                                  -std::numeric_limits<float>::denorm_min(), inf, -inf, 0.0f, nan};
+    const index_t count = static_cast<index_t>(x.size());
+    std::vector<std::uint8_t> mask(compact::mask_bytes(1, count), 0xFF);
+    std::vector<float> y(x.size(), 7.0f);
+    compact::relu_forward<compact::cpu, float>(ctx, cview_of(x, 1, count), view_of(y, 1, count),
+                                               {mask.data(), mask.size()});
+    const std::vector<float> dy(x.size(), 2.0f);
+    std::vector<float> dx(x.size(), 7.0f);
+    compact::relu_backward<compact::cpu, float>(ctx, mask.data(), cview_of(dy, 1, count), view_of(dx, 1, count));
+    for (std::size_t k = 0; k < x.size(); ++k) {
+        CAPTURE(k);
+        const bool positive = x[k] > 0; // false for +0, -0 and NaN
+        const bool bit = (mask[k / 8] >> (k % 8)) & 1;
+        CHECK(bit == positive);
+        if (positive) CHECK(y[k] == x[k]);
+        else CHECK(y[k] == 0.0f);
+        CHECK(!std::isnan(y[k]));
+        CHECK(dx[k] == (positive ? 2.0f : 0.0f));
+    }
+    CHECK(((mask[0] >> 4) & 1) == 1); // 1.0
+    CHECK(((mask[0] >> 6) & 1) == 1); // the smallest positive denormal
+    CHECK(((mask[1] >> 0) & 1) == 1); // +inf
 }
 
 TEST_CASE("bad input names the argument and writes nothing")

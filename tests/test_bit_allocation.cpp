@@ -272,7 +272,9 @@ struct tiny_model {
     static constexpr index_t rows = 64, in = 32, hidden = 48, out = 4;
     using layer = compact::linear_layer<float, compact::quantized, compact::cpu>;
 
-    tiny_model() : fc1(in, hidden, opts(1)), fc2(hidden, out, opts(2))
+    tiny_model()
+        : fc1(compact::in_features{in}, compact::out_features{hidden}, opts(1)),
+          fc2(compact::in_features{hidden}, compact::out_features{out}, opts(2))
     {
         auto rng = compact_test::make_rng(10);
         compact_test::random_fill(x, rng);
@@ -327,17 +329,17 @@ TEST_CASE("the controller estimates both methods on the same probes, allocates, 
     compact::bit_allocator gact(o, compact::sensitivity_method::gact, compact::allocation_schedule::every(100));
     compact::bit_allocator norm(o, compact::sensitivity_method::grad_norm_var, compact::allocation_schedule::every(100));
     for (auto* a : {&gact, &norm}) {
-        a->add(m.fc1.settings(), tiny_model::rows * tiny_model::in);
-        a->add(m.fc2.settings(), tiny_model::rows * tiny_model::hidden);
+        a->add(m.fc1.compressor().settings(), tiny_model::rows * tiny_model::in);
+        a->add(m.fc2.compressor().settings(), tiny_model::rows * tiny_model::hidden);
     }
-    m.fc1.set_scheme(store_scheme::quantized(4, 64));
-    m.fc2.set_scheme(store_scheme::quantized(2, 64));
+    m.fc1.compressor().set_scheme(store_scheme::quantized(4, 64));
+    m.fc2.compressor().set_scheme(store_scheme::quantized(2, 64));
     auto rerun = [&](compact::gradient_probe& p) { m.run(p); };
     gact.estimate(rerun);
     norm.estimate(rerun);
-    CHECK(m.fc1.scheme() == store_scheme::quantized(4, 64)); // probes leave the settings as they were
-    CHECK(m.fc2.scheme() == store_scheme::quantized(2, 64));
-    CHECK(m.fc1.settings().variant == 0);
+    CHECK(m.fc1.compressor().scheme() == store_scheme::quantized(4, 64)); // probes leave the settings as they were
+    CHECK(m.fc2.compressor().scheme() == store_scheme::quantized(2, 64));
+    CHECK(m.fc1.compressor().settings().variant == 0);
     for (std::size_t l = 0; l < 2; ++l) {
         CHECK(gact.sensitivities()[l] > 0);
         CHECK(norm.sensitivities()[l] <= gact.sensitivities()[l] * (1 + 1e-12));
@@ -349,8 +351,8 @@ TEST_CASE("the controller estimates both methods on the same probes, allocates, 
 
     const compact::bit_allocation a = gact.allocate();
     CHECK(a.average_bits <= 3.0);
-    CHECK(m.fc1.scheme() == a.schemes[0]);
-    CHECK(m.fc2.scheme() == a.schemes[1]);
+    CHECK(m.fc1.compressor().scheme() == a.schemes[0]);
+    CHECK(m.fc2.compressor().scheme() == a.schemes[1]);
     CHECK(gact.schemes() == a.schemes);
 
     // The layer trains with the allocated schemes (the saved buffer regrows if needed).
@@ -379,8 +381,8 @@ TEST_CASE("schedules: every K steps, and step 0 plus 10% of training")
     o.average_bits = 2;
     o.group = 64;
     compact::bit_allocator alloc(o, compact::sensitivity_method::grad_norm_var, alam);
-    alloc.add(m.fc1.settings(), tiny_model::rows * tiny_model::in);
-    alloc.add(m.fc2.settings(), tiny_model::rows * tiny_model::hidden);
+    alloc.add(m.fc1.compressor().settings(), tiny_model::rows * tiny_model::in);
+    alloc.add(m.fc2.compressor().settings(), tiny_model::rows * tiny_model::hidden);
     int reruns = 0;
     auto rerun = [&](compact::gradient_probe& p) {
         ++reruns;
@@ -399,8 +401,8 @@ TEST_CASE("an allocation survives a checkpoint; a mismatched allocator is refuse
     o.average_bits = 3;
     o.group = 64;
     compact::bit_allocator a(o, compact::sensitivity_method::gact, compact::allocation_schedule::every(10));
-    a.add(m.fc1.settings(), tiny_model::rows * tiny_model::in);
-    a.add(m.fc2.settings(), tiny_model::rows * tiny_model::hidden);
+    a.add(m.fc1.compressor().settings(), tiny_model::rows * tiny_model::in);
+    a.add(m.fc2.compressor().settings(), tiny_model::rows * tiny_model::hidden);
     a.update(0, [&](compact::gradient_probe& p) { m.run(p); });
     compact::checkpoint_writer w;
     compact::save_allocation(w, "alloc", a);
@@ -408,22 +410,22 @@ TEST_CASE("an allocation survives a checkpoint; a mismatched allocator is refuse
 
     tiny_model fresh;
     compact::bit_allocator b(o, compact::sensitivity_method::gact, compact::allocation_schedule::every(10));
-    b.add(fresh.fc1.settings(), tiny_model::rows * tiny_model::in);
-    b.add(fresh.fc2.settings(), tiny_model::rows * tiny_model::hidden);
+    b.add(fresh.fc1.compressor().settings(), tiny_model::rows * tiny_model::in);
+    b.add(fresh.fc2.compressor().settings(), tiny_model::rows * tiny_model::hidden);
     compact::load_allocation(r, "alloc", b);
     CHECK(b.sensitivities() == a.sensitivities());
     CHECK(b.schemes() == a.schemes());
-    CHECK(fresh.fc1.scheme() == m.fc1.scheme());
+    CHECK(fresh.fc1.compressor().scheme() == m.fc1.compressor().scheme());
 
     tiny_model other;
     compact::bit_allocator c(o, compact::sensitivity_method::grad_norm_var, compact::allocation_schedule::every(10));
-    c.add(other.fc1.settings(), tiny_model::rows * tiny_model::in);
-    c.add(other.fc2.settings(), tiny_model::rows * tiny_model::hidden);
+    c.add(other.fc1.compressor().settings(), tiny_model::rows * tiny_model::in);
+    c.add(other.fc2.compressor().settings(), tiny_model::rows * tiny_model::hidden);
     const auto before = c.schemes();
     CHECK(contains(error_message_of([&] { compact::load_allocation(r, "alloc", c); }), "holds method 0"));
     compact::bit_allocator d(o, compact::sensitivity_method::gact, compact::allocation_schedule::every(10));
-    d.add(other.fc1.settings(), tiny_model::rows * tiny_model::in);
-    d.add(other.fc2.settings(), 7);
+    d.add(other.fc1.compressor().settings(), tiny_model::rows * tiny_model::in);
+    d.add(other.fc2.compressor().settings(), 7);
     CHECK(contains(error_message_of([&] { compact::load_allocation(r, "alloc", d); }), "tensor 1 held 3072 values"));
     CHECK(c.schemes() == before);
 }

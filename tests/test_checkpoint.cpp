@@ -24,6 +24,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <random>
 #include <string>
@@ -40,6 +41,8 @@
 namespace {
 
 using compact::index_t;
+using compact::in_features;
+using compact::out_features;
 namespace fs = std::filesystem;
 
 // ----------------------------------------------------------------------------------- small helpers
@@ -534,19 +537,19 @@ TEST_CASE_TEMPLATE("100 updates straight equal 40, save, load into fresh layers,
                 CAPTURE(gap); // 7: epochs 5 and 6 meet at update 42; 40: the save lands on the boundary
                 const auto options = options_for(policy, keep_projection, gap, problem.rows / 2);
 
-                layer_type straight(problem.n, problem.m, options);
+                layer_type straight(in_features{problem.n}, out_features{problem.m}, options);
                 initialise(straight, 1);
                 train(straight, problem, 0, 100);
 
                 const auto path = dir.file("resume.ckpt");
                 {
-                    layer_type first(problem.n, problem.m, options);
+                    layer_type first(in_features{problem.n}, out_features{problem.m}, options);
                     initialise(first, 1);
                     train(first, problem, 0, 40);
                     compact::save_checkpoint(path, first);
                 } // the first process ends here
 
-                layer_type resumed(problem.n, problem.m, options);
+                layer_type resumed(in_features{problem.n}, out_features{problem.m}, options);
                 initialise(resumed, 99); // different weights, and a gradient pending: all replaced
                 train(resumed, problem, 500, 503);
                 const typename layer_type::context ctx{};
@@ -574,7 +577,8 @@ TEST_CASE("the resume test is sensitive: restoring all but the counters (as the 
     scratch_dir dir;
     const teacher_problem<float> problem(16, 24, 10);
     const auto options = options_for(compact::moment_policy::transfer, false, 7, 8);
-    layer_type straight(problem.n, problem.m, options), resumed(problem.n, problem.m, options);
+    layer_type straight(in_features{problem.n}, out_features{problem.m}, options),
+        resumed(in_features{problem.n}, out_features{problem.m}, options);
     initialise(straight, 1);
     train(straight, problem, 0, 40);
     compact::save_checkpoint(dir.file("a.ckpt"), straight);
@@ -606,9 +610,10 @@ TEST_CASE("rank::full, rademacher and no-bias layers resume bit for bit; several
         initialise(b, 2);
         initialise(c, 3);
     };
-    ratio_layer<double, double> a(16, 6, o1), a2(16, 6, o1);
-    full_layer b(16, 6, o2), b2(16, 6, o2);
-    fixed_layer c(16, 6, o3, compact::rank::fixed(3)), c2(16, 6, o3, compact::rank::fixed(3));
+    ratio_layer<double, double> a(in_features{16}, out_features{6}, o1), a2(in_features{16}, out_features{6}, o1);
+    full_layer b(in_features{16}, out_features{6}, o2), b2(in_features{16}, out_features{6}, o2);
+    fixed_layer c(in_features{16}, out_features{6}, o3, compact::rank::fixed(3)),
+        c2(in_features{16}, out_features{6}, o3, compact::rank::fixed(3));
     make(a, b, c);
     train(a, problem, 0, 30);
     train(b, problem, 0, 30);
@@ -619,9 +624,9 @@ TEST_CASE("rank::full, rademacher and no-bias layers resume bit for bit; several
     train(c2, problem, 0, 13);
     compact::save_checkpoint(dir.file("three.ckpt"), a2, b2, c2);
 
-    ratio_layer<double, double> a3(16, 6, o1);
-    full_layer b3(16, 6, o2);
-    fixed_layer c3(16, 6, o3, compact::rank::fixed(3));
+    ratio_layer<double, double> a3(in_features{16}, out_features{6}, o1);
+    full_layer b3(in_features{16}, out_features{6}, o2);
+    fixed_layer c3(in_features{16}, out_features{6}, o3, compact::rank::fixed(3));
     compact::load_checkpoint(dir.file("three.ckpt"), a3, b3, c3);
     train(a3, problem, 13, 30);
     train(b3, problem, 13, 30);
@@ -638,7 +643,7 @@ TEST_CASE("save_state / load_state put layers and the caller's own tensors in on
     scratch_dir dir;
     const teacher_problem<float> problem(16, 24, 10);
     const auto options = options_for(compact::moment_policy::keep, false, 7, 8);
-    layer_type layer(24, 10, options);
+    layer_type layer(in_features{24}, out_features{10}, options);
     initialise(layer, 1);
     train(layer, problem, 0, 12);
     const std::vector<float> embedding{1, 2, 3, 4, 5, 6};
@@ -649,10 +654,11 @@ TEST_CASE("save_state / load_state put layers and the caller's own tensors in on
     w.add_scalar<std::uint64_t>("data/position", 12 * 16);
     CHECK_FALSE(w.contains("encoder/fc/weight"));
     CHECK(w.contains("encoder/fc/weight_m"));
-    CHECK(has(error_of([&] { compact::save_state(w, "encoder/fc", layer); }), "'encoder/fc/in' was already added"));
+    CHECK(has(error_of([&] { compact::save_state(w, "encoder/fc", layer); }),
+              "'encoder/fc/compressor' was already added"));
     w.write(dir.file("mixed.ckpt"));
 
-    layer_type other(24, 10, options);
+    layer_type other(in_features{24}, out_features{10}, options);
     initialise(other, 2);
     const auto weights_before = snap(other).weight;
     const auto r = compact::checkpoint_reader::read_file(dir.file("mixed.ckpt"));
@@ -691,7 +697,7 @@ struct rejection_fixture {
     scratch_dir dir;
     teacher_problem<float> problem{8, 8, 4};
     compact::linear_options options = options_for(compact::moment_policy::transfer, false, 3, 4);
-    layer_type saved{8, 4, options}, target{8, 4, options};
+    layer_type saved{in_features{8}, out_features{4}, options}, target{in_features{8}, out_features{4}, options};
     std::string path = dir.file("small.ckpt");
     std::vector<unsigned char> bytes;
 
@@ -721,14 +727,44 @@ struct rejection_fixture {
     /// `value`, or without it.
     std::vector<unsigned char> with_scalar(const std::string& name, std::optional<std::uint64_t> value) const
     {
+        return rewritten(name, [&](compact::checkpoint_writer& w, const compact::checkpoint_reader&,
+                                   const compact::checkpoint_section& s) {
+            if (value) w.add_scalar<std::uint64_t>(s.name, *value);
+        });
+    }
+
+    /// The checkpoint re-encoded with element `at` of the f32 section `name` set to `value`.
+    std::vector<unsigned char> with_value(const std::string& name, std::size_t at, float value) const
+    {
+        return rewritten(name, [&](compact::checkpoint_writer& w, const compact::checkpoint_reader& r,
+                                   const compact::checkpoint_section& s) {
+            REQUIRE(s.type == compact::dtype::f32);
+            std::vector<float> v(static_cast<std::size_t>(s.count));
+            r.copy(s, v.data(), s.count);
+            REQUIRE(at < v.size());
+            v[at] = value;
+            w.add(s.name, v.data(), s.shape);
+        });
+    }
+
+    /// The checkpoint re-encoded section by section, `edit` writing (or dropping) the section `name`.
+    template <class Edit>
+    std::vector<unsigned char> rewritten(const std::string& name, Edit edit) const
+    {
         const compact::checkpoint_reader r(bytes);
         compact::checkpoint_writer w;
+        bool found = false;
         for (const auto& s : r.sections()) {
             const unsigned char* p = r.bytes().data() + s.offset;
             if (s.name == name) {
-                if (value) w.add_scalar<std::uint64_t>(s.name, *value);
+                found = true;
+                edit(w, r, s);
             } else if (s.type == compact::dtype::u64) {
                 std::vector<std::uint64_t> v(static_cast<std::size_t>(s.count));
+                std::memcpy(v.data(), p, static_cast<std::size_t>(s.bytes));
+                w.add(s.name, v.data(), s.shape);
+            } else if (s.type == compact::dtype::u8) { // the compressor's name
+                std::vector<std::uint8_t> v(static_cast<std::size_t>(s.count));
                 std::memcpy(v.data(), p, static_cast<std::size_t>(s.bytes));
                 w.add(s.name, v.data(), s.shape);
             } else {
@@ -738,6 +774,7 @@ struct rejection_fixture {
                 w.add(s.name, v.data(), s.shape);
             }
         }
+        REQUIRE(found);
         return w.bytes();
     }
 };
@@ -748,7 +785,15 @@ TEST_CASE("the small checkpoint loads into the target, which then equals the sav
 {
     rejection_fixture f;
     CHECK(f.bytes.size() < 2048);
-    CHECK(compact::checkpoint_reader(f.bytes).sections().size() == 1 + 10 + 5 + 6); // count, config, counters, tensors
+    // count, compressor name, configuration (the distribution included), counters, tensors
+    const compact::checkpoint_reader r(f.bytes);
+    CHECK(r.sections().size() == 1 + 1 + 10 + 5 + 6);
+    const auto& name = r.expect<std::uint8_t>("layers/0/compressor", {17});
+    std::string text(17, '\0');
+    r.copy(name, reinterpret_cast<std::uint8_t*>(text.data()), 17);
+    CHECK(text == "random_projection");
+    CHECK(r.scalar<std::uint64_t>("layers/0/distribution") == 0);
+    CHECK_FALSE(r.contains("layers/0/store_kind"));
     CHECK(snap(f.target) != snap(f.saved));
     compact::load_checkpoint(f.path, f.target);
     CHECK(snap(f.target) == snap(f.saved));
@@ -862,6 +907,35 @@ TEST_CASE("trailing bytes, missing sections and inconsistent counters are reject
     CHECK(f.target.updates() == 100);
 }
 
+TEST_CASE("loaded values are checked: NaN or infinite weights and moments, negative V, impossible updates")
+{
+    // Each image is re-encoded, so every checksum holds: the values themselves are refused.
+    rejection_fixture f;
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    auto message = f.reject(f.with_value("layers/0/weight_v", 0, -1.0f));
+    CHECK(has(message, "section 'layers/0/weight_v' holds -1 at element 0; it must be finite and non-negative"));
+    CHECK(has(f.reject(f.with_value("layers/0/bias_v", 3, -1e-30f)), "section 'layers/0/bias_v' holds"));
+    message = f.reject(f.with_value("layers/0/weight", 5, nan));
+    CHECK(has(message, "section 'layers/0/weight' holds"));
+    CHECK(has(message, "at element 5; it must be finite"));
+    CHECK(has(f.reject(f.with_value("layers/0/bias", 1, nan)), "section 'layers/0/bias' holds"));
+    CHECK(has(f.reject(f.with_value("layers/0/weight_m", 7, inf)), "section 'layers/0/weight_m' holds inf"));
+    CHECK(has(f.reject(f.with_value("layers/0/weight_v", 2, nan)), "section 'layers/0/weight_v' holds"));
+    CHECK(has(f.reject(f.with_value("layers/0/bias_m", 0, -inf)), "section 'layers/0/bias_m' holds -inf"));
+    CHECK(has(f.reject(f.with_scalar("layers/0/updates", ~std::uint64_t{0})),
+              "section 'layers/0/updates' is 18446744073709551615, more updates than any run makes"));
+    CHECK(has(f.reject(f.with_scalar("layers/0/updates", std::uint64_t{1} << 63)), "more updates than any run makes"));
+    // V = 0 (and -0) and negative M are values a run reaches: they load.
+    const auto zero = f.with_value("layers/0/weight_v", 0, -0.0f);
+    write_bytes(f.dir.file("zero.ckpt"), zero.data(), zero.size());
+    compact::load_checkpoint(f.dir.file("zero.ckpt"), f.target);
+    CHECK(f.target.second_moment()(0, 0) == 0.0f);
+    const auto negative_m = f.with_value("layers/0/weight_m", 0, -2.0f);
+    write_bytes(f.dir.file("m.ckpt"), negative_m.data(), negative_m.size());
+    compact::load_checkpoint(f.dir.file("m.ckpt"), f.target);
+    CHECK(f.target.first_moment()(0, 0) == -2.0f);
+}
+
 TEST_CASE("dtype, shape and configuration mismatches are rejected, naming the section, before any change")
 {
     rejection_fixture f;
@@ -874,17 +948,17 @@ TEST_CASE("dtype, shape and configuration mismatches are rejected, naming the se
     };
     const auto o = f.options;
 
-    ratio_layer<double, float> wider_scalar(8, 4, o);
+    ratio_layer<double, float> wider_scalar(in_features{8}, out_features{4}, o);
     CHECK(has(expect_rejected(wider_scalar, "dtype mismatch"),
               "'layers/0/weight' holds f32 values but f64 are required"));
-    ratio_layer<float, double> wider_state(8, 4, o);
+    ratio_layer<float, double> wider_state(in_features{8}, out_features{4}, o);
     CHECK(has(expect_rejected(wider_state, "dtype mismatch"), "'layers/0/weight_m'"));
-    ratio_layer<float, float> more_inputs(12, 4, o);
+    ratio_layer<float, float> more_inputs(in_features{12}, out_features{4}, o);
     CHECK(has(expect_rejected(more_inputs, "shape mismatch"), "'layers/0/weight' is (4, 8) but (4, 12) is required"));
-    ratio_layer<float, float> more_outputs(8, 5, o);
+    ratio_layer<float, float> more_outputs(in_features{8}, out_features{5}, o);
     CHECK(has(expect_rejected(more_outputs, "shape mismatch"), "(5, 8)"));
     using fixed_layer = compact::linear_layer<float, compact::rank::fixed, compact::cpu, float>;
-    fixed_layer other_rank(8, 4, o, compact::rank::fixed(3));
+    fixed_layer other_rank(in_features{8}, out_features{4}, o, compact::rank::fixed(3));
     CHECK(has(expect_rejected(other_rank, "shape mismatch"), "'layers/0/weight_m' is (4, 2) but (4, 3) is required"));
 
     auto changed = [&](auto edit) {
@@ -892,29 +966,31 @@ TEST_CASE("dtype, shape and configuration mismatches are rejected, naming the se
         edit(c);
         return c;
     };
-    ratio_layer<float, float> seed(8, 4, changed([](auto& c) { c.seed += 1; }));
+    ratio_layer<float, float> seed(in_features{8}, out_features{4}, changed([](auto& c) { c.seed += 1; }));
     CHECK(has(expect_rejected(seed, "section 'layers/0/seed' is "), "in the checkpoint but"));
-    ratio_layer<float, float> id(8, 4, changed([](auto& c) { c.layer = 70; }));
+    ratio_layer<float, float> id(in_features{8}, out_features{4}, changed([](auto& c) { c.layer = 70; }));
     CHECK(has(expect_rejected(id, "'layers/0/layer_id' is 7 in the checkpoint but 70 in the layer"), "differently"));
-    ratio_layer<float, float> policy(8, 4, changed([](auto& c) { c.moments = compact::moment_policy::keep; }));
+    ratio_layer<float, float> policy(in_features{8}, out_features{4},
+                                     changed([](auto& c) { c.moments = compact::moment_policy::keep; }));
     expect_rejected(policy, "'layers/0/moment_policy' is 2 in the checkpoint but 0 in the layer");
-    ratio_layer<float, float> gap(8, 4, changed([](auto& c) { c.resample.gap = 4; }));
+    ratio_layer<float, float> gap(in_features{8}, out_features{4}, changed([](auto& c) { c.resample.gap = 4; }));
     expect_rejected(gap, "'layers/0/resample_gap' is 3 in the checkpoint but 4");
-    ratio_layer<float, float> keep(8, 4, changed([](auto& c) { c.keep_projection = true; }));
+    ratio_layer<float, float> keep(in_features{8}, out_features{4}, changed([](auto& c) { c.keep_projection = true; }));
     expect_rejected(keep, "'layers/0/keep_projection' is 0 in the checkpoint but 1");
-    ratio_layer<float, float> no_bias(8, 4, changed([](auto& c) { c.bias = false; }));
+    ratio_layer<float, float> no_bias(in_features{8}, out_features{4}, changed([](auto& c) { c.bias = false; }));
     expect_rejected(no_bias, "'layers/0/has_bias' is 1 in the checkpoint but 0");
-    ratio_layer<float, float> dist(8, 4, changed([](auto& c) { c.dist = compact::distribution::rademacher; }));
+    ratio_layer<float, float> dist(in_features{8}, out_features{4},
+                                   changed([](auto& c) { c.dist = compact::distribution::rademacher; }));
     expect_rejected(dist, "'layers/0/distribution' is 0 in the checkpoint but 1");
     // max_rows only sizes the saved activation: it may differ.
-    ratio_layer<float, float> rows(8, 4, changed([](auto& c) { c.max_rows = 100; }));
+    ratio_layer<float, float> rows(in_features{8}, out_features{4}, changed([](auto& c) { c.max_rows = 100; }));
     compact::load_checkpoint(f.path, rows);
     CHECK(snap(rows) == snap(f.saved));
 
     // With several layers, one bad layer means no layer changes.
     const auto two = f.dir.file("two.ckpt");
     compact::save_checkpoint(two, f.saved, f.saved);
-    ratio_layer<float, float> first(8, 4, o);
+    ratio_layer<float, float> first(in_features{8}, out_features{4}, o);
     const auto first_before = snap(first);
     CHECK(has(error_of([&] { compact::load_checkpoint(two, first, seed); }), "'layers/1/seed'"));
     CHECK(snap(first) == first_before);
@@ -932,22 +1008,22 @@ TEST_CASE("a layer with a quantized store resumes bit for bit, scheme included; 
     const compact::quantized start{compact::store_scheme::quantized(2, 64)};
     const compact::store_scheme later = compact::store_scheme::average(32);
 
-    q_layer straight(problem.n, problem.m, options, start);
+    q_layer straight(in_features{problem.n}, out_features{problem.m}, options, start);
     initialise(straight, 1);
     train(straight, problem, 0, 20);
-    straight.set_scheme(later);
+    straight.compressor().set_scheme(later);
     train(straight, problem, 20, 50);
 
-    q_layer first(problem.n, problem.m, options, start);
+    q_layer first(in_features{problem.n}, out_features{problem.m}, options, start);
     initialise(first, 1);
     train(first, problem, 0, 20);
-    first.set_scheme(later);
+    first.compressor().set_scheme(later);
     train(first, problem, 20, 30);
     compact::save_checkpoint(dir.file("q.ckpt"), first);
 
-    q_layer resumed(problem.n, problem.m, options, start); // built with the starting scheme
+    q_layer resumed(in_features{problem.n}, out_features{problem.m}, options, start); // built with the starting scheme
     compact::load_checkpoint(dir.file("q.ckpt"), resumed);
-    CHECK(resumed.scheme() == later);
+    CHECK(resumed.compressor().scheme() == later);
     train(resumed, problem, 30, 50);
     CHECK(snap(resumed) == snap(straight));
 
@@ -957,9 +1033,16 @@ TEST_CASE("a layer with a quantized store resumes bit for bit, scheme included; 
     const compact::checkpoint_reader good(bytes);
     CHECK(good.scalar<std::uint64_t>("q/store_bits") == 2);
     CHECK(good.scalar<std::uint64_t>("q/store_kind") == 2);
+    CHECK(good.scalar<std::uint64_t>("q/store_group") == 32);
+    CHECK_FALSE(good.contains("q/distribution")); // the random projection's field, not the store's
+    const auto& name = good.expect<std::uint8_t>("q/compressor", {16});
+    std::string text(16, '\0');
+    good.copy(name, reinterpret_cast<std::uint8_t*>(text.data()), 16);
+    CHECK(text == "activation_store");
     // A scheme compact never writes (3 bits), with valid checksums: rejected before the layer changes.
     compact::checkpoint_writer bad;
-    for (const char* field : {"in", "out", "rank", "distribution", "seed", "layer_id", "moment_policy", "resample_gap",
+    bad.add("q/compressor", reinterpret_cast<const std::uint8_t*>(text.data()), {16});
+    for (const char* field : {"in", "out", "rank", "seed", "layer_id", "moment_policy", "resample_gap",
                               "keep_projection", "has_bias", "updates", "weight_step", "weight_epoch", "bias_step",
                               "bias_epoch", "store_kind", "store_group"})
         bad.add_scalar<std::uint64_t>(std::string("q/") + field, good.scalar<std::uint64_t>(std::string("q/") + field));
@@ -977,11 +1060,45 @@ TEST_CASE("a layer with a quantized store resumes bit for bit, scheme included; 
         bad.add(std::string("q/") + field, v.data(), s.shape);
     }
     const compact::checkpoint_reader corrupt(bad.bytes());
-    q_layer target(problem.n, problem.m, options, start);
+    q_layer target(in_features{problem.n}, out_features{problem.m}, options, start);
     const std::string message = error_of([&] { compact::load_state(corrupt, "q", target); });
     CHECK(has(message, "average quantization uses 2-bit codes, got bits=3"));
-    CHECK(target.scheme() == start.scheme);
+    CHECK(target.compressor().scheme() == start.scheme);
     CHECK(target.updates() == 0);
+}
+
+TEST_CASE("a checkpoint is refused by a layer with another compressor, naming both, before any change")
+{
+    scratch_dir dir;
+    const teacher_problem<float> problem(16, 24, 10);
+    const auto options = options_for(compact::moment_policy::keep, false, 0, problem.rows / 2);
+    using q_layer = compact::linear_layer<float, compact::quantized, compact::cpu>;
+    using full_layer = compact::linear_layer<float, compact::rank::full, compact::cpu>;
+    // The same shapes, rank (n), scalar and moment types: only the compressor differs.
+    q_layer quantized(in_features{problem.n}, out_features{problem.m}, options,
+                      compact::quantized{compact::store_scheme::quantized(4, 64)});
+    full_layer full(in_features{problem.n}, out_features{problem.m}, options);
+    REQUIRE(quantized.rank() == full.rank());
+    initialise(quantized, 1);
+    initialise(full, 2);
+    train(quantized, problem, 0, 3);
+    train(full, problem, 0, 2);
+    compact::save_checkpoint(dir.file("q.ckpt"), quantized);
+    compact::save_checkpoint(dir.file("full.ckpt"), full);
+
+    const auto full_before = snap(full);
+    const std::string message = error_of([&] { compact::load_checkpoint(dir.file("q.ckpt"), full); });
+    CHECK(has(message, "'layers/0' was saved with the compressor 'activation_store' but this layer's compressor is "
+                       "'random_projection'"));
+    CHECK(has(message, dir.file("q.ckpt")));
+    CHECK(snap(full) == full_before);
+
+    const auto quantized_before = snap(quantized);
+    const auto scheme = quantized.compressor().scheme();
+    CHECK(has(error_of([&] { compact::load_checkpoint(dir.file("full.ckpt"), quantized); }),
+              "saved with the compressor 'random_projection' but this layer's compressor is 'activation_store'"));
+    CHECK(snap(quantized) == quantized_before);
+    CHECK(quantized.compressor().scheme() == scheme);
 }
 
 // ==================================================================================== master weights
@@ -998,13 +1115,13 @@ TEST_CASE("a layer with master weights resumes bit for bit, master copies includ
             CAPTURE(keep_projection);
             auto options = options_for(policy, keep_projection, 7, problem.rows / 2);
             options.master_weights = true;
-            layer_type straight(problem.n, problem.m, options);
+            layer_type straight(in_features{problem.n}, out_features{problem.m}, options);
             initialise(straight, 1);
             train(straight, problem, 0, 100);
 
             const auto path = dir.file("master.ckpt");
             {
-                layer_type first(problem.n, problem.m, options);
+                layer_type first(in_features{problem.n}, out_features{problem.m}, options);
                 initialise(first, 1);
                 train(first, problem, 0, 40);
                 compact::save_checkpoint(path, first);
@@ -1012,7 +1129,7 @@ TEST_CASE("a layer with master weights resumes bit for bit, master copies includ
                 CHECK(r.contains("layers/0/master_weight"));
                 CHECK(r.contains("layers/0/master_bias"));
             }
-            layer_type resumed(problem.n, problem.m, options);
+            layer_type resumed(in_features{problem.n}, out_features{problem.m}, options);
             initialise(resumed, 99);
             train(resumed, problem, 500, 503); // a master of its own, replaced by the loaded one
             compact::load_checkpoint(path, resumed);
@@ -1034,13 +1151,14 @@ TEST_CASE("master weights and older checkpoints: missing master taken from W, ex
 
     SUBCASE("a checkpoint without master sections loads into a layer with master weights")
     {
-        layer_type plain(problem.n, problem.m, plain_options);
+        layer_type plain(in_features{problem.n}, out_features{problem.m}, plain_options);
         initialise(plain, 1);
         train(plain, problem, 0, 20);
         compact::save_checkpoint(dir.file("plain.ckpt"), plain);
         CHECK_FALSE(compact::checkpoint_reader::read_file(dir.file("plain.ckpt")).contains("layers/0/master_weight"));
 
-        layer_type lazy(problem.n, problem.m, master_options), explicit_sync(problem.n, problem.m, master_options);
+        layer_type lazy(in_features{problem.n}, out_features{problem.m}, master_options),
+            explicit_sync(in_features{problem.n}, out_features{problem.m}, master_options);
         initialise(lazy, 5);
         train(lazy, problem, 0, 3);
         compact::load_checkpoint(dir.file("plain.ckpt"), lazy);
@@ -1060,11 +1178,11 @@ TEST_CASE("master weights and older checkpoints: missing master taken from W, ex
     }
     SUBCASE("a checkpoint with master sections is refused by a layer without master weights")
     {
-        layer_type with_master(problem.n, problem.m, master_options);
+        layer_type with_master(in_features{problem.n}, out_features{problem.m}, master_options);
         initialise(with_master, 1);
         train(with_master, problem, 0, 5);
         compact::save_checkpoint(dir.file("master.ckpt"), with_master);
-        layer_type plain(problem.n, problem.m, plain_options);
+        layer_type plain(in_features{problem.n}, out_features{problem.m}, plain_options);
         initialise(plain, 2);
         const auto before = snap(plain);
         const std::string message = error_of([&] { compact::load_checkpoint(dir.file("master.ckpt"), plain); });
@@ -1074,8 +1192,9 @@ TEST_CASE("master weights and older checkpoints: missing master taken from W, ex
     }
     SUBCASE("saved before its first step, a layer with master weights writes none and resumes bit for bit")
     {
-        layer_type straight(problem.n, problem.m, master_options), saved(problem.n, problem.m, master_options),
-            resumed(problem.n, problem.m, master_options);
+        layer_type straight(in_features{problem.n}, out_features{problem.m}, master_options),
+            saved(in_features{problem.n}, out_features{problem.m}, master_options),
+            resumed(in_features{problem.n}, out_features{problem.m}, master_options);
         initialise(straight, 3);
         initialise(saved, 3);
         train(straight, problem, 0, 15);
@@ -1088,7 +1207,7 @@ TEST_CASE("master weights and older checkpoints: missing master taken from W, ex
     }
     SUBCASE("with weight_storage::caller the master copies are still saved")
     {
-        layer_type layer(problem.n, problem.m, master_options);
+        layer_type layer(in_features{problem.n}, out_features{problem.m}, master_options);
         initialise(layer, 4);
         train(layer, problem, 0, 2);
         compact::checkpoint_writer w;
@@ -1097,7 +1216,7 @@ TEST_CASE("master weights and older checkpoints: missing master taken from W, ex
         CHECK_FALSE(r.contains("x/weight"));
         CHECK(r.contains("x/master_weight"));
         CHECK(r.contains("x/master_bias"));
-        layer_type target(problem.n, problem.m, master_options);
+        layer_type target(in_features{problem.n}, out_features{problem.m}, master_options);
         compact::load_state(r, "x", target, compact::weight_storage::caller);
         CHECK(target.master_valid());
         CHECK(bit_equal(copy_of<double>(target.master_weight()), copy_of<double>(layer.master_weight())));

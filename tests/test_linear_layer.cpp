@@ -21,13 +21,17 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
 
+using compact::in_features;
 using compact::index_t;
+using compact::out_features;
 
 using namespace compact_test;
 
@@ -208,11 +212,12 @@ struct reference_adamw {
     std::uint64_t t = 0;
     explicit reference_adamw(std::size_t size) : m(size, 0.0), v(size, 0.0) {}
 
-    void step(const compact::adamw_params& h, std::vector<double>& w, const std::vector<double>& g)
+    /// scale multiplies eta_t: 1 for plain AdamW, alpha for the subspace equations with P = I.
+    void step(const compact::adamw_params& h, std::vector<double>& w, const std::vector<double>& g, double scale = 1.0)
     {
         ++t;
         const double td = static_cast<double>(t);
-        const double eta = h.lr * std::sqrt(1 - std::pow(h.beta2, td)) / (1 - std::pow(h.beta1, td));
+        const double eta = scale * h.lr * std::sqrt(1 - std::pow(h.beta2, td)) / (1 - std::pow(h.beta1, td));
         for (std::size_t i = 0; i < w.size(); ++i) {
             m[i] = h.beta1 * m[i] + (1 - h.beta1) * g[i];
             v[i] = h.beta2 * v[i] + (1 - h.beta2) * g[i] * g[i];
@@ -221,6 +226,42 @@ struct reference_adamw {
         }
     }
 };
+
+/// The exact gradients of the whole batch from its dY (rows, m), in float64: G = dY^T X (m, n) and
+/// db = the column sums of dY (m).
+template <class Scalar>
+void exact_gradients(const regression<Scalar>& problem, const std::vector<Scalar>& dy, std::vector<double>& g,
+                     std::vector<double>& db)
+{
+    const index_t rows = problem.rows, n = problem.n, m = problem.m;
+    g.assign(static_cast<std::size_t>(m * n), 0.0);
+    db.assign(static_cast<std::size_t>(m), 0.0);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t o = 0; o < m; ++o) {
+            const double d = static_cast<double>(dy[static_cast<std::size_t>(i * m + o)]);
+            db[static_cast<std::size_t>(o)] += d;
+            for (index_t j = 0; j < n; ++j)
+                g[static_cast<std::size_t>(o * n + j)] +=
+                    d * static_cast<double>(problem.x[static_cast<std::size_t>(i * n + j)]);
+        }
+}
+
+/// forward and backward of the whole batch (dX skipped); returns the batch's dY (host).
+template <class Layer, class Backend, class Scalar>
+std::vector<Scalar> forward_backward(Layer& layer, const device<Backend>& dev,
+                                     const device_regression<Backend, Scalar>& problem)
+{
+    const regression<Scalar>& p = problem.host;
+    auto y_d = zeros<Scalar>(dev, p.rows * p.m);
+    std::vector<Scalar> dy;
+    layer.forward(dev.ctx(), problem.inputs(0, p.rows), y_d.view(p.rows, p.m));
+    const auto y = dev.download(y_d);
+    p.gradient(0, cview_of(y, p.rows, p.m), dy);
+    const auto dy_d = dev.upload(dy);
+    layer.backward(dev.ctx(), dy_d.cview(p.rows, p.m), compact::matrix_view<Scalar>{});
+    dev.synchronize(); // y_d and dy_d go out of scope
+    return dy;
+}
 
 } // namespace
 
@@ -241,7 +282,8 @@ TEST_CASE_TEMPLATE("linear_layer with rank::ratio<1, 4> reduces the loss of a re
     options.layer = 3;
     options.max_rows = problem.rows;
     options.resample.gap = 10;
-    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(problem.n, problem.m, options);
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(
+        in_features{problem.n}, out_features{problem.m}, options);
     REQUIRE(layer.rank() == 16);
     initialise(dev, layer, 1);
 
@@ -288,11 +330,16 @@ void layer_equals_caller_memory_api(int steps)
     options.max_rows = rows;
     options.resample.gap = 5;
     options.moments = compact::moment_policy::transfer;
-    compact::linear_layer<Scalar, Policy, Backend, State> layer(n, m, options);
+    compact::linear_layer<Scalar, Policy, Backend, State> layer(in_features{n}, out_features{m}, options);
     initialise(dev, layer, 2);
 
-    const compact::compressed_linear<Scalar, Policy, Backend> manual(n, m, options.seed, options.layer);
-    const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, manual.projection(), options.moments);
+    // Built with the layer's resampling, so that forward(..., step = update) compresses under
+    // options.resample.epoch(update).
+    using manual_type = compact::compressed_linear<Scalar, Policy, Backend>;
+    const manual_type manual(in_features{n}, out_features{m}, options.seed, options.layer, Policy{}, options.dist,
+                             options.resample);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, manual.projection(),
+                                                                    options.moments);
     const index_t r = manual.rank();
     REQUIRE(r == layer.rank());
     auto w = dev.read(layer.weight());
@@ -305,8 +352,11 @@ void layer_equals_caller_memory_api(int steps)
     auto dx_d = zeros<Scalar>(dev, rows * n), g_sub_d = zeros<Scalar>(dev, m * r), db_d = zeros<Scalar>(dev, m);
     auto wm_d = zeros<State>(dev, m * r), wv_d = zeros<State>(dev, m * r);
     auto bm_d = zeros<State>(dev, m), bv_d = zeros<State>(dev, m);
+    REQUIRE(manual.saved_bytes(rows) == z_d.size() * sizeof(Scalar));
+    auto saved = compact::bind_saved<typename manual_type::saved_type>(z_d.data(), manual.saved_bytes(rows));
+    compact::layer_gradient<Scalar> grads{g_sub_d.view(m, r), db_d.view(1, m)};
     compact::adam_counters w_counters, b_counters;
-    auto ws = dev.workspace(std::max(manual.workspace_bytes(), optimizer.workspace_bytes()));
+    auto ws = dev.workspace(std::max(manual.workspace_bytes(rows), optimizer.workspace_bytes()));
 
     // The float64 reference for the identity: a plain linear layer + AdamW (decay on the bias too).
     auto w_ref = to_double(w);
@@ -329,20 +379,24 @@ void layer_equals_caller_memory_api(int steps)
         layer.backward(ctx, dy_layer_d.cview(rows, m), dx_layer_d.view(rows, n));
         const auto g_layer = dev.read(layer.gradient());
         const auto dx_layer = dev.download(dx_layer_d);
+        CHECK(layer.gradients().written);
+        CHECK(layer.gradients().epoch == epoch);
         layer.step(ctx, h);
+        CHECK_FALSE(layer.gradients().written);
 
-        manual.forward(ctx, problem_d.inputs(0, rows), w_d.cview(m, n), b_d.data(), y_d.view(rows, m), z_d.view(rows, r),
-                       epoch, ws.get());
+        manual.forward(ctx, problem_d.inputs(0, rows), w_d.cview(m, n), b_d.cview(1, m), y_d.view(rows, m), saved,
+                       update, ws.get());
+        CHECK(saved.epoch == epoch);
         const auto y = dev.download(y_d);
         problem.gradient(0, cview_of(y, rows, m), dy);
         dev.upload_to(dy_d, dy);
-        manual.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), z_d.cview(rows, r), dx_d.view(rows, n),
-                        g_sub_d.view(m, r), db_d.data());
+        manual.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), saved, dx_d.view(rows, n), grads, ws.get());
+        CHECK(grads.epoch == epoch);
         CHECK(bit_equal(y, y_layer));
         CHECK(bit_equal(dev.download(dx_d), dx_layer));
         CHECK(bit_equal(dev.download(g_sub_d), g_layer));
-        optimizer.step(ctx, h, w_d.view(m, n), g_sub_d.cview(m, r), wm_d.view(m, r), wv_d.view(m, r), w_counters, epoch,
-                       ws.get());
+        optimizer.step(ctx, h, manual.projection(), w_d.view(m, n), grads, wm_d.view(m, r), wv_d.view(m, r),
+                       w_counters, ws.get());
         compact::adamw<Backend>::step(ctx, h, b_d.view(1, m), db_d.cview(1, m), bm_d.view(1, m), bv_d.view(1, m),
                                       b_counters);
 
@@ -425,9 +479,9 @@ void kept_projection_equals_regenerated()
     options.resample.gap = 3;
     options.moments = compact::moment_policy::transfer;
     using Layer = compact::linear_layer<Scalar, Policy, Backend, State>;
-    Layer regenerate(problem.n, problem.m, options);
+    Layer regenerate(in_features{problem.n}, out_features{problem.m}, options);
     options.keep_projection = true;
-    Layer kept(problem.n, problem.m, options);
+    Layer kept(in_features{problem.n}, out_features{problem.m}, options);
     CHECK(regenerate.projection_bytes() == 0);
     CHECK(kept.projection_bytes() <= static_cast<std::size_t>(problem.n * kept.rank()) * sizeof(Scalar));
     if (!compact::forces_identity_projection<Policy>)
@@ -475,9 +529,11 @@ TEST_CASE_TEMPLATE("k micro-batches then one step equals one batch of the same r
     options.layer = 5;
     options.resample.gap = 2; // the third update uses a new P
     options.max_rows = problem.rows;
-    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> whole(problem.n, problem.m, options);
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> whole(
+        in_features{problem.n}, out_features{problem.m}, options);
     options.max_rows = problem.rows / micro;
-    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> split(problem.n, problem.m, options);
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> split(
+        in_features{problem.n}, out_features{problem.m}, options);
     initialise(dev, whole, 3);
     initialise(dev, split, 3);
 
@@ -534,7 +590,8 @@ train_for_determinism(const compact_test::device<typename Cfg::backend>& dev, co
     options.resample.gap = 5;
     // The transfer policy runs every kernel keep and reset run, plus the re-sketch GEMMs.
     options.moments = compact::moment_policy::transfer;
-    compact::linear_layer<Scalar, compact::rank::fixed, Backend, State> layer(problem.n, problem.m, options,
+    compact::linear_layer<Scalar, compact::rank::fixed, Backend, State> layer(in_features{problem.n},
+                                                                              out_features{problem.m}, options,
                                                                               compact::rank::fixed{shape.r});
     initialise(dev, layer, 4);
     const auto h = hyper(1e-3, 0.25, 0.01);
@@ -598,7 +655,8 @@ TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at
     options.layer = 12;
     options.max_rows = rows;
     options.resample.gap = 5;
-    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(n, m, options);
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(in_features{n}, out_features{m},
+                                                                                    options);
     initialise(dev, layer, 5);
     const index_t r = layer.rank();
 
@@ -647,6 +705,271 @@ TEST_CASE_TEMPLATE("resampling: epoch() = updates() / 5 and P changes exactly at
         }
 }
 
+// ============================================================ ownership, state type, hyper-parameters
+
+namespace {
+using ratio_layer = compact::linear_layer<float, compact::rank::ratio<1, 4>, backend_under_test>;
+using full_double_layer = compact::linear_layer<double, compact::rank::full, backend_under_test>;
+using store_layer = compact::linear_layer<float, compact::quantized, backend_under_test>;
+} // namespace
+
+// A layer owns its buffers and what forward saved points into them: it moves, it does not copy.
+static_assert(!std::is_copy_constructible_v<ratio_layer>);
+static_assert(!std::is_copy_assignable_v<ratio_layer>);
+static_assert(std::is_move_constructible_v<ratio_layer>);
+static_assert(std::is_nothrow_move_constructible_v<ratio_layer>);
+static_assert(std::is_nothrow_move_assignable_v<ratio_layer>);
+static_assert(!std::is_copy_constructible_v<full_double_layer>);
+static_assert(std::is_nothrow_move_constructible_v<full_double_layer>);
+static_assert(!std::is_copy_constructible_v<store_layer>);
+static_assert(std::is_nothrow_move_constructible_v<store_layer>);
+
+// The default State is default_state_t<Scalar>: double moments for double weights, float for float.
+static_assert(std::is_same_v<decltype(std::declval<compact::linear_layer<double, compact::rank::ratio<1, 4>,
+                                                                         backend_under_test>&>()
+                                          .first_moment()),
+                             compact::matrix_view<double>>);
+static_assert(std::is_same_v<decltype(std::declval<full_double_layer&>().bias_second_moment()), double*>);
+static_assert(std::is_same_v<decltype(std::declval<ratio_layer&>().first_moment()), compact::matrix_view<float>>);
+
+namespace {
+
+/// Moves a layer between its forward and its backward (by construction, then by assignment into a
+/// layer of its own) and checks that the moved-to layer finishes the update bit for bit as an unmoved
+/// twin does.
+template <class Cfg, class Policy>
+void moved_layer_equals_unmoved(bool keep_projection)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using Layer = compact::linear_layer<Scalar, Policy, Backend, State>;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    const regression<Scalar> problem(32, 40, 12, 0x30e);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
+    const index_t rows = problem.rows, n = problem.n, m = problem.m;
+    compact::linear_options options;
+    options.seed = 6;
+    options.layer = 13;
+    options.max_rows = rows;
+    options.resample.gap = 2;
+    options.moments = compact::moment_policy::transfer;
+    options.keep_projection = keep_projection;
+    Layer twin(in_features{n}, out_features{m}, options);
+    Layer moving(in_features{n}, out_features{m}, options);
+    initialise(dev, twin, 9);
+    initialise(dev, moving, 9);
+    const auto h = hyper(1e-2, 0.25, 0.1);
+    // Three updates first (an epoch change among them), so that the move carries moments and counters.
+    for (int s = 0; s < 3; ++s)
+        CHECK(train_step(twin, dev, ctx, problem_d, h) == train_step(moving, dev, ctx, problem_d, h));
+
+    auto y_twin_d = zeros<Scalar>(dev, rows * m), y_moved_d = zeros<Scalar>(dev, rows * m);
+    auto dx_twin_d = zeros<Scalar>(dev, rows * n), dx_moved_d = zeros<Scalar>(dev, rows * n);
+    std::vector<Scalar> dy;
+    auto update = [&](Layer& unmoved, Layer& moved) {
+        const auto y = dev.download(y_twin_d);
+        CHECK(bit_equal(dev.download(y_moved_d), y));
+        problem.gradient(0, cview_of(y, rows, m), dy);
+        const auto dy_d = dev.upload(dy);
+        unmoved.backward(ctx, dy_d.cview(rows, m), dx_twin_d.view(rows, n));
+        moved.backward(ctx, dy_d.cview(rows, m), dx_moved_d.view(rows, n));
+        CHECK(moved.gradient_pending());
+        CHECK(moved.gradients().written);
+        CHECK(bit_equal(dev.download(dx_moved_d), dev.download(dx_twin_d)));
+        unmoved.step(ctx, h);
+        moved.step(ctx, h);
+        dev.synchronize(); // dy_d goes out of scope
+    };
+
+    // By construction.
+    twin.forward(ctx, problem_d.inputs(0, rows), y_twin_d.view(rows, m));
+    moving.forward(ctx, problem_d.inputs(0, rows), y_moved_d.view(rows, m));
+    Layer moved(std::move(moving));
+    update(twin, moved);
+    CHECK(moved.updates() == 4);
+    CHECK(snapshot<Scalar, State>(dev, moved) == snapshot<Scalar, State>(dev, twin));
+
+    // By assignment, into a layer with buffers of its own (which it releases).
+    Layer assigned(in_features{n}, out_features{m}, options);
+    twin.forward(ctx, problem_d.inputs(0, rows), y_twin_d.view(rows, m));
+    moved.forward(ctx, problem_d.inputs(0, rows), y_moved_d.view(rows, m));
+    assigned = std::move(moved);
+    update(twin, assigned);
+    CHECK(assigned.updates() == 5);
+    CHECK(snapshot<Scalar, State>(dev, assigned) == snapshot<Scalar, State>(dev, twin));
+
+    // And it trains on (into the next epoch) as the twin does.
+    for (int s = 0; s < 2; ++s)
+        CHECK(train_step(twin, dev, ctx, problem_d, h) == train_step(assigned, dev, ctx, problem_d, h));
+    CHECK(assigned.epoch() == 3);
+    CHECK(snapshot<Scalar, State>(dev, assigned) == snapshot<Scalar, State>(dev, twin));
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("a linear_layer moved between forward and backward finishes the update bit for bit as an "
+                   "unmoved twin" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    SUBCASE("rank::ratio<1, 4>") { moved_layer_equals_unmoved<Cfg, compact::rank::ratio<1, 4>>(false); }
+    SUBCASE("rank::ratio<1, 4>, keep_projection") { moved_layer_equals_unmoved<Cfg, compact::rank::ratio<1, 4>>(true); }
+    SUBCASE("rank::full") { moved_layer_equals_unmoved<Cfg, compact::rank::full>(false); }
+}
+
+TEST_CASE("linear_layer<double, rank::full> with the default State (double) follows float64 AdamW to 1e-12"
+          COMPACT_TEST_ON_DEVICE)
+{
+    // With double moments the whole update is double arithmetic: W, b and M stay within a few roundings
+    // (u = 1e-16) of float64 AdamW fed the layer's own dY. Float moments (the former default) would be
+    // off by about 1e-7.
+    using Backend = backend_under_test;
+    using Layer = compact::linear_layer<double, compact::rank::full, Backend>;
+    static_assert(std::is_same_v<Layer::optimizer_type, compact::compressed_adamw<Layer::compressor_type, double>>);
+    compact_test::device<Backend> dev;
+    const regression<double> problem(48, 40, 12, 0x1d);
+    const device_regression<Backend, double> problem_d(dev, problem);
+    const index_t m = problem.m;
+    compact::linear_options options;
+    options.seed = 0xd0b1e;
+    options.layer = 3;
+    options.max_rows = problem.rows;
+    Layer layer(in_features{problem.n}, out_features{m}, options);
+    initialise(dev, layer, 14);
+    auto w_ref = to_double(dev.read(layer.weight()));
+    auto b_ref = to_double(dev.read(layer.bias(), static_cast<std::size_t>(m)));
+    reference_adamw w_state(w_ref.size()), b_state(b_ref.size());
+    const auto h = hyper(1e-2, 1.0, 0.1);
+    std::vector<double> g_ref, db_ref;
+    for (int s = 0; s < 5; ++s) {
+        const auto dy = forward_backward(layer, dev, problem_d);
+        layer.step(dev.ctx(), h);
+        exact_gradients(problem, dy, g_ref, db_ref);
+        w_state.step(h, w_ref, g_ref);
+        b_state.step(h, b_ref, db_ref);
+    }
+    CHECK(layer.updates() == 5);
+    CHECK_RELATIVE(relative_error(dev.read(layer.weight()), w_ref), 1e-12);
+    CHECK_RELATIVE(relative_error(dev.read(layer.bias(), static_cast<std::size_t>(m)), b_ref), 1e-12);
+    CHECK_RELATIVE(relative_error(dev.read(layer.first_moment()), w_state.m), 1e-12);
+    CHECK_RELATIVE(relative_error(dev.read(layer.bias_first_moment(), static_cast<std::size_t>(m)), b_state.m), 1e-12);
+}
+
+TEST_CASE_TEMPLATE("step(ctx, h, bias_h): W with h, the bias plain AdamW with bias_h (weight_decay 0: no decay)"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using Layer = compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State>;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    const regression<Scalar> problem(32, 40, 12, 0xb1a5);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
+    const index_t m = problem.m;
+    compact::linear_options options;
+    options.seed = 17;
+    options.layer = 6;
+    options.max_rows = problem.rows;
+    options.resample.gap = 2;
+    Layer layer(in_features{problem.n}, out_features{m}, options);
+    Layer twin(in_features{problem.n}, out_features{m}, options);
+    initialise(dev, layer, 15);
+    initialise(dev, twin, 15);
+    const auto h = hyper(1e-2, 0.25, 0.1);
+    auto bias_h = h;
+    bias_h.weight_decay = 0.0;
+
+    // The caller's copy of b and its moments, updated by adamw::step with bias_h from the layer's db.
+    auto b_d = dev.upload(dev.read(layer.bias(), static_cast<std::size_t>(m)));
+    auto bm_d = zeros<State>(dev, m), bv_d = zeros<State>(dev, m), db_d = zeros<Scalar>(dev, m);
+    compact::adam_counters b_counters;
+    for (int s = 0; s < 4; ++s) {
+        forward_backward(layer, dev, problem_d);
+        dev.upload_to(db_d, dev.read(layer.bias_gradient(), static_cast<std::size_t>(m)));
+        layer.step(ctx, h, bias_h);
+        compact::adamw<Backend>::step(ctx, bias_h, b_d.view(1, m), db_d.cview(1, m), bm_d.view(1, m), bv_d.view(1, m),
+                                      b_counters);
+        CHECK(bit_equal(dev.read(layer.bias(), static_cast<std::size_t>(m)), dev.download(b_d)));
+        if (s == 0) {
+            // The same first gradient under step(ctx, h): W identical, the bias decayed.
+            forward_backward(twin, dev, problem_d);
+            twin.step(ctx, h);
+            CHECK(bit_equal(dev.read(twin.weight()), dev.read(layer.weight())));
+            CHECK(bit_equal(dev.read(twin.first_moment()), dev.read(layer.first_moment())));
+            CHECK(bit_equal(dev.read(twin.bias_first_moment(), static_cast<std::size_t>(m)),
+                            dev.read(layer.bias_first_moment(), static_cast<std::size_t>(m))));
+            CHECK_FALSE(bit_equal(dev.read(twin.bias(), static_cast<std::size_t>(m)),
+                                  dev.read(layer.bias(), static_cast<std::size_t>(m))));
+        }
+    }
+    CHECK(bit_equal(dev.read(layer.bias_first_moment(), static_cast<std::size_t>(m)), dev.download(bm_d)));
+    CHECK(bit_equal(dev.read(layer.bias_second_moment(), static_cast<std::size_t>(m)), dev.download(bv_d)));
+    CHECK(layer.bias_counters().step == b_counters.step);
+    CHECK(layer.counters().step == 4);
+    // step(ctx, h) is step(ctx, h, h): bad bias hyper-parameters are refused as W's are.
+    forward_backward(layer, dev, problem_d);
+    auto bad = bias_h;
+    bad.eps = std::numeric_limits<double>::infinity();
+    // Refused before W changes: a retry after fixing bias_h applies W's update once, not twice.
+    const auto w_before = dev.read(layer.weight());
+    CHECK_THROWS_WITH_AS(layer.step(ctx, h, bad), doctest::Contains("linear_layer::step (bias): eps=inf must be finite"),
+                         compact::error);
+    CHECK(bit_equal(dev.read(layer.weight()), w_before));
+    CHECK(layer.counters().step == 4);
+    CHECK(layer.gradient_pending());
+}
+
+TEST_CASE_TEMPLATE("rank::full trains exactly like uncompressed AdamW for alpha != 1 (alpha scales subspace steps "
+                   "only)" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    // alpha scales a step taken in a subspace; rank::full (P = I) is no subspace, so its W follows plain
+    // AdamW whatever alpha says, as its bias does.
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    compact_test::device<Backend> dev;
+    const regression<Scalar> problem(48, 40, 12, 0xa1fa);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
+    const index_t m = problem.m;
+    const double tol = is_float<Scalar> ? 1e-4 : 1e-10; // as in the identity checks above
+    compact::linear_options options;
+    options.seed = 21;
+    options.layer = 8;
+    options.max_rows = problem.rows;
+    options.resample.gap = 3; // epochs change; the identity does not
+    compact::linear_layer<Scalar, compact::rank::full, Backend, State> layer(in_features{problem.n}, out_features{m},
+                                                                             options);
+    initialise(dev, layer, 16);
+    const auto w_start = to_double(dev.read(layer.weight()));
+    auto w_ref = w_start, w_scaled = w_start;
+    auto b_ref = to_double(dev.read(layer.bias(), static_cast<std::size_t>(m)));
+    reference_adamw w_state(w_ref.size()), w_scaled_state(w_ref.size()), b_state(b_ref.size());
+    const auto h = hyper(1e-2, 0.5, 0.1);
+    std::vector<double> g_ref, db_ref;
+    for (int s = 0; s < 20; ++s) {
+        const auto dy = forward_backward(layer, dev, problem_d);
+        layer.step(dev.ctx(), h);
+        exact_gradients(problem, dy, g_ref, db_ref);
+        w_state.step(h, w_ref, g_ref);
+        w_scaled_state.step(h, w_scaled, g_ref, h.alpha);
+        b_state.step(h, b_ref, db_ref);
+    }
+    const auto w = dev.read(layer.weight());
+    CHECK_RELATIVE(relative_error(w, w_ref), tol);
+    CHECK_RELATIVE(relative_error(dev.read(layer.bias(), static_cast<std::size_t>(m)), b_ref), tol);
+    // Negative control: applying alpha would have made the change of W about half as large.
+    std::vector<double> change(w.size()), change_scaled(w.size());
+    for (std::size_t k = 0; k < w.size(); ++k) {
+        change[k] = static_cast<double>(w[k]) - w_start[k];
+        change_scaled[k] = w_scaled[k] - w_start[k];
+    }
+    CHECK(relative_error(change, change_scaled) > 0.2);
+}
+
 // ========================================================================= memory and errors
 
 TEST_CASE_TEMPLATE("linear_layer memory queries" COMPACT_TEST_ON_DEVICE, Cfg, COMPACT_TEST_CONFIGS)
@@ -657,7 +980,8 @@ TEST_CASE_TEMPLATE("linear_layer memory queries" COMPACT_TEST_ON_DEVICE, Cfg, CO
     constexpr index_t n = 50, m = 30;
     compact::linear_options options;
     options.max_rows = 100;
-    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(n, m, options);
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> layer(in_features{n}, out_features{m},
+                                                                                    options);
     const index_t r = layer.rank();
     CHECK(r == 13); // round(50 / 4)
     for (index_t rows : {index_t{0}, index_t{1}, index_t{37}, index_t{100}})
@@ -667,12 +991,13 @@ TEST_CASE_TEMPLATE("linear_layer memory queries" COMPACT_TEST_ON_DEVICE, Cfg, CO
     CHECK(layer.state_bytes() == static_cast<std::size_t>(2 * m * r + 2 * m) * sizeof(State));
 
     options.bias = false;
-    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> no_bias(n, m, options);
+    compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State> no_bias(in_features{n}, out_features{m},
+                                                                                      options);
     CHECK(no_bias.bias() == nullptr); // pointer tests only
     CHECK(no_bias.bias_gradient() == nullptr);
     CHECK(no_bias.state_bytes() == static_cast<std::size_t>(2 * m * r) * sizeof(State));
 
-    compact::linear_layer<Scalar, compact::rank::full, Backend, State> full(n, m, options);
+    compact::linear_layer<Scalar, compact::rank::full, Backend, State> full(in_features{n}, out_features{m}, options);
     CHECK(full.rank() == n);
     CHECK(full.saved_bytes(100) == static_cast<std::size_t>(100 * n) * sizeof(Scalar));
 }
@@ -701,9 +1026,9 @@ TEST_CASE_TEMPLATE("linear_layer errors name the problem" COMPACT_TEST_ON_DEVICE
     auto dx_d = zeros<Scalar>(dev, (max_rows + 1) * (n + 1));
 
     options.max_rows = 0;
-    CHECK_THROWS_WITH_AS(Layer(n, m, options), Contains("max_rows=0"), compact::error);
+    CHECK_THROWS_WITH_AS(Layer(in_features{n}, out_features{m}, options), Contains("max_rows=0"), compact::error);
     options.max_rows = max_rows;
-    Layer layer(n, m, options);
+    Layer layer(in_features{n}, out_features{m}, options);
     initialise(dev, layer, 6);
 
     CHECK_THROWS_WITH_AS(layer.forward(ctx, x_d.cview(max_rows + 1, n), y_d.view(max_rows + 1, m)),
@@ -790,10 +1115,11 @@ void master_weights_track_float64(double lr)
     options.layer = 4;
     options.max_rows = problem.rows;
     options.resample.gap = 0; // one P: W drifts steadily, step after step
-    compact::linear_layer<float, Policy, cpu, double> plain(problem.n, problem.m, options);
-    compact::linear_layer<double, Policy, cpu, double> reference(problem.n, problem.m, options);
+    compact::linear_layer<float, Policy, cpu, double> plain(in_features{problem.n}, out_features{problem.m}, options);
+    compact::linear_layer<double, Policy, cpu, double> reference(in_features{problem.n}, out_features{problem.m},
+                                                                 options);
     options.master_weights = true;
-    compact::linear_layer<float, Policy, cpu, double> master(problem.n, problem.m, options);
+    compact::linear_layer<float, Policy, cpu, double> master(in_features{problem.n}, out_features{problem.m}, options);
     initialise_large(plain, 8);
     initialise_large(master, 8);
     initialise_large(reference, 8); // the same values, rounded to float above
@@ -855,31 +1181,36 @@ TEST_CASE("linear_layer with master_weights is the caller-memory API with a mast
     options.moments = compact::moment_policy::transfer;
     options.master_weights = true;
     using Policy = compact::rank::ratio<1, 4>;
-    compact::linear_layer<float, Policy, cpu, double> layer(n, m, options);
+    compact::linear_layer<float, Policy, cpu, double> layer(in_features{n}, out_features{m}, options);
     initialise(dev, layer, 3);
     CHECK_FALSE(layer.master_valid());
 
-    const compact::compressed_linear<float, Policy, cpu> manual(n, m, options.seed, options.layer);
-    const compact::subspace_adamw<float, cpu, double> optimizer(m, manual.projection(), options.moments);
+    using manual_type = compact::compressed_linear<float, Policy, cpu>;
+    const manual_type manual(in_features{n}, out_features{m}, options.seed, options.layer, Policy{}, options.dist,
+                             options.resample);
+    const compact::subspace_adamw<float, cpu, double> optimizer(out_features{m}, manual.projection(), options.moments);
     const index_t r = manual.rank();
     auto w = copy_of<float>(layer.weight());
     std::vector<float> b(layer.bias(), layer.bias() + m);
     std::vector<double> master(w.begin(), w.end()), master_b(b.begin(), b.end());
     std::vector<float> y(rows * m), z(rows * r), dy, g_sub(m * r), db(m);
     std::vector<double> wm(m * r, 0.0), wv(m * r, 0.0), bm(m, 0.0), bv(m, 0.0);
+    REQUIRE(manual.saved_bytes(rows) == z.size() * sizeof(float));
+    auto saved = compact::bind_saved<typename manual_type::saved_type>(z.data(), manual.saved_bytes(rows));
+    compact::layer_gradient<float> grads{view_of(g_sub, m, r), view_of(db, 1, m)};
     compact::adam_counters w_counters, b_counters;
-    std::vector<unsigned char> ws(std::max(manual.workspace_bytes(), optimizer.workspace_bytes(true)));
+    std::vector<unsigned char> ws(std::max(manual.workspace_bytes(rows), optimizer.workspace_bytes(true)));
     const auto h = hyper(1e-3, 0.5, 0.1);
     for (int s = 0; s < 10; ++s) {
         const std::uint64_t epoch = options.resample.epoch(static_cast<std::uint64_t>(s));
         train_step(layer, dev, ctx, problem_d, h);
-        manual.forward(ctx, problem.inputs(0, rows), cview_of(w, m, n), b.data(), view_of(y, rows, m), view_of(z, rows, r),
-                       epoch, {ws.data(), ws.size()});
+        manual.forward(ctx, problem.inputs(0, rows), cview_of(w, m, n), cview_of(b, 1, m), view_of(y, rows, m), saved,
+                       static_cast<std::uint64_t>(s), {ws.data(), ws.size()});
         problem.gradient(0, cview_of(y, rows, m), dy);
-        manual.backward(ctx, cview_of(dy, rows, m), cview_of(w, m, n), cview_of(z, rows, r), {}, view_of(g_sub, m, r),
-                        db.data());
-        optimizer.step(ctx, h, view_of(w, m, n), cview_of(g_sub, m, r), view_of(wm, m, r), view_of(wv, m, r), w_counters,
-                       epoch, {ws.data(), ws.size()}, {}, view_of(master, m, n));
+        manual.backward(ctx, cview_of(dy, rows, m), cview_of(w, m, n), saved, {}, grads, {ws.data(), ws.size()});
+        CHECK(grads.epoch == epoch);
+        optimizer.step(ctx, h, manual.projection(), view_of(w, m, n), grads, view_of(wm, m, r), view_of(wv, m, r),
+                       w_counters, {ws.data(), ws.size()}, view_of(master, m, n));
         compact::adamw<cpu>::step(ctx, h, view_of(b, 1, m), cview_of(db, 1, m), view_of(bm, 1, m), view_of(bv, 1, m),
                                   b_counters, view_of(master_b, 1, m));
         CHECK(layer.master_valid());
@@ -902,9 +1233,9 @@ TEST_CASE("linear_layer master weights: taken from W at the first step, sync_mas
     const device_regression<cpu, float> problem_d(dev, problem);
     compact::linear_options options;
     options.max_rows = problem.rows;
-    Layer plain(problem.n, problem.m, options);
+    Layer plain(in_features{problem.n}, out_features{problem.m}, options);
     options.master_weights = true;
-    Layer layer(problem.n, problem.m, options);
+    Layer layer(in_features{problem.n}, out_features{problem.m}, options);
     const index_t m = problem.m, n = problem.n, r = layer.rank();
 
     // Memory: the master copies of W (m, n) and b (m) in State.
@@ -921,7 +1252,7 @@ TEST_CASE("linear_layer master weights: taken from W at the first step, sync_mas
                                   "without options.master_weights"),
                          compact::error);
     options.bias = false;
-    Layer no_bias(problem.n, problem.m, options);
+    Layer no_bias(in_features{problem.n}, out_features{problem.m}, options);
     CHECK(no_bias.master_bias() == nullptr);
     CHECK(no_bias.master_weight().rows == m);
     CHECK(no_bias.state_bytes() == static_cast<std::size_t>(2 * m * r + m * n) * sizeof(double));

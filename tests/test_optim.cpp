@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -28,6 +29,7 @@
 namespace {
 
 using compact::index_t;
+using compact::out_features;
 
 using namespace compact_test;
 
@@ -89,6 +91,18 @@ void reference_subspace_step(const compact::adamw_params& h, std::vector<double>
             x -= eta * h.alpha * s;
             x -= h.lr * h.weight_decay * x;
         }
+}
+
+/// G_sub as a backward records it for the optimizer: written, under `epoch`. For the cases that call
+/// subspace_adamw::step without a backward. The optimizer only reads grads.weight, so the view of a
+/// const buffer never leads to a write.
+template <class T>
+compact::layer_gradient<T> recorded(compact::const_matrix_view<T> g, std::uint64_t epoch)
+{
+    compact::layer_gradient<T> grads{compact::matrix_view<T>(const_cast<T*>(g.data), g.rows, g.cols, g.ld)};
+    grads.epoch = epoch;
+    grads.written = true;
+    return grads;
 }
 
 compact::adamw_params default_hyper()
@@ -244,8 +258,8 @@ TEST_CASE_TEMPLATE("subspace_adamw::step equals the float64 subspace equations (
 
     for (auto dist : {compact::distribution::gaussian, compact::distribution::rademacher}) {
         CAPTURE(compact::to_string(dist));
-        const compact::input_projection<Scalar, Backend> projection(n, r, dist, 0x5eedULL, 7);
-        const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection);
+        const compact::projection_source<Scalar, Backend> projection(n, r, dist, 0x5eedULL, 7);
+        const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection);
         const auto p = reference_projection(projection.spec(epoch));
 
         std::mt19937_64 rng(0x5ab);
@@ -266,8 +280,8 @@ TEST_CASE_TEMPLATE("subspace_adamw::step equals the float64 subspace equations (
         for (int s = 0; s < 8; ++s) {
             const auto g = uniform<Scalar>(rng, m * r, -1, 1);
             dev.upload_to(g_d, g);
-            optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, epoch,
-                           ws.get());
+            optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), epoch), mm_d.view(m, r),
+                           vv_d.view(m, r), counters, ws.get());
             reference_subspace_step(h, w_ref, to_double(g), p, m, n, r, ref);
             CHECK(counters.step == static_cast<std::uint64_t>(s + 1));
             CHECK(counters.epoch == epoch);
@@ -295,8 +309,8 @@ TEST_CASE_TEMPLATE("subspace_adamw::step with P from the backend's generate_proj
     constexpr index_t m = 9, n = 30, r = 7;
     const double tol = is_float<Scalar> ? 2e-6 : 1e-13; // as in the test above
 
-    const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 99, 3);
-    const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection);
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 99, 3);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection);
     device_array<Backend, double> p_d(static_cast<std::size_t>(n * r));
     Backend::template generate_projection<double>(ctx, projection.spec(0), 0, 0, p_d.view(n, r));
     const std::vector<double> p = dev.download(p_d);
@@ -317,8 +331,8 @@ TEST_CASE_TEMPLATE("subspace_adamw::step with P from the backend's generate_proj
     for (int s = 0; s < 5; ++s) {
         const auto g = uniform<Scalar>(rng, m * r, -1, 1);
         dev.upload_to(g_d, g);
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 0,
-                       ws.get());
+        optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), 0), mm_d.view(m, r),
+                       vv_d.view(m, r), counters, ws.get());
         reference_subspace_step(h, w_ref, to_double(g), p, m, n, r, ref);
     }
     w = dev.download(w_d);
@@ -338,8 +352,9 @@ TEST_CASE_TEMPLATE("subspace_adamw::step with a P the caller keeps equals regene
     const auto& ctx = dev.ctx();
     constexpr index_t m = 10, n = 36, r = 9;
     const compact::resampling resample{2};
-    const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 8, 4);
-    const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection, compact::moment_policy::transfer);
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 8, 4);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection,
+                                                                    compact::moment_policy::transfer);
 
     std::mt19937_64 rng(0x4e7);
     auto w = uniform<Scalar>(rng, m * n, -1, 1);
@@ -354,18 +369,24 @@ TEST_CASE_TEMPLATE("subspace_adamw::step with a P the caller keeps equals regene
     device_array<Backend, Scalar> g_d(static_cast<std::size_t>(m * r));
     compact::adam_counters counters, counters_kept;
     auto ws = dev.workspace(optimizer.workspace_bytes());
-    auto p_space = dev.workspace(projection.workspace_bytes());
+    // A copy of the source that keeps P in the backend's memory (p_d): handed to the library only, never
+    // read here. It regenerates P there when the epoch moves on.
+    device_array<Backend, Scalar> p_d(static_cast<std::size_t>(n * r));
+    compact::projection_source<Scalar, Backend> kept = projection;
+    REQUIRE_FALSE(kept.keeps());
+    kept.keep(p_d.view(n, r));
+    REQUIRE(kept.keeps());
+    CHECK(kept.same_projection(projection));
+    CHECK(kept.workspace_bytes() == 0);
     const auto h = default_hyper();
     for (std::uint64_t update = 0; update < 5; ++update) {
         const auto epoch = resample.epoch(update);
         const auto g = uniform<Scalar>(rng, m * r, -1, 1);
         dev.upload_to(g_d, g);
-        // P in the backend's memory (p_space): handed back to the library only, never read here.
-        const compact::const_matrix_view<Scalar> p = projection.generate(ctx, epoch, p_space.get());
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, epoch,
-                       ws.get());
-        optimizer.step(ctx, h, w_kept_d.view(m, n), g_d.cview(m, r), mm_kept_d.view(m, r), vv_kept_d.view(m, r),
-                       counters_kept, epoch, ws.get(), p);
+        optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), epoch), mm_d.view(m, r),
+                       vv_d.view(m, r), counters, ws.get());
+        optimizer.step(ctx, h, kept, w_kept_d.view(m, n), recorded(g_d.cview(m, r), epoch), mm_kept_d.view(m, r),
+                       vv_kept_d.view(m, r), counters_kept, ws.get());
     }
     w = dev.download(w_d);
     w_kept = dev.download(w_kept_d);
@@ -378,6 +399,78 @@ TEST_CASE_TEMPLATE("subspace_adamw::step with a P the caller keeps equals regene
     CHECK(bit_equal(vv, vv_kept));
     CHECK(counters.step == counters_kept.step);
     CHECK(counters.epoch == counters_kept.epoch);
+    // The kept storage holds P of the last epoch the steps used.
+    device_array<Backend, Scalar> p_last_d(static_cast<std::size_t>(n * r));
+    projection.generate(ctx, resample.epoch(4), p_last_d.view(n, r));
+    CHECK(bit_equal(dev.download(p_d), dev.download(p_last_d)));
+}
+
+TEST_CASE_TEMPLATE("subspace_adamw::step applies the P of the epoch backward recorded in the gradient"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    // A gradient that compressed_linear::backward recorded under epoch e (resampling{1}: epoch = step)
+    // updates W through P of epoch e: bit for bit what the same G_sub recorded by hand under e gives
+    // (the former step(..., epoch = e)), the float64 equations with P(e), and not the update under e + 1.
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using layer_type = compact::compressed_linear<Scalar, compact::rank::fixed, Backend>;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    constexpr index_t rows = 16, m = 7, n = 24, r = 6;
+    const double tol = is_float<Scalar> ? 2e-6 : 1e-13; // one step of the test above
+
+    const layer_type layer(compact::in_features{n}, out_features{m}, 0x5eed, 4, compact::rank::fixed{r},
+                           compact::distribution::gaussian, compact::resampling{1});
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, layer.projection());
+    std::mt19937_64 rng(0xe90c);
+    const auto x = uniform<Scalar>(rng, rows * n, -1, 1);
+    const auto dy = uniform<Scalar>(rng, rows * m, -1, 1);
+    const auto w = uniform<Scalar>(rng, m * n, -1, 1);
+    const auto x_d = dev.upload(x), dy_d = dev.upload(dy), w_d = dev.upload(w);
+    device_array<Backend, Scalar> y_d(static_cast<std::size_t>(rows * m)), z_d(static_cast<std::size_t>(rows * r)),
+        g_d(static_cast<std::size_t>(m * r));
+    REQUIRE(layer.saved_bytes(rows) == z_d.size() * sizeof(Scalar));
+    auto saved = compact::bind_saved<typename layer_type::saved_type>(z_d.data(), layer.saved_bytes(rows));
+    compact::layer_gradient<Scalar> grads{g_d.view(m, r)};
+    auto ws = dev.workspace(std::max(layer.workspace_bytes(rows), optimizer.workspace_bytes()));
+    auto h = default_hyper();
+    h.alpha = 0.25;
+    const std::vector<State> zero(static_cast<std::size_t>(m * r), State(0));
+
+    for (std::uint64_t e : {std::uint64_t{0}, std::uint64_t{3}}) {
+        CAPTURE(e);
+        layer.forward(ctx, x_d.cview(rows, n), w_d.cview(m, n), {}, y_d.view(rows, m), saved, e, ws.get());
+        layer.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), saved, {}, grads, ws.get());
+        CHECK(saved.epoch == e);
+        CHECK(grads.written);
+        CHECK(grads.epoch == e);
+        const auto g = dev.download(g_d);
+
+        auto w_backward = dev.upload(w), w_by_hand = dev.upload(w), w_next = dev.upload(w);
+        auto m_backward = dev.upload(zero), v_backward = dev.upload(zero), m_by_hand = dev.upload(zero),
+             v_by_hand = dev.upload(zero), m_next = dev.upload(zero), v_next = dev.upload(zero);
+        compact::adam_counters c_backward, c_by_hand, c_next;
+        optimizer.step(ctx, h, layer.projection(), w_backward.view(m, n), grads, m_backward.view(m, r),
+                       v_backward.view(m, r), c_backward, ws.get());
+        optimizer.step(ctx, h, layer.projection(), w_by_hand.view(m, n), recorded(g_d.cview(m, r), e),
+                       m_by_hand.view(m, r), v_by_hand.view(m, r), c_by_hand, ws.get());
+        optimizer.step(ctx, h, layer.projection(), w_next.view(m, n), recorded(g_d.cview(m, r), e + 1),
+                       m_next.view(m, r), v_next.view(m, r), c_next, ws.get());
+        CHECK(c_backward.epoch == e);
+        CHECK(c_next.epoch == e + 1);
+        const auto updated = dev.download(w_backward);
+        CHECK(bit_equal(updated, dev.download(w_by_hand)));
+        CHECK(bit_equal(dev.download(m_backward), dev.download(m_by_hand)));
+        CHECK_FALSE(bit_equal(updated, dev.download(w_next)));
+
+        auto w_ref = to_double(w);
+        reference_adam ref(static_cast<std::size_t>(m * r));
+        reference_subspace_step(h, w_ref, to_double(g), reference_projection(layer.projection().spec(e)), m, n, r, ref);
+        CHECK_RELATIVE(relative_error(updated, w_ref), tol);
+        dev.synchronize(); // the steps have finished before their buffers are freed
+    }
 }
 
 // ============================================================================= the identity check
@@ -420,10 +513,11 @@ void identity_training_matches_plain_adamw(double tol)
     h.alpha = 1.0;
 
     // The library: caller-memory API, P = I, every buffer in the backend's memory.
-    const compact::compressed_linear<Scalar, compact::rank::full, Backend> layer(n, m, 0x5eed, 1);
+    using layer_type = compact::compressed_linear<Scalar, compact::rank::full, Backend>;
+    const layer_type layer(compact::in_features{n}, out_features{m}, 0x5eed, 1);
     REQUIRE(layer.rank() == n);
     REQUIRE(layer.projection().is_identity());
-    const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, layer.projection());
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, layer.projection());
     std::vector<Scalar> y(rows * m), dy(rows * m);
     std::vector<State> wm(m * n, State(0)), wv(m * n, State(0)), bm(m, State(0)), bv(m, State(0));
     const auto x_d = dev.upload(x);
@@ -436,8 +530,11 @@ void identity_training_matches_plain_adamw(double tol)
     device_array<Backend, Scalar> y_d(static_cast<std::size_t>(rows * m)), z_d(static_cast<std::size_t>(rows * n)),
         dy_d(static_cast<std::size_t>(rows * m)), g_sub_d(static_cast<std::size_t>(m * n)),
         db_d(static_cast<std::size_t>(m));
+    REQUIRE(layer.saved_bytes(rows) == z_d.size() * sizeof(Scalar));
+    auto saved = compact::bind_saved<typename layer_type::saved_type>(z_d.data(), layer.saved_bytes(rows));
+    compact::layer_gradient<Scalar> grads{g_sub_d.view(m, n), db_d.view(1, m)};
     compact::adam_counters w_counters, b_counters;
-    auto ws = dev.workspace(std::max(layer.workspace_bytes(), optimizer.workspace_bytes()));
+    auto ws = dev.workspace(std::max(layer.workspace_bytes(rows), optimizer.workspace_bytes()));
 
     // The reference: a plain float64 linear layer + AdamW (the decay applies to the bias too).
     auto w_ref = to_double(w);
@@ -449,15 +546,17 @@ void identity_training_matches_plain_adamw(double tol)
     double first_loss = 0, last_loss = 0;
 
     for (int s = 0; s < steps; ++s) {
-        layer.forward(ctx, x_d.cview(rows, n), w_d.cview(m, n), b_d.data(), y_d.view(rows, m), z_d.view(rows, n), 0,
+        layer.forward(ctx, x_d.cview(rows, n), w_d.cview(m, n), b_d.cview(1, m), y_d.view(rows, m), saved, 0,
                       ws.get());
         y = dev.download(y_d); // waits for the stream: nothing queued reads dy_d any more
         for (std::size_t k = 0; k < dy.size(); ++k) dy[k] = static_cast<Scalar>(loss_scale) * (y[k] - target[k]);
         dev.upload_to(dy_d, dy);
-        layer.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), z_d.cview(rows, n), compact::matrix_view<Scalar>{},
-                       g_sub_d.view(m, n), db_d.data());
-        optimizer.step(ctx, h, w_d.view(m, n), g_sub_d.cview(m, n), wm_d.view(m, n), wv_d.view(m, n), w_counters, 0,
+        layer.backward(ctx, dy_d.cview(rows, m), w_d.cview(m, n), saved, compact::matrix_view<Scalar>{}, grads,
                        ws.get());
+        CHECK(grads.written);
+        CHECK(grads.epoch == 0);
+        optimizer.step(ctx, h, layer.projection(), w_d.view(m, n), grads, wm_d.view(m, n), wv_d.view(m, n),
+                       w_counters, ws.get());
         compact::adamw<Backend>::step(ctx, h, b_d.view(1, m), db_d.cview(1, m), bm_d.view(1, m), bv_d.view(1, m),
                                       b_counters);
 
@@ -523,13 +622,13 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep" C
     const double tol_moments = is_float<Scalar> ? 1e-5 : 1e-13;
     const double tol_weights = is_float<Scalar> ? 2e-6 : 1e-13;
 
-    const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 0xfeed, 11);
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 0xfeed, 11);
     const auto p_old = reference_projection(projection.spec(0));
     const auto p_new = reference_projection(projection.spec(1));
 
     for (auto policy : {compact::moment_policy::reset, compact::moment_policy::transfer, compact::moment_policy::keep}) {
         CAPTURE(compact::to_string(policy));
-        const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection, policy);
+        const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection, policy);
         CHECK(optimizer.policy() == policy);
         std::mt19937_64 rng(0x90c);
         auto w = uniform<Scalar>(rng, m * n, -1, 1);
@@ -546,8 +645,8 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep" C
         for (std::uint64_t update = 0; update < 3; ++update) {
             const auto g = uniform<Scalar>(rng, m * r, -1, 1);
             dev.upload_to(g_d, g);
-            optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters,
-                           resample.epoch(update), ws.get());
+            optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), resample.epoch(update)),
+                           mm_d.view(m, r), vv_d.view(m, r), counters, ws.get());
             CHECK(counters.epoch == resample.epoch(update));
             CHECK(counters.step == update + 1); // no policy acts while the epoch stays the same
         }
@@ -559,8 +658,8 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep" C
         const auto counters_old = counters;
         const auto g = uniform<Scalar>(rng, m * r, -1, 1);
         dev.upload_to(g_d, g);
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters,
-                       resample.epoch(3), ws.get());
+        optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), resample.epoch(3)),
+                       mm_d.view(m, r), vv_d.view(m, r), counters, ws.get());
         CHECK(counters.epoch == 1);
         mm = dev.download(mm_d);
         vv = dev.download(vv_d);
@@ -617,8 +716,8 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep" C
             auto v_same_d = dev.upload(v_old);
             auto w_same_d = dev.upload(w_old);
             auto c_same = counters_old;
-            optimizer.step(ctx, h, w_same_d.view(m, n), g_d.cview(m, r), m_same_d.view(m, r), v_same_d.view(m, r),
-                           c_same, 0, ws.get());
+            optimizer.step(ctx, h, projection, w_same_d.view(m, n), recorded(g_d.cview(m, r), 0),
+                           m_same_d.view(m, r), v_same_d.view(m, r), c_same, ws.get());
             const auto m_same = dev.download(m_same_d);
             const auto v_same = dev.download(v_same_d);
             const auto w_same = dev.download(w_same_d);
@@ -632,8 +731,8 @@ TEST_CASE_TEMPLATE("moment policies at an epoch change: reset, transfer, keep" C
         const auto g2 = uniform<Scalar>(rng, m * r, -1, 1);
         dev.upload_to(g_d, g2);
         const auto step_before = counters.step;
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters,
-                       resample.epoch(4), ws.get());
+        optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), resample.epoch(4)),
+                       mm_d.view(m, r), vv_d.view(m, r), counters, ws.get());
         CHECK(counters.step == step_before + 1);
         CHECK(counters.epoch == 1);
         dev.synchronize(); // the step has finished before its buffers are freed
@@ -653,8 +752,9 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
     compact_test::device<Backend> dev;
     const auto& ctx = dev.ctx();
     constexpr index_t m = 6, n = 20, r = 5;
-    const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 1, 2);
-    const compact::subspace_adamw<Scalar, Backend, State> optimizer(m, projection, compact::moment_policy::transfer);
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 1, 2);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection,
+                                                                    compact::moment_policy::transfer);
 
     // Buffers one row and one column larger than needed, so every wrong-shaped view stays in bounds.
     std::mt19937_64 rng(0xbad);
@@ -670,7 +770,9 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
     const auto good = default_hyper();
     auto step = [&](const compact::adamw_params& h, compact::matrix_view<Scalar> wv, compact::const_matrix_view<Scalar> gv,
                     compact::matrix_view<State> mv, compact::matrix_view<State> vv_, std::uint64_t epoch,
-                    compact::workspace space) { optimizer.step(ctx, h, wv, gv, mv, vv_, counters, epoch, space); };
+                    compact::workspace space) {
+        optimizer.step(ctx, h, projection, wv, recorded(gv, epoch), mv, vv_, counters, space);
+    };
     auto W = [&] { return w_d.view(m, n); };
     auto G = [&] { return g_d.cview(m, r); };
     auto M = [&] { return mm_d.view(m, r); };
@@ -721,6 +823,28 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
         h.lr = std::nan("");
         CHECK_THROWS_AS(step(h, W(), G(), M(), V(), 2, ws.get()), compact::error);
         CHECK(unchanged());
+        // Every hyper-parameter must be finite: +Inf is refused, naming the parameter.
+        const double inf = std::numeric_limits<double>::infinity();
+        h = good;
+        h.lr = inf;
+        CHECK_THROWS_WITH_AS(step(h, W(), G(), M(), V(), 2, ws.get()),
+                             Contains("subspace_adamw::step: lr=inf must be finite"), compact::error);
+        CHECK(unchanged());
+        h = good;
+        h.eps = inf;
+        CHECK_THROWS_WITH_AS(step(h, W(), G(), M(), V(), 2, ws.get()),
+                             Contains("subspace_adamw::step: eps=inf must be finite"), compact::error);
+        CHECK(unchanged());
+        h = good;
+        h.alpha = inf;
+        CHECK_THROWS_WITH_AS(step(h, W(), G(), M(), V(), 2, ws.get()),
+                             Contains("subspace_adamw::step: alpha=inf must be finite"), compact::error);
+        CHECK(unchanged());
+        h = good;
+        h.weight_decay = inf;
+        CHECK_THROWS_WITH_AS(step(h, W(), G(), M(), V(), 2, ws.get()),
+                             Contains("subspace_adamw::step: weight_decay=inf must be non-negative"), compact::error);
+        CHECK(unchanged());
     }
     SUBCASE("shapes")
     {
@@ -731,7 +855,7 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
                              Contains("subspace_adamw::step: W is (7, 20)"), compact::error);
         CHECK(unchanged());
         CHECK_THROWS_WITH_AS(step(good, W(), g_d.cview(m, r + 1), M(), V(), 2, ws.get()),
-                             Contains("subspace_adamw::step: G_sub is (6, 6)"), compact::error);
+                             Contains("subspace_adamw::step: G_sub (grads.weight) is (6, 6)"), compact::error);
         CHECK(unchanged());
         CHECK_THROWS_WITH_AS(step(good, W(), G(), mm_d.view(m + 1, r), V(), 2, ws.get()),
                              Contains("subspace_adamw::step: M is (7, 5)"), compact::error);
@@ -747,14 +871,54 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
         CHECK_THROWS_WITH_AS(step(good, compact::matrix_view<Scalar>(nullptr, m, n), G(), M(), V(), 2, ws.get()),
                              Contains("W is null"), compact::error);
         CHECK(unchanged());
-        // A kept P of the wrong shape.
-        const auto p_d = dev.upload(std::vector<Scalar>((n + 1) * (r + 1), Scalar(0.5)));
-        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, W(), G(), M(), V(), counters, 2, ws.get(), p_d.cview(n, r + 1)),
-                             Contains("subspace_adamw::step: P is (20, 6)"), compact::error);
+        // A kept P of the wrong shape: the source refuses the storage, so no step can see it.
+        auto p_d = dev.upload(std::vector<Scalar>((n + 1) * (r + 1), Scalar(0.5)));
+        compact::projection_source<Scalar, Backend> kept = projection;
+        CHECK_THROWS_WITH_AS(kept.keep(p_d.view(n, r + 1)), Contains("projection_source::keep: storage is (20, 6)"),
+                             compact::error);
+        CHECK_FALSE(kept.keeps());
         CHECK(unchanged());
-        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, W(), G(), M(), V(), counters, 2, ws.get(), p_d.cview(n + 1, r)),
-                             Contains("subspace_adamw::step: P is (21, 5)"), compact::error);
+        CHECK_THROWS_WITH_AS(kept.keep(p_d.view(n + 1, r)), Contains("projection_source::keep: storage is (21, 5)"),
+                             compact::error);
+        CHECK_FALSE(kept.keeps());
         CHECK(unchanged());
+        // M and V in overlapping memory: the same view, and V starting one row into M.
+        CHECK_THROWS_WITH_AS(step(good, W(), G(), M(), mm_d.view(m, r), 2, ws.get()),
+                             Contains("subspace_adamw::step: M (6, 5) overlaps V (6, 5)"), compact::error);
+        CHECK(unchanged());
+        CHECK_THROWS_WITH_AS(step(good, W(), G(), M(), compact::matrix_view<State>(mm_d.data() + r, m, r), 2, ws.get()),
+                             Contains("subspace_adamw::step: M (6, 5) overlaps V (6, 5)"), compact::error);
+        CHECK(unchanged());
+    }
+    SUBCASE("a gradient no backward wrote, and a projection source of another layer")
+    {
+        auto unwritten = recorded(G(), 2);
+        unwritten.written = false;
+        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, projection, W(), unwritten, M(), V(), counters, ws.get()),
+                             Contains("subspace_adamw::step: the gradient was not written by a backward"),
+                             compact::error);
+        CHECK(unchanged());
+        CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, projection, W(), compact::layer_gradient<Scalar>{}, M(), V(),
+                                            counters, ws.get()),
+                             Contains("the gradient was not written by a backward"), compact::error);
+        CHECK(unchanged());
+        // The optimizer was built for layer 2; the same shape, seed and distribution for layer 3 is another P.
+        const compact::projection_source<Scalar, Backend> other_layer(n, r, compact::distribution::gaussian, 1, 3);
+        CHECK_THROWS_WITH_AS(
+            optimizer.step(ctx, good, other_layer, W(), recorded(G(), 2), M(), V(), counters, ws.get()),
+            Contains("subspace_adamw::step: the projection source (n=20, r=5, layer 3) is not the one this optimizer "
+                     "was built for (n=20, r=5, layer 2)"),
+            compact::error);
+        CHECK(unchanged());
+        // Likewise another seed, another distribution and another rank.
+        using source = compact::projection_source<Scalar, Backend>;
+        for (const auto& other : {source(n, r, compact::distribution::gaussian, 9, 2),
+                                  source(n, r, compact::distribution::rademacher, 1, 2),
+                                  source(n, r - 1, compact::distribution::gaussian, 1, 2)}) {
+            CHECK_THROWS_WITH_AS(optimizer.step(ctx, good, other, W(), recorded(G(), 2), M(), V(), counters, ws.get()),
+                                 Contains("is not the one this optimizer was built for"), compact::error);
+            CHECK(unchanged());
+        }
     }
     SUBCASE("workspace and epoch")
     {
@@ -778,12 +942,14 @@ TEST_CASE_TEMPLATE("subspace_adamw::step rejects bad hyper-parameters, shapes an
         auto c1 = c0;
         CHECK_THROWS_AS(step(good, W(), G(), M(), V(), 2, compact::workspace{}), compact::error);
         step(good, W(), G(), M(), V(), 2, ws.get());
-        optimizer.step(ctx, good, w1_d.view(m, n), g1_d.cview(m, r), m1_d.view(m, r), v1_d.view(m, r), c1, 2, ws.get());
+        optimizer.step(ctx, good, projection, w1_d.view(m, n), recorded(g1_d.cview(m, r), 2), m1_d.view(m, r),
+                       v1_d.view(m, r), c1, ws.get());
         CHECK(bit_equal(dev.download(w_d), dev.download(w1_d)));
         CHECK(bit_equal(dev.download(mm_d), dev.download(m1_d)));
         CHECK(counters.step == c1.step);
     }
-    CHECK_THROWS_WITH_AS((compact::subspace_adamw<Scalar, Backend, State>(0, projection)), Contains("out=0"),
+    CHECK_THROWS_WITH_AS((compact::subspace_adamw<Scalar, Backend, State>(out_features{0}, projection)),
+                         Contains("out=0"),
                          compact::error);
 }
 
@@ -826,7 +992,7 @@ TEST_CASE_TEMPLATE("adamw::step rejects bad hyper-parameters and shapes, and cha
 
     auto h = good;
     h.lr = -1e-3;
-    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: lr=-0.001 must be non-negative"),
+    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: lr=-0.001 must be finite and non-negative"),
                          compact::error);
     CHECK(unchanged());
     h = good;
@@ -836,6 +1002,25 @@ TEST_CASE_TEMPLATE("adamw::step rejects bad hyper-parameters and shapes, and cha
     h = good;
     h.eps = 0.0;
     CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("eps=0 "), compact::error);
+    CHECK(unchanged());
+    // +Inf is refused, naming the parameter.
+    const double inf = std::numeric_limits<double>::infinity();
+    h = good;
+    h.lr = inf;
+    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: lr=inf must be finite"), compact::error);
+    CHECK(unchanged());
+    h = good;
+    h.eps = inf;
+    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: eps=inf must be finite"), compact::error);
+    CHECK(unchanged());
+    h = good;
+    h.weight_decay = inf;
+    CHECK_THROWS_WITH_AS(step(h, G(), M(), V()), Contains("adamw::step: weight_decay=inf must be non-negative"),
+                         compact::error);
+    CHECK(unchanged());
+    // M and V in overlapping memory.
+    CHECK_THROWS_WITH_AS(step(good, G(), M(), mm_d.view(rows, cols)),
+                         Contains("adamw::step: M (4, 9) overlaps V (4, 9)"), compact::error);
     CHECK(unchanged());
     CHECK_THROWS_WITH_AS(step(good, g_d.cview(rows, cols + 1), M(), V()), Contains("adamw::step: G is (4, 10)"),
                          compact::error);
@@ -858,17 +1043,24 @@ TEST_CASE_TEMPLATE("state_bytes and workspace_bytes" COMPACT_TEST_ON_DEVICE, Cfg
     compact_test::device<Backend> dev;
     const auto& ctx = dev.ctx();
     constexpr index_t m = 40, n = 64, r = 16;
-    const compact::input_projection<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 5, 6);
-    const compact::subspace_adamw<Scalar, Backend, State> keep(m, projection, compact::moment_policy::keep);
-    const compact::subspace_adamw<Scalar, Backend, State> reset(m, projection, compact::moment_policy::reset);
-    const compact::subspace_adamw<Scalar, Backend, State> transfer(m, projection, compact::moment_policy::transfer);
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 5, 6);
+    const compact::subspace_adamw<Scalar, Backend, State> keep(out_features{m}, projection,
+                                                               compact::moment_policy::keep);
+    const compact::subspace_adamw<Scalar, Backend, State> reset(out_features{m}, projection,
+                                                               compact::moment_policy::reset);
+    const compact::subspace_adamw<Scalar, Backend, State> transfer(out_features{m}, projection,
+                                                               compact::moment_policy::transfer);
 
     CHECK(keep.state_bytes() == static_cast<std::size_t>(2 * m * r) * sizeof(State));
     CHECK(transfer.state_bytes() == keep.state_bytes());
-    // Moments in float by default, whatever the weights' type; in double on request.
-    CHECK(compact::subspace_adamw<Scalar, Backend>(m, projection).state_bytes() ==
-          static_cast<std::size_t>(2 * m * r) * sizeof(float));
-    CHECK(compact::subspace_adamw<Scalar, Backend, double>(m, projection).state_bytes() ==
+    // Moments by default in default_state_t: double for double weights, float otherwise; in double on
+    // request.
+    static_assert(std::is_same_v<compact::default_state_t<Scalar>, Scalar>); // Scalar is float or double here
+    static_assert(std::is_same_v<compact::default_state_t<double>, double>);
+    static_assert(std::is_same_v<compact::default_state_t<float>, float>);
+    CHECK(compact::subspace_adamw<Scalar, Backend>(out_features{m}, projection).state_bytes() ==
+          static_cast<std::size_t>(2 * m * r) * sizeof(Scalar));
+    CHECK(compact::subspace_adamw<Scalar, Backend, double>(out_features{m}, projection).state_bytes() ==
           static_cast<std::size_t>(2 * m * r) * sizeof(double));
     CHECK(compact::adamw<Backend>::template state_bytes<State>(3, 7) == 2 * 21 * sizeof(State));
 
@@ -891,20 +1083,20 @@ TEST_CASE_TEMPLATE("state_bytes and workspace_bytes" COMPACT_TEST_ON_DEVICE, Cfg
             auto vv_d = dev.upload(std::vector<State>(m * r, State(0)));
             compact::adam_counters counters;
             const auto h = default_hyper();
-            optimizer->step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 0,
-                            space);
-            optimizer->step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 1,
-                            space);
+            optimizer->step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), 0), mm_d.view(m, r),
+                            vv_d.view(m, r), counters, space);
+            optimizer->step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), 1), mm_d.view(m, r),
+                            vv_d.view(m, r), counters, space);
             CHECK(counters.epoch == 1);
             dev.synchronize(); // the steps have finished before their buffers are freed
         }
     }
 
     // The identity projection needs no room for P.
-    const compact::input_projection<Scalar, Backend> identity(n, n, compact::distribution::identity, 5, 6);
-    const compact::subspace_adamw<Scalar, Backend, State> identity_optimizer(m, identity);
+    const compact::projection_source<Scalar, Backend> identity(n, n, compact::distribution::identity, 5, 6);
+    const compact::subspace_adamw<Scalar, Backend, State> identity_optimizer(out_features{m}, identity);
     const compact::subspace_adamw<Scalar, Backend, State> gaussian_full(
-        m, compact::input_projection<Scalar, Backend>(n, n, compact::distribution::gaussian, 5, 6));
+        out_features{m}, compact::projection_source<Scalar, Backend>(n, n, compact::distribution::gaussian, 5, 6));
     CHECK(identity_optimizer.workspace_bytes() < gaussian_full.workspace_bytes());
 }
 
@@ -917,7 +1109,7 @@ TEST_CASE("subspace_adamw with the identity ignores epoch changes under every mo
     compact_test::device<Backend> dev;
     const auto& ctx = dev.ctx();
     const index_t m = 6, n = 5;
-    const compact::input_projection<double, Backend> identity(n, n, compact::distribution::identity, 3, 4);
+    const compact::projection_source<double, Backend> identity(n, n, compact::distribution::identity, 3, 4);
     compact::adamw_params h;
     h.lr = 1e-2;
     h.weight_decay = 0.1;
@@ -926,15 +1118,15 @@ TEST_CASE("subspace_adamw with the identity ignores epoch changes under every mo
     const auto g_d = dev.upload(g);
     for (auto policy : {compact::moment_policy::keep, compact::moment_policy::reset, compact::moment_policy::transfer}) {
         CAPTURE(std::string(compact::to_string(policy)));
-        const compact::subspace_adamw<double, Backend, double> opt(m, identity, policy);
+        const compact::subspace_adamw<double, Backend, double> opt(out_features{m}, identity, policy);
         const std::vector<double> w_start(m * n, 0.5), zero(m * n, 0.0);
         auto w_d = dev.upload(w_start), w_plain_d = dev.upload(w_start);
         auto mo_d = dev.upload(zero), vo_d = dev.upload(zero), mp_d = dev.upload(zero), vp_d = dev.upload(zero);
         auto ws = dev.workspace(opt.workspace_bytes());
         compact::adam_counters c{}, cp{};
         for (std::uint64_t update = 0; update < 7; ++update) {
-            opt.step(ctx, h, w_d.view(m, n), g_d.cview(m, n), mo_d.view(m, n), vo_d.view(m, n), c,
-                     compact::resampling{2}.epoch(update), ws.get());
+            opt.step(ctx, h, identity, w_d.view(m, n), recorded(g_d.cview(m, n), compact::resampling{2}.epoch(update)),
+                     mo_d.view(m, n), vo_d.view(m, n), c, ws.get());
             compact::adamw<Backend>::step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, n), mp_d.view(m, n),
                                           vp_d.view(m, n), cp);
         }
@@ -942,6 +1134,59 @@ TEST_CASE("subspace_adamw with the identity ignores epoch changes under every mo
         CHECK(dev.download(w_d) == dev.download(w_plain_d));
         CHECK(dev.download(mo_d) == dev.download(mp_d));
     }
+}
+
+TEST_CASE_TEMPLATE("subspace_adamw with the identity ignores alpha: adamw::step bit for bit for alpha = 0.25, and "
+                   "alpha is still validated" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    // alpha scales a step taken in a subspace; P = I is no subspace, so rank::full is plain AdamW for every
+    // alpha (which must still be finite and positive).
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using doctest::Contains;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    constexpr index_t m = 6, n = 9;
+    const compact::projection_source<Scalar, Backend> identity(n, n, compact::distribution::identity, 3, 4);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, identity);
+    std::mt19937_64 rng(0xa1fa);
+    const auto w_start = uniform<Scalar>(rng, m * n, -1, 1);
+    const std::vector<State> zero(static_cast<std::size_t>(m * n), State(0));
+    auto w_d = dev.upload(w_start), w_plain_d = dev.upload(w_start);
+    auto mo_d = dev.upload(zero), vo_d = dev.upload(zero), mp_d = dev.upload(zero), vp_d = dev.upload(zero);
+    device_array<Backend, Scalar> g_d(static_cast<std::size_t>(m * n));
+    compact::adam_counters c, cp;
+    auto h = default_hyper();
+    h.alpha = 0.25;
+    for (int s = 0; s < 10; ++s) {
+        dev.upload_to(g_d, uniform<Scalar>(rng, m * n, -1, 1));
+        optimizer.step(ctx, h, identity, w_d.view(m, n), recorded(g_d.cview(m, n), 0), mo_d.view(m, n),
+                       vo_d.view(m, n), c, {});
+        compact::adamw<Backend>::step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, n), mp_d.view(m, n), vp_d.view(m, n),
+                                      cp);
+    }
+    const auto w = dev.download(w_d);
+    CHECK(bit_equal(w, dev.download(w_plain_d)));
+    CHECK(bit_equal(dev.download(mo_d), dev.download(mp_d)));
+    CHECK(bit_equal(dev.download(vo_d), dev.download(vp_d)));
+    CHECK(c.step == cp.step);
+    CHECK_FALSE(bit_equal(w, w_start));
+
+    auto step = [&](const compact::adamw_params& bad) {
+        optimizer.step(ctx, bad, identity, w_d.view(m, n), recorded(g_d.cview(m, n), 0), mo_d.view(m, n),
+                       vo_d.view(m, n), c, {});
+    };
+    auto bad = h;
+    bad.alpha = 0.0;
+    CHECK_THROWS_WITH_AS(step(bad), Contains("subspace_adamw::step: alpha=0 must be finite and positive"),
+                         compact::error);
+    bad.alpha = std::numeric_limits<double>::infinity();
+    CHECK_THROWS_WITH_AS(step(bad), Contains("subspace_adamw::step: alpha=inf must be finite and positive"),
+                         compact::error);
+    CHECK(bit_equal(dev.download(w_d), w));
+    CHECK(c.step == 10);
 }
 
 // ================================================================================= master weights
@@ -1055,8 +1300,8 @@ TEST_CASE("subspace_adamw::step with a double master beside float weights tracks
     constexpr index_t m = 8, n = 24, r = 6;
     constexpr int steps = 2000;
     constexpr std::uint64_t epoch = 3;
-    const compact::input_projection<float, Backend> projection(n, r, compact::distribution::gaussian, 0x3a57e5, 9);
-    const compact::subspace_adamw<float, Backend, double> optimizer(m, projection);
+    const compact::projection_source<float, Backend> projection(n, r, compact::distribution::gaussian, 0x3a57e5, 9);
+    const compact::subspace_adamw<float, Backend, double> optimizer(out_features{m}, projection);
     std::vector<double> p_ref = reference_projection(projection.spec(epoch));
     for (auto& x : p_ref) x = static_cast<double>(static_cast<float>(x));
 
@@ -1078,19 +1323,20 @@ TEST_CASE("subspace_adamw::step with a double master beside float weights tracks
     auto ws = dev.workspace(optimizer.workspace_bytes(true));
     auto ws_plain = dev.workspace(optimizer.workspace_bytes());
     device_array<Backend, float> p_kept_d(static_cast<std::size_t>(n * r));
-    Backend::generate_projection<float>(ctx, projection.spec(epoch), 0, 0, p_kept_d.view(n, r));
+    compact::projection_source<float, Backend> kept = projection; // the same P, kept in p_kept_d
+    kept.keep(p_kept_d.view(n, r));
     const auto start = to_double(w_start);
     auto w_ref = start;
     reference_adam ref(static_cast<std::size_t>(m * r));
     for (int s = 0; s < steps; ++s) {
         const auto g = drifting_gradient(rng, base);
         dev.upload_to(g_d, g);
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, epoch,
-                       ws.get(), {}, master_d.view(m, n));
-        optimizer.step(ctx, h, w_kept_d.view(m, n), g_d.cview(m, r), mm_kept_d.view(m, r), vv_kept_d.view(m, r),
-                       counters_kept, epoch, ws.get(), p_kept_d.cview(n, r), master_kept_d.view(m, n));
-        optimizer.step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, r), mm_plain_d.view(m, r), vv_plain_d.view(m, r),
-                       counters_plain, epoch, ws_plain.get());
+        optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), epoch), mm_d.view(m, r),
+                       vv_d.view(m, r), counters, ws.get(), master_d.view(m, n));
+        optimizer.step(ctx, h, kept, w_kept_d.view(m, n), recorded(g_d.cview(m, r), epoch), mm_kept_d.view(m, r),
+                       vv_kept_d.view(m, r), counters_kept, ws.get(), master_kept_d.view(m, n));
+        optimizer.step(ctx, h, projection, w_plain_d.view(m, n), recorded(g_d.cview(m, r), epoch),
+                       mm_plain_d.view(m, r), vv_plain_d.view(m, r), counters_plain, ws_plain.get());
         reference_subspace_step(h, w_ref, to_double(g), p_ref, m, n, r, ref);
     }
     const auto w = dev.download(w_d), w_plain = dev.download(w_plain_d), w_kept = dev.download(w_kept_d);
@@ -1118,8 +1364,8 @@ TEST_CASE("subspace_adamw with the identity and a master is adamw::step with tha
     compact_test::device<Backend> dev;
     const auto& ctx = dev.ctx();
     constexpr index_t m = 5, n = 11;
-    const compact::input_projection<float, Backend> identity(n, n, compact::distribution::identity, 1, 2);
-    const compact::subspace_adamw<float, Backend, double> optimizer(m, identity);
+    const compact::projection_source<float, Backend> identity(n, n, compact::distribution::identity, 1, 2);
+    const compact::subspace_adamw<float, Backend, double> optimizer(out_features{m}, identity);
     CHECK(optimizer.workspace_bytes(true) == 0);
     std::mt19937_64 rng(0x1de);
     const auto w_start = uniform<float>(rng, m * n, -1, 1);
@@ -1133,8 +1379,8 @@ TEST_CASE("subspace_adamw with the identity and a master is adamw::step with tha
     h.lr = 1e-7;
     for (int s = 0; s < 50; ++s) {
         dev.upload_to(g_d, uniform<float>(rng, m * n, -1, 1));
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, n), mo_d.view(m, n), vo_d.view(m, n), c,
-                       static_cast<std::uint64_t>(s / 7), {}, {}, master_d.view(m, n));
+        optimizer.step(ctx, h, identity, w_d.view(m, n), recorded(g_d.cview(m, n), static_cast<std::uint64_t>(s / 7)),
+                       mo_d.view(m, n), vo_d.view(m, n), c, {}, master_d.view(m, n));
         compact::adamw<Backend>::step(ctx, h, w_plain_d.view(m, n), g_d.cview(m, n), mp_d.view(m, n), vp_d.view(m, n),
                                       cp, master_plain_d.view(m, n));
     }
@@ -1153,8 +1399,8 @@ TEST_CASE("master weights: wrong shapes, a null master and a workspace sized wit
     compact_test::device<Backend> dev;
     const auto& ctx = dev.ctx();
     constexpr index_t m = 4, n = 10, r = 3;
-    const compact::input_projection<float, Backend> projection(n, r, compact::distribution::gaussian, 4, 5);
-    const compact::subspace_adamw<float, Backend, double> optimizer(m, projection);
+    const compact::projection_source<float, Backend> projection(n, r, compact::distribution::gaussian, 4, 5);
+    const compact::subspace_adamw<float, Backend, double> optimizer(out_features{m}, projection);
     std::mt19937_64 rng(0xe11);
     const auto w0 = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
     const auto g = uniform<float>(rng, (m + 1) * (n + 1), -1, 1);
@@ -1170,8 +1416,8 @@ TEST_CASE("master weights: wrong shapes, a null master and a workspace sized wit
     };
 
     auto sub = [&](compact::matrix_view<double> mv, compact::workspace space) {
-        optimizer.step(ctx, h, w_d.view(m, n), g_d.cview(m, r), mm_d.view(m, r), vv_d.view(m, r), counters, 0, space,
-                       {}, mv);
+        optimizer.step(ctx, h, projection, w_d.view(m, n), recorded(g_d.cview(m, r), 0), mm_d.view(m, r),
+                       vv_d.view(m, r), counters, space, mv);
     };
     CHECK(optimizer.workspace_bytes(true) > optimizer.workspace_bytes());
     CHECK(optimizer.workspace_bytes(true) >=

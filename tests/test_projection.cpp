@@ -1,4 +1,4 @@
-// Tests for compact/core/projection.hpp and the backend's generate_projection: the seeded random
+// Tests for compact/random/projection.hpp and the backend's generate_projection: the seeded random
 // projection P (n, r) of SPEC section 1.
 //
 // Every generation test is written once for a (scalar, backend) configuration; add a CUDA backend to
@@ -7,8 +7,8 @@
 #include "reference.hpp"
 
 #include <compact/backend/cpu/cpu.hpp>
-#include <compact/core/projection.hpp>
-#include <compact/nn/input_projection.hpp>
+#include <compact/random/projection.hpp>
+#include <compact/compress/projection_source.hpp>
 
 #include <doctest/doctest.h>
 
@@ -21,6 +21,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -426,17 +427,18 @@ TEST_CASE("check_projection rejects invalid specs, naming the argument")
     m = message({index_t{1} << 32, 3, distribution::gaussian, key});
     CHECK_MESSAGE(contains(m, "input size n="), m);
 
-    // The same checks through the public input_projection.
-    using proj = compact::input_projection<float, backend>;
+    // The same checks through the public projection_source.
+    using proj = compact::projection_source<float, backend>;
     CHECK_THROWS_WITH_AS(proj(10, 0, distribution::gaussian, 1, 2), doctest::Contains("rank r=0"), compact::error);
     CHECK_THROWS_WITH_AS(proj(10, 11, distribution::gaussian, 1, 2), doctest::Contains("rank r=11"), compact::error);
     CHECK_THROWS_WITH_AS(proj(10, 9, distribution::identity, 1, 2), doctest::Contains("identity"), compact::error);
     CHECK_THROWS_WITH_AS(proj(0, 1, distribution::gaussian, 1, 2), doctest::Contains("n=0"), compact::error);
     const proj p(10, 3, distribution::gaussian, 1, 2);
-    std::vector<unsigned char> ws(p.projection_bytes());
-    CHECK_NOTHROW(p.generate({}, 0xffffffffull, {ws.data(), ws.size()}));
-    CHECK_THROWS_WITH_AS(p.generate({}, std::uint64_t{1} << 32, {ws.data(), ws.size()}),
-                         doctest::Contains("epoch"), compact::error);
+    std::vector<float> out(p.projection_bytes() / sizeof(float));
+    const auto out_view = compact::make_view(out.data(), 10, 3);
+    CHECK_NOTHROW(p.generate({}, 0xffffffffull, out_view));
+    CHECK_THROWS_WITH_AS(p.generate({}, std::uint64_t{1} << 32, out_view), doctest::Contains("epoch"),
+                         compact::error);
 }
 
 TEST_CASE("variance_factor")
@@ -459,18 +461,19 @@ TEST_CASE("resampling maps updates to epochs")
     CHECK(compact::resampling{50}.epoch(199) == 3);
 }
 
-TEST_CASE_TEMPLATE("input_projection::generate equals the backend's generate_projection", C, projection_configs)
+TEST_CASE_TEMPLATE("projection_source::generate equals the backend's generate_projection", C, projection_configs)
 {
     using T = typename C::scalar;
-    using proj = compact::input_projection<T, typename C::backend_type>;
+    using proj = compact::projection_source<T, typename C::backend_type>;
     const proj p(53, 13, distribution::gaussian, 0xabcdef, 77);
     CHECK(p.spec(9).n == 53);
     CHECK(p.spec(9).r == 13);
     CHECK(p.spec(9).key == compact::projection_key{0xabcdef, 77, 9});
-    // A deliberately misaligned workspace of exactly projection_bytes() must do.
-    std::vector<unsigned char> storage(p.projection_bytes() + 1);
-    const compact::workspace ws{storage.data() + 1, p.projection_bytes()};
-    const auto view = p.generate({}, 9, ws);
+    // projection_bytes() is exactly P's (n, r) values, no slack; a padded output (ld > cols) must do.
+    CHECK(p.projection_bytes() == 53 * 13 * sizeof(T));
+    compact_test::host_matrix<T> out(53, 13, 2);
+    const auto view = out.view();
+    p.generate({}, 9, view);
     REQUIRE(view.rows == 53);
     REQUIRE(view.cols == 13);
     const auto expected = generate_full<T>(p.spec(9));
@@ -478,41 +481,147 @@ TEST_CASE_TEMPLATE("input_projection::generate equals the backend's generate_pro
     for (index_t i = 0; i < 53; ++i)
         for (index_t j = 0; j < 13; ++j) same = same && view(i, j) == expected(i, j);
     CHECK(same);
+    CHECK(out.padding_intact());
     // The identity needs no workspace for compress() and expand().
     const proj id(8, 8, distribution::identity, 1, 1);
     CHECK(id.workspace_bytes() == 0);
     CHECK(id.is_identity());
 }
 
-TEST_CASE_TEMPLATE("input_projection::generate stays inside the workspace it is given", C, projection_configs)
+TEST_CASE_TEMPLATE("projection_source::compress and expand stay inside the workspace they are given", C,
+                   projection_configs)
 {
     using T = typename C::scalar;
-    using proj = compact::input_projection<T, typename C::backend_type>;
-    // generate() writes P into the front of a workspace of projection_bytes(); given only the smaller
-    // workspace_bytes() (0 for the identity) it must
-    // either do so or refuse with compact::error, for every distribution, the identity included (a caller
-    // keeping P for compress(X, P, Z) or the optimizer calls it without knowing the distribution). The
-    // storage behind the workspace is larger than the workspace, so that a violation is reported here
-    // rather than as memory corruption.
+    using proj = compact::projection_source<T, typename C::backend_type>;
+    // compress() and expand() generate P into the workspace of workspace_bytes() (0 for the identity);
+    // given exactly that much they must either produce the right result without writing past it or
+    // refuse with compact::error, for every distribution, the identity included (a caller sizes the
+    // workspace without knowing the distribution). The storage behind the workspace is larger than the
+    // workspace and starts misaligned, so that a violation is reported here rather than as memory
+    // corruption: the bytes past the workspace hold a marker that must survive.
+    constexpr unsigned char marker = 0xa5;
     for (distribution d : {distribution::gaussian, distribution::rademacher, distribution::identity}) {
         CAPTURE(std::string(compact::to_string(d)));
         const proj p(8, d == distribution::identity ? 8 : 3, d, 1, 1);
-        std::vector<unsigned char> storage(8 * 8 * sizeof(T) + 2 * compact::workspace_alignment);
-        const compact::workspace ws{storage.data(), p.workspace_bytes()};
-        bool refused = false, inside = false, correct = false;
+        std::vector<unsigned char> storage(8 * 8 * sizeof(T) + 4 * compact::workspace_alignment, marker);
+        const compact::workspace ws{storage.data() + 1, p.workspace_bytes()};
+        auto rng = compact_test::make_rng(6100);
+        compact_test::host_matrix<T> x(5, 8), z(5, p.rank()), g_sub(4, p.rank()), g_hat(4, 8);
+        x.randomize(rng);
+        g_sub.randomize(rng);
+        bool refused = false, inside = true, correct = false;
         try {
-            const auto v = p.generate({}, 0, ws);
-            const auto* first = reinterpret_cast<const unsigned char*>(v.data);
-            const auto* last = reinterpret_cast<const unsigned char*>(v.data + (v.rows - 1) * v.ld + v.cols);
-            inside = first >= storage.data() && last <= storage.data() + ws.bytes;
-            const auto expected = generate_full<T>(p.spec(0));
-            correct = v.rows == 8 && v.cols == p.rank();
-            for (index_t i = 0; correct && i < v.rows; ++i)
-                for (index_t j = 0; j < v.cols; ++j) correct = correct && v(i, j) == expected(i, j);
+            p.compress({}, x.cview(), 0, z.view(), ws);
+            p.expand({}, g_sub.cview(), 0, g_hat.view(), ws);
+            for (std::size_t k = 1 + ws.bytes; k < storage.size(); ++k) inside = inside && storage[k] == marker;
+            inside = inside && storage[0] == marker;
+            const auto expected = generate_full<T>(p.spec(0)).to_double();
+            const auto zx = compact_test::matmul(x.to_double(), expected);
+            const auto gx = compact_test::matmul(g_sub.to_double(), compact_test::transpose(expected));
+            correct = compact_test::rel_error(z.to_double(), zx) < (sizeof(T) == 4 ? 1e-5 : 1e-12) &&
+                      compact_test::rel_error(g_hat.to_double(), gx) < (sizeof(T) == 4 ? 1e-5 : 1e-12);
         } catch (const compact::error&) {
             refused = true;
         }
         CHECK_MESSAGE((refused || (inside && correct)),
-                      "generate() returned a P outside the workspace of workspace_bytes() = " << ws.bytes);
+                      "compress/expand wrote outside the workspace of workspace_bytes() = " << ws.bytes);
     }
+}
+
+TEST_CASE_TEMPLATE("projection_source: a kept P gives the bits of a regenerated one; copies do not keep", C,
+                   projection_configs)
+{
+    using T = typename C::scalar;
+    using proj = compact::projection_source<T, typename C::backend_type>;
+    constexpr index_t N = 19, n = 37, m = 11, r = 9;
+    auto rng = compact_test::make_rng(6200);
+    compact_test::host_matrix<T> x(N, n, 1), g_sub(m, r, 2);
+    x.randomize(rng);
+    g_sub.randomize(rng);
+
+    for (distribution d : {distribution::gaussian, distribution::rademacher}) {
+        CAPTURE(std::string(compact::to_string(d)));
+        const proj regen(n, r, d, 0x5eed, 4);
+        proj keeper(n, r, d, 0x5eed, 4);
+        CHECK_FALSE(keeper.keeps());
+        CHECK(keeper.workspace_bytes() > 0);
+        compact_test::host_matrix<T> kept(n, r, 3); // padded storage (ld > cols) must do
+        keeper.keep(kept.view());
+        CHECK(keeper.keeps());
+        CHECK(keeper.workspace_bytes() == 0); // P is in the caller's storage
+        CHECK(keeper.same_projection(regen));
+
+        std::vector<unsigned char> ws_storage(regen.workspace_bytes());
+        const compact::workspace ws{ws_storage.data(), ws_storage.size()};
+        // Epochs 3, 3 (the kept P reused), 8 (regenerated into the storage), and 3 again.
+        for (std::uint64_t epoch : {3u, 3u, 8u, 3u}) {
+            CAPTURE(epoch);
+            compact_test::host_matrix<T> z_regen(N, r), z_kept(N, r, 1), h_regen(m, n), h_kept(m, n);
+            regen.compress({}, x.cview(), epoch, z_regen.view(), ws);
+            keeper.compress({}, x.cview(), epoch, z_kept.view(), compact::workspace{});
+            regen.expand({}, g_sub.cview(), epoch, h_regen.view(), ws);
+            keeper.expand({}, g_sub.cview(), epoch, h_kept.view(), compact::workspace{});
+            CHECK(bit_identical(z_regen, z_kept));
+            CHECK(bit_identical(h_regen, h_kept));
+            CHECK(z_kept.padding_intact());
+            // The storage holds P of the epoch last asked for.
+            CHECK(bit_identical(kept, generate_full<T>(regen.spec(epoch))));
+            CHECK(kept.padding_intact());
+        }
+
+        // After the storage was overwritten, invalidate() makes the source regenerate it.
+        kept.fill(T(0));
+        keeper.invalidate();
+        compact_test::host_matrix<T> z_regen(N, r), z_kept(N, r);
+        regen.compress({}, x.cview(), 3, z_regen.view(), ws);
+        keeper.compress({}, x.cview(), 3, z_kept.view(), compact::workspace{});
+        CHECK(bit_identical(z_regen, z_kept));
+        CHECK(bit_identical(kept, generate_full<T>(regen.spec(3))));
+
+        // A copy describes the same P but does not share the storage: it regenerates (and needs a
+        // workspace for it), and its results are the same bits.
+        const proj copy = keeper;
+        CHECK_FALSE(copy.keeps());
+        CHECK(copy.same_projection(keeper));
+        CHECK(copy.workspace_bytes() == regen.workspace_bytes());
+        proj assigned(n, 1, d, 1, 1);
+        assigned = keeper;
+        CHECK_FALSE(assigned.keeps());
+        CHECK(assigned.same_projection(keeper));
+        kept.fill(T(0));
+        keeper.invalidate();
+        compact_test::host_matrix<T> z_copy(N, r);
+        copy.compress({}, x.cview(), 8, z_copy.view(), ws);
+        regen.compress({}, x.cview(), 8, z_regen.view(), ws);
+        CHECK(bit_identical(z_copy, z_regen));
+        bool storage_untouched = true; // the copy did not write into the keeper's storage
+        for (index_t i = 0; i < n; ++i)
+            for (index_t j = 0; j < r; ++j) storage_untouched = storage_untouched && kept(i, j) == T(0);
+        CHECK(storage_untouched);
+        // Nor does the copy's workspace-less compress succeed: it does not keep.
+        CHECK_THROWS_WITH_AS(copy.compress({}, x.cview(), 8, z_copy.view(), compact::workspace{}),
+                             doctest::Contains("workspace"), compact::error);
+        // A moved-to source keeps on (move transfers the storage).
+        proj moved = std::move(keeper);
+        CHECK(moved.keeps());
+
+        // An empty view goes back to regenerating.
+        moved.keep({});
+        CHECK_FALSE(moved.keeps());
+        CHECK(moved.workspace_bytes() == regen.workspace_bytes());
+
+        // keep() checks the storage's shape.
+        compact_test::host_matrix<T> wrong(n, r + 1);
+        CHECK_THROWS_WITH_AS(moved.keep(wrong.view()), doctest::Contains("storage"), compact::error);
+        CHECK_THROWS_WITH_AS(moved.keep(compact::matrix_view<T>(nullptr, n, r)), doctest::Contains("storage is null"),
+                             compact::error);
+        CHECK_FALSE(moved.keeps());
+    }
+
+    // The identity keeps nothing (it needs no numbers).
+    proj id(8, 8, distribution::identity, 1, 1);
+    compact_test::host_matrix<T> id_storage(8, 8);
+    id.keep(id_storage.view());
+    CHECK_FALSE(id.keeps());
+    CHECK(id.workspace_bytes() == 0);
 }

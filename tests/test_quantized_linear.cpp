@@ -9,13 +9,17 @@
 
 #include <compact/backend/cpu/cpu.hpp>
 #include <compact/compress/activation_store.hpp>
+#include <compact/compress/store_compressor.hpp>
 #include <compact/nn/compressed_linear.hpp>
 #include <compact/nn/linear_layer.hpp>
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 using compact::index_t;
@@ -65,7 +69,8 @@ TEST_CASE_TEMPLATE("quantized layer: Y, dX and db exact, G = dY^T X^ for every s
             CAPTURE(compact::to_string(sc));
             CAPTURE(s.rows);
             CAPTURE(s.pad);
-            const qlayer<T> layer(s.in, s.out, 9, 3, compact::quantized{sc});
+            const qlayer<T> layer(compact::in_features{s.in}, compact::out_features{s.out}, 9, 3,
+                                  compact::quantized{sc});
             CHECK(layer.rank() == s.in);
             CHECK(layer.saved_bytes(s.rows) == compact::stored_bytes<T>(sc, s.rows * s.in));
             host_matrix<T> x(s.rows, s.in, s.pad), w(s.out, s.in, s.pad), dy(s.rows, s.out, s.pad);
@@ -76,11 +81,15 @@ TEST_CASE_TEMPLATE("quantized layer: Y, dX and db exact, G = dY^T X^ for every s
             compact_test::random_fill(b, rng);
             host_matrix<T> y(s.rows, s.out, s.pad), dx(s.rows, s.in, s.pad), g(s.out, s.in, s.pad);
             aligned_bytes bytes(layer.saved_bytes(s.rows));
-            compact::saved_tensor saved{bytes.data(), bytes.size()};
-            layer.forward({}, x.cview(), w.cview(), b.data(), y.view(), saved, 5);
+            auto saved = compact::bind_saved<typename qlayer<T>::saved_type>(bytes.data(), bytes.size());
             // A workspace of 7 rows: backward restores X^ in slices and accumulates G over them.
             std::vector<std::byte> ws(layer.workspace_bytes(7));
-            layer.backward({}, dy.cview(), w.cview(), saved, dx.view(), g.view(), db.data(), {ws.data(), ws.size()});
+            layer.forward({}, x.cview(), w.cview(), compact::const_matrix_view<T>(b.data(), 1, s.out), y.view(), saved,
+                          5, {ws.data(), ws.size()});
+            compact::layer_gradient<T> grads{g.view(), compact::matrix_view<T>(db.data(), 1, s.out)};
+            layer.backward({}, dy.cview(), w.cview(), saved, dx.view(), grads, {ws.data(), ws.size()});
+            CHECK(grads.written);
+            CHECK(grads.epoch == 5);
 
             const dmatrix xd = x.to_double(), wd = w.to_double(), dyd = dy.to_double();
             dmatrix yref = compact_test::matmul(xd, compact_test::transpose(wd));
@@ -91,7 +100,7 @@ TEST_CASE_TEMPLATE("quantized layer: Y, dX and db exact, G = dY^T X^ for every s
             CHECK(compact_test::rel_error(std::vector<double>(db.begin(), db.end()), column_sums(dyd)) < tolerance<T>);
 
             host_matrix<T> x_hat(s.rows, s.in);
-            layer.store().restore({}, saved, x_hat.view());
+            layer.compressor().store().restore({}, saved, x_hat.view());
             const dmatrix gref = compact_test::matmul(compact_test::transpose(dyd), x_hat.to_double());
             CHECK(compact_test::rel_error(g.to_double(), gref) < tolerance<T>);
             if (sc.kind == compact::store_kind::full)
@@ -102,7 +111,8 @@ TEST_CASE_TEMPLATE("quantized layer: Y, dX and db exact, G = dY^T X^ for every s
             CHECK(g.padding_intact());
 
             // Accumulate: a second backward adds the same G again.
-            layer.backward({}, dy.cview(), w.cview(), saved, {}, g.view(), nullptr, {ws.data(), ws.size()},
+            grads.bias = {};
+            layer.backward({}, dy.cview(), w.cview(), saved, {}, grads, {ws.data(), ws.size()},
                            compact::write_mode::accumulate);
             dmatrix twice = gref;
             for (double& v : twice.data) v *= 2;
@@ -118,21 +128,24 @@ TEST_CASE("quantized layer with the int2 store: G is an unbiased estimate of dY^
     // at 1.5x the predicted value, and a 5% bias must exceed that bound (negative control).
     auto rng = compact_test::make_rng(99);
     const index_t rows = 64, in = 48, out = 16;
-    const qlayer<double> layer(in, out, 1, 2, compact::quantized{store_scheme::quantized(2, 64)});
+    const qlayer<double> layer(compact::in_features{in}, compact::out_features{out}, 1, 2,
+                               compact::quantized{store_scheme::quantized(2, 64)});
     host_matrix<double> x(rows, in), w(out, in), dy(rows, out), y(rows, out), g(out, in);
     x.randomize(rng);
     w.randomize(rng);
     dy.randomize(rng);
     const dmatrix want = compact_test::matmul(compact_test::transpose(dy.to_double()), x.to_double());
     aligned_bytes bytes(layer.saved_bytes(rows));
-    compact::saved_tensor saved{bytes.data(), bytes.size()};
+    auto saved = compact::bind_saved<qlayer<double>::saved_type>(bytes.data(), bytes.size());
     std::vector<std::byte> ws(layer.workspace_bytes(rows));
+    compact::layer_gradient<double> grads{g.view()};
     const int K = 400;
     dmatrix mean(out, in);
     double spread = 0;
     for (int step = 0; step < K; ++step) {
-        layer.forward({}, x.cview(), w.cview(), nullptr, y.view(), saved, static_cast<std::uint64_t>(step));
-        layer.backward({}, dy.cview(), w.cview(), saved, {}, g.view(), nullptr, {ws.data(), ws.size()});
+        layer.forward({}, x.cview(), w.cview(), {}, y.view(), saved, static_cast<std::uint64_t>(step),
+                      {ws.data(), ws.size()});
+        layer.backward({}, dy.cview(), w.cview(), saved, {}, grads, {ws.data(), ws.size()});
         const dmatrix gd = g.to_double();
         for (std::size_t k = 0; k < mean.data.size(); ++k) {
             mean.data[k] += gd.data[k] / K;
@@ -156,9 +169,11 @@ TEST_CASE("linear_layer<quantized> with the full scheme trains bit-identically t
     options.seed = 3;
     options.layer = 1;
     options.max_rows = rows;
-    compact::linear_layer<float, compact::quantized, compact::cpu> a(in, out, options,
-                                                                     compact::quantized{store_scheme::full_precision()});
-    compact::linear_layer<float, compact::rank::full, compact::cpu> b(in, out, options);
+    using q_layer = compact::linear_layer<float, compact::quantized, compact::cpu>;
+    q_layer a(compact::in_features{in}, compact::out_features{out}, options,
+              compact::quantized{store_scheme::full_precision()});
+    compact::linear_layer<float, compact::rank::full, compact::cpu> b(compact::in_features{in},
+                                                                      compact::out_features{out}, options);
     auto rng = compact_test::make_rng(5);
     host_matrix<float> w0(out, in);
     w0.randomize(rng, -0.3, 0.3);
@@ -188,7 +203,8 @@ TEST_CASE("linear_layer<quantized>: bytes follow the scheme, set_scheme regrows 
     compact::linear_options options;
     options.seed = 11;
     options.max_rows = rows;
-    compact::linear_layer<float, compact::quantized, compact::cpu> layer(in, out, options,
+    compact::linear_layer<float, compact::quantized, compact::cpu> layer(compact::in_features{in},
+                                                                         compact::out_features{out}, options,
                                                                          compact::quantized{store_scheme::average()});
     CHECK(layer.saved_bytes(rows) == compact::stored_bytes<float>(store_scheme::average(), rows * in));
     CHECK(layer.state_bytes() == 2 * sizeof(float) * static_cast<std::size_t>(out * in + out)); // full AdamW
@@ -196,7 +212,7 @@ TEST_CASE("linear_layer<quantized>: bytes follow the scheme, set_scheme regrows 
     auto rng = compact_test::make_rng(8);
     host_matrix<float> teacher(out, in), x(rows, in), y(rows, out), dy(rows, out);
     teacher.randomize(rng);
-    layer.set_scheme(store_scheme::quantized(4));
+    layer.compressor().set_scheme(store_scheme::quantized(4));
     CHECK(layer.saved_bytes(rows) == compact::stored_bytes<float>(store_scheme::quantized(4), rows * in));
     compact::adamw_params hyper;
     hyper.lr = 2e-2;
@@ -222,34 +238,164 @@ TEST_CASE("linear_layer<quantized>: bytes follow the scheme, set_scheme regrows 
 
 TEST_CASE("quantized layer errors name the argument")
 {
-    const qlayer<float> layer(10, 4, 1, 1, compact::quantized{store_scheme::quantized(4, 8)});
+    const qlayer<float> layer(compact::in_features{10}, compact::out_features{4}, 1, 1,
+                              compact::quantized{store_scheme::quantized(4, 8)});
     host_matrix<float> x(6, 10), w(4, 10), y(6, 4), dy(5, 4), g(4, 10);
     aligned_bytes bytes(layer.saved_bytes(6));
-    compact::saved_tensor saved{bytes.data(), layer.saved_bytes(6) - 1};
-    CHECK(contains(error_message_of([&] { layer.forward({}, x.cview(), w.cview(), nullptr, y.view(), saved, 0); }),
-                   "compressed_linear::forward: saved tensor holds"));
+    auto saved = compact::bind_saved<qlayer<float>::saved_type>(bytes.data(), layer.saved_bytes(6) - 1);
+    std::vector<std::byte> ws(layer.workspace_bytes(6));
+    const compact::workspace w6{ws.data(), ws.size()};
+    CHECK(contains(error_message_of([&] { layer.forward({}, x.cview(), w.cview(), {}, y.view(), saved, 0, w6); }),
+                   "store_compressor::compress: saved tensor holds"));
     CHECK(y(0, 0) == 0.0f); // nothing written
     saved.capacity = bytes.size();
-    std::vector<std::byte> ws(layer.workspace_bytes(6));
-    CHECK(contains(error_message_of([&] {
-                       layer.backward({}, dy.cview(), w.cview(), saved, {}, g.view(), nullptr, {ws.data(), ws.size()});
-                   }),
+    compact::layer_gradient<float> grads{g.view()};
+    CHECK(contains(error_message_of([&] { layer.backward({}, dy.cview(), w.cview(), saved, {}, grads, w6); }),
                    "holds nothing"));
-    layer.forward({}, x.cview(), w.cview(), nullptr, y.view(), saved, 0);
-    CHECK(contains(error_message_of([&] {
-                       layer.backward({}, dy.cview(), w.cview(), saved, {}, g.view(), nullptr, {ws.data(), ws.size()});
-                   }),
-                   "dY is (5, 4) but the saved X has 6 rows"));
+    layer.forward({}, x.cview(), w.cview(), {}, y.view(), saved, 0, w6);
+    CHECK(contains(error_message_of([&] { layer.backward({}, dy.cview(), w.cview(), saved, {}, grads, w6); }),
+                   "dY has 5 rows but the saved activation holds 6"));
     host_matrix<float> dy6(6, 4);
     CHECK(contains(error_message_of([&] {
-                       layer.backward({}, dy6.cview(), w.cview(), saved, {}, g.view(), nullptr, {ws.data(), 16});
+                       layer.backward({}, dy6.cview(), w.cview(), saved, {}, grads, {ws.data(), 16});
                    }),
                    "workspace holds 16 bytes but one row of X (10 values) needs"));
-    const qlayer<float> other(10, 4, 1, 2, compact::quantized{store_scheme::quantized(4, 8)});
-    CHECK(contains(error_message_of([&] {
-                       other.backward({}, dy6.cview(), w.cview(), saved, {}, g.view(), nullptr, {ws.data(), ws.size()});
-                   }),
+    const qlayer<float> other(compact::in_features{10}, compact::out_features{4}, 1, 2,
+                              compact::quantized{store_scheme::quantized(4, 8)});
+    CHECK(contains(error_message_of([&] { other.backward({}, dy6.cview(), w.cview(), saved, {}, grads, w6); }),
                    "not by this one"));
-    CHECK(contains(error_message_of([&] { qlayer<float>(10, 4, 1, 1, compact::quantized{store_scheme::quantized(6)}); }),
+    CHECK(!grads.written);
+    CHECK(contains(error_message_of([&] {
+                       qlayer<float>(compact::in_features{10}, compact::out_features{4}, 1, 1,
+                                     compact::quantized{store_scheme::quantized(6)});
+                   }),
                    "bits=6"));
+}
+
+TEST_CASE("quantized layer: N = 0 is a no-op for the store compressor")
+{
+    // compress with no rows writes no byte (a saved activation of 0 bytes will do) and records an
+    // empty tensor; backward then writes G = 0 and db = 0 (overwrite) or leaves them (accumulate).
+    const index_t in = 10, out = 4;
+    const qlayer<float> layer(compact::in_features{in}, compact::out_features{out}, 1, 1,
+                              compact::quantized{store_scheme::quantized(4, 8)});
+    CHECK(layer.saved_bytes(0) == 0);
+    const compact::const_matrix_view<float> x(nullptr, 0, in), dy(nullptr, 0, out);
+    host_matrix<float> w(out, in), g(out, in);
+    auto rng = compact_test::make_rng(12);
+    w.randomize(rng);
+    const compact::matrix_view<float> y(nullptr, 0, out), dx(nullptr, 0, in);
+
+    // Directly on the compressor: no bytes at all, and a sentinel byte next to them stays.
+    compact::saved_tensor none{};
+    layer.compressor().compress({}, x, 3, none, {});
+    CHECK(none.filled);
+    CHECK(none.rows == 0);
+    CHECK(none.cols == in);
+    CHECK(none.epoch == 3);
+    std::byte sentinel[8];
+    std::fill(std::begin(sentinel), std::end(sentinel), std::byte{0x5A});
+    auto saved = compact::bind_saved<qlayer<float>::saved_type>(sentinel, 0);
+    std::vector<std::byte> ws(layer.workspace_bytes(0));
+    layer.forward({}, x, w.cview(), {}, y, saved, 7, {ws.data(), ws.size()});
+    CHECK(saved.filled);
+    CHECK(saved.rows == 0);
+    CHECK(std::all_of(std::begin(sentinel), std::end(sentinel), [](std::byte b) { return b == std::byte{0x5A}; }));
+
+    for (index_t i = 0; i < out; ++i)
+        for (index_t j = 0; j < in; ++j) g(i, j) = 5.0f;
+    std::vector<float> db(static_cast<std::size_t>(out), 5.0f);
+    compact::layer_gradient<float> grads{g.view(), compact::matrix_view<float>(db.data(), 1, out)};
+    // No workspace is needed for no rows.
+    layer.backward({}, dy, w.cview(), saved, dx, grads, {}, compact::write_mode::accumulate);
+    CHECK(std::all_of(g.data.begin(), g.data.end(), [](float v) { return v == 5.0f; }));
+    CHECK(std::all_of(db.begin(), db.end(), [](float v) { return v == 5.0f; }));
+    CHECK(grads.epoch == 7);
+    layer.backward({}, dy, w.cview(), saved, dx, grads, {});
+    CHECK(std::all_of(g.data.begin(), g.data.end(), [](float v) { return v == 0.0f; }));
+    CHECK(std::all_of(db.begin(), db.end(), [](float v) { return v == 0.0f; }));
+    CHECK(grads.written);
+}
+
+TEST_CASE("quantized layer: a workspace of exactly workspace_bytes(1) is accepted, one byte less is refused "
+          "before dX is written")
+{
+    const index_t rows = 9, in = 13, out = 5;
+    const qlayer<float> layer(compact::in_features{in}, compact::out_features{out}, 1, 1,
+                              compact::quantized{store_scheme::quantized(8, 64)});
+    auto rng = compact_test::make_rng(31);
+    host_matrix<float> x(rows, in), w(out, in), dy(rows, out), y(rows, out);
+    x.randomize(rng);
+    w.randomize(rng);
+    dy.randomize(rng);
+    aligned_bytes bytes(layer.saved_bytes(rows));
+    auto saved = compact::bind_saved<qlayer<float>::saved_type>(bytes.data(), bytes.size());
+    std::vector<std::byte> big(layer.workspace_bytes(rows));
+    layer.forward({}, x.cview(), w.cview(), {}, y.view(), saved, 2, {big.data(), big.size()});
+    host_matrix<float> x_hat(rows, in);
+    layer.compressor().store().restore({}, saved, x_hat.view());
+    const dmatrix gref = compact_test::matmul(compact_test::transpose(dy.to_double()), x_hat.to_double());
+    const dmatrix dxref = compact_test::matmul(dy.to_double(), w.to_double());
+
+    const std::size_t one_row = layer.workspace_bytes(1);
+    CHECK(one_row >= static_cast<std::size_t>(in) * sizeof(float));
+    CHECK(one_row < layer.workspace_bytes(rows));
+    // The buffer is over-allocated so that the workspace can start at any byte offset.
+    std::vector<std::byte> memory(one_row + 64);
+    for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{63}}) {
+        CAPTURE(offset);
+        const compact::workspace exact{memory.data() + offset, one_row};
+        const compact::workspace short_one{memory.data() + offset, one_row - 1};
+
+        host_matrix<float> dx(rows, in), g(out, in);
+        for (float& v : dx.data) v = -9.0f;
+        for (float& v : g.data) v = -9.0f;
+        std::vector<float> db(static_cast<std::size_t>(out), -9.0f);
+        compact::layer_gradient<float> grads{g.view(), compact::matrix_view<float>(db.data(), 1, out)};
+        CHECK(contains(error_message_of([&] {
+                           layer.backward({}, dy.cview(), w.cview(), saved, dx.view(), grads, short_one);
+                       }),
+                       "workspace holds"));
+        CHECK(std::all_of(dx.data.begin(), dx.data.end(), [](float v) { return v == -9.0f; }));
+        CHECK(std::all_of(g.data.begin(), g.data.end(), [](float v) { return v == -9.0f; }));
+        CHECK(std::all_of(db.begin(), db.end(), [](float v) { return v == -9.0f; }));
+        CHECK(!grads.written);
+
+        layer.backward({}, dy.cview(), w.cview(), saved, dx.view(), grads, exact); // one row at a time
+        CHECK(grads.written);
+        CHECK(compact_test::rel_error(g.to_double(), gref) < tolerance<float>);
+        CHECK(compact_test::rel_error(dx.to_double(), dxref) < tolerance<float>);
+    }
+}
+
+// A workspace between two aligned sizes (workspace_bytes(1) + 16, say) must pick a slice whose aligned
+// buffer fits: "any workspace of at least one row's bytes works".
+TEST_CASE("quantized layer: every workspace size from workspace_bytes(1) up is accepted")
+{
+    const index_t rows = 9, in = 10, out = 4;
+    const qlayer<float> layer(compact::in_features{in}, compact::out_features{out}, 1, 1,
+                              compact::quantized{store_scheme::quantized(8, 64)});
+    auto rng = compact_test::make_rng(32);
+    host_matrix<float> x(rows, in), w(out, in), dy(rows, out), y(rows, out), g(out, in);
+    x.randomize(rng);
+    w.randomize(rng);
+    dy.randomize(rng);
+    aligned_bytes bytes(layer.saved_bytes(rows));
+    auto saved = compact::bind_saved<qlayer<float>::saved_type>(bytes.data(), bytes.size());
+    std::vector<std::byte> memory(layer.workspace_bytes(rows) + 64);
+    layer.forward({}, x.cview(), w.cview(), {}, y.view(), saved, 2, {memory.data(), memory.size()});
+    host_matrix<float> x_hat(rows, in);
+    layer.compressor().store().restore({}, saved, x_hat.view());
+    const dmatrix gref = compact_test::matmul(compact_test::transpose(dy.to_double()), x_hat.to_double());
+    int refused = 0;
+    for (std::size_t size = layer.workspace_bytes(1); size <= layer.workspace_bytes(rows); ++size) {
+        compact::layer_gradient<float> grads{g.view()};
+        try {
+            layer.backward({}, dy.cview(), w.cview(), saved, {}, grads, {memory.data() + size % 64, size});
+            if (compact_test::rel_error(g.to_double(), gref) >= tolerance<float>) ++refused;
+        } catch (const compact::error&) {
+            ++refused;
+        }
+    }
+    CHECK(refused == 0);
 }

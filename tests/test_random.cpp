@@ -6,7 +6,7 @@
 // wrong one (bad scaling, a biased conversion) fails it by a wide margin.
 #include "reference.hpp"
 
-#include <compact/core/projection.hpp>
+#include <compact/random/projection.hpp>
 #include <compact/random/normal.hpp>
 #include <compact/random/philox.hpp>
 #include <compact/random/uniform.hpp>

@@ -4,7 +4,7 @@
 
 #include <compact/backend/cpu/cpu.hpp>
 #include <compact/core/rank_policy.hpp>
-#include <compact/nn/input_projection.hpp>
+#include <compact/compress/projection_source.hpp>
 
 #include <doctest/doctest.h>
 
@@ -16,6 +16,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -66,6 +67,8 @@ static_assert(compact::is_rank_policy<user_policy_int>);
 static_assert(compact::is_rank_policy<user_identity_policy>);
 static_assert(compact::is_rank_policy<compact::rank::ratio<1, 4>>);
 static_assert(compact::is_rank_policy<compact::rank::fixed>);
+// rank::fixed has no default rank: an r must always be given (rank::fixed{r}).
+static_assert(!std::is_default_constructible_v<compact::rank::fixed>);
 static_assert(compact::is_rank_policy<compact::rank::full>);
 static_assert(compact::is_rank_policy<budget>);
 static_assert(!compact::is_rank_policy<no_rank_member>);
@@ -274,7 +277,7 @@ TEST_CASE("rank::fixed returns its rank for every layer and is validated per lay
     CHECK(resolve(eight, 8) == 8);
     CHECK(resolve(eight, 4096) == 8);
     CHECK_THROWS_WITH_AS(resolve(eight, 7), doctest::Contains("r=8"), compact::error);
-    CHECK_THROWS_AS(resolve(compact::rank::fixed{}, 16), compact::error); // default r = 0
+    // No default r = 0 any more: rank::fixed{} does not compile (static_assert above); r = 0 is rejected.
     CHECK_THROWS_AS(resolve(compact::rank::fixed{0}, 16), compact::error);
     CHECK_THROWS_AS(resolve(compact::rank::fixed{-1}, 16), compact::error);
 }
@@ -286,7 +289,7 @@ TEST_CASE("rank::full is r = n with the identity projection")
     CHECK(full.rank({777, 5, 0}) == 777);
     CHECK(resolve(full, 123) == 123);
     // from_policy turns the distribution into the identity whatever was asked for.
-    using proj = compact::input_projection<float, compact::cpu>;
+    using proj = compact::projection_source<float, compact::cpu>;
     const auto p = proj::from_policy({40, 10, 5}, full, 1, compact::distribution::rademacher);
     CHECK(p.is_identity());
     CHECK(p.rank() == 40);
@@ -482,7 +485,7 @@ TEST_CASE("rank::budget rejects bad layer sets and unknown layers")
     // Through resolve_rank and from_policy, as a layer would use it.
     CHECK(compact::resolve_rank(b, {128, 7, 20}, "test") == b.entries()[1].r);
     CHECK_THROWS_AS(compact::resolve_rank(b, {128, 7, 21}, "test"), compact::error);
-    using proj = compact::input_projection<double, compact::cpu>;
+    using proj = compact::projection_source<double, compact::cpu>;
     const auto p = proj::from_policy({64, 9, 10}, b, 3);
     CHECK(p.rank() == b.entries()[0].r);
 }

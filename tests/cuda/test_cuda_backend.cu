@@ -367,7 +367,8 @@ TEST_CASE("linear_layer<float, ratio<1, 4>, cuda>: forward is X W^T + b, and a s
     options.seed = 42;
     options.layer = 1;
     options.max_rows = rows;
-    compact::linear_layer<float, compact::rank::ratio<1, 4>, backend> layer(n, m, options);
+    compact::linear_layer<float, compact::rank::ratio<1, 4>, backend> layer(compact::in_features{n},
+                                                                     compact::out_features{m}, options);
     CHECK(layer.rank() == 16);
     const auto hw = random_values<float>(static_cast<std::size_t>(m * n), 13);
     const auto hb = random_values<float>(static_cast<std::size_t>(m), 14);
@@ -407,7 +408,8 @@ TEST_CASE("linear_layer<float, rank::full, cuda>: one step is plain AdamW on the
     options.seed = 7;
     options.layer = 3;
     options.max_rows = rows;
-    compact::linear_layer<float, compact::rank::full, backend> layer(n, m, options);
+    compact::linear_layer<float, compact::rank::full, backend> layer(compact::in_features{n}, compact::out_features{m},
+                                                               options);
     REQUIRE(layer.rank() == n);
     const auto hw = random_values<float>(static_cast<std::size_t>(m * n), 16);
     const auto hb = random_values<float>(static_cast<std::size_t>(m), 17);
@@ -476,7 +478,8 @@ TEST_CASE("linear_layer<float, ratio<1, 4>, cuda>: keeping P changes no bit of t
         options.max_rows = rows;
         options.resample.gap = 2; // three epochs of P in five steps
         options.keep_projection = keep == 1;
-        compact::linear_layer<float, compact::rank::ratio<1, 4>, backend> layer(n, m, options);
+        compact::linear_layer<float, compact::rank::ratio<1, 4>, backend> layer(compact::in_features{n},
+                                                                         compact::out_features{m}, options);
         compact::copy_to_device(layer.weight().data, hw.data(), hw.size());
         for (int step = 0; step < 5; ++step) {
             layer.forward(f.ctx(), {dx.data(), rows, n}, {y.data(), rows, m});
@@ -622,8 +625,8 @@ TEST_CASE("adamw and subspace_adamw with a float master beside bf16 weights trac
     {
         const index_t m = 16, n = 64, r = 16;
         const std::uint64_t epoch = 2;
-        const compact::input_projection<bf16, backend> projection(n, r, distribution::gaussian, 0xb16, 5);
-        const compact::subspace_adamw<bf16, backend, float> optimizer(m, projection);
+        const compact::projection_source<bf16, backend> projection(n, r, distribution::gaussian, 0xb16, 5);
+        const compact::subspace_adamw<bf16, backend, float> optimizer(compact::out_features{m}, projection);
         // The P the forward pass uses: generated in bf16 (one rounding from double), widened by the step.
         std::vector<double> p(static_cast<std::size_t>(n * r));
         for (index_t i = 0; i < n; ++i)
@@ -647,10 +650,14 @@ TEST_CASE("adamw and subspace_adamw with a float master beside bf16 weights trac
         for (int s = 0; s < steps; ++s) {
             const auto g = drifting_gradient(base, static_cast<std::uint64_t>(s));
             auto dg = upload(g);
-            optimizer.step(f.ctx(), h, {dw.data(), m, n}, {dg.data(), m, r}, {dm.data(), m, r}, {dv.data(), m, r}, c,
-                           epoch, {ws.data(), ws.size()}, {}, {dmaster.data(), m, n});
-            optimizer.step(f.ctx(), h, {dw_plain.data(), m, n}, {dg.data(), m, r}, {dm_plain.data(), m, r},
-                           {dv_plain.data(), m, r}, c_plain, epoch, {ws_plain.data(), ws_plain.size()});
+            // No backward here: the gradient of `epoch` is recorded by hand.
+            compact::layer_gradient<bf16> grads{{dg.data(), m, r}};
+            grads.epoch = epoch;
+            grads.written = true;
+            optimizer.step(f.ctx(), h, projection, {dw.data(), m, n}, grads, {dm.data(), m, r}, {dv.data(), m, r}, c,
+                           {ws.data(), ws.size()}, {dmaster.data(), m, n});
+            optimizer.step(f.ctx(), h, projection, {dw_plain.data(), m, n}, grads, {dm_plain.data(), m, r},
+                           {dv_plain.data(), m, r}, c_plain, {ws_plain.data(), ws_plain.size()});
             f.owner.synchronize();
             const double eta = ref.update(h, g);
             for (index_t i = 0; i < m; ++i)

@@ -1,7 +1,10 @@
 // Host-side tests of what nvcc compiles for the CUDA backend: the 16-bit conversions, the shared
 // COMPACT_HD random and projection code (which must give the g++-built library's committed values),
-// and error reporting. They need no GPU; the device cases are in test_cuda_backend.cu.
+// and error reporting. They need no GPU; the device cases are in test_cuda_backend.cu. The one exception,
+// a CUDA layer's checkpoint round trip, compiles everywhere and runs only with a device (skipped otherwise).
 #include <compact/cuda.cuh>
+#include <compact/io/checkpoint.hpp>
+#include <compact/io/linear_layer_checkpoint.hpp>
 
 #include <doctest/doctest.h>
 
@@ -9,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 using compact::index_t;
 using compact::op;
@@ -227,4 +231,107 @@ TEST_CASE("column_sums' tiles: narrow enough to fill an H100 for a bias gradient
         if (lanes < 32 && lanes >= 2 && static_cast<index_t>(lanes) < groups)
             REQUIRE((groups + 2 * lanes - 1) / (2 * lanes) < cd::column_sums_min_blocks);
     }
+}
+
+namespace {
+
+using cuda_layer = compact::linear_layer<float, compact::rank::ratio<1, 4>, compact::cuda>;
+
+/// A CUDA buffer of `count` values, read back to the host.
+template <class T>
+std::vector<T> host_copy(const backend::context& ctx, const T* device, std::size_t count)
+{
+    std::vector<T> out(count);
+    backend::copy_to_host(ctx, device, out.data(), count);
+    return out;
+}
+
+/// One update of `layer` from a deterministic batch: forward, backward (dY = Y), step.
+void train_step(const backend::context& ctx, cuda_layer& layer, std::uint64_t step)
+{
+    const index_t rows = 8, n = layer.in(), m = layer.out();
+    std::vector<float> x(static_cast<std::size_t>(rows * n));
+    compact::fill_uniform(compact::make_view(x.data(), rows, n), -1.0, 1.0, 11, 100 + step);
+    compact::device_buffer<float> x_device(x.size(), 0.0f), y(static_cast<std::size_t>(rows * m), 0.0f);
+    backend::copy_from_host(ctx, x.data(), x_device.data(), x.size());
+    layer.forward(ctx, compact::const_matrix_view<float>(x_device.data(), rows, n),
+                  compact::make_view(y.data(), rows, m));
+    layer.backward(ctx, compact::const_matrix_view<float>(y.data(), rows, m), {});
+    compact::adamw_params h;
+    h.lr = 1e-2;
+    layer.step(ctx, h);
+}
+
+std::vector<unsigned char> state_of(const backend::context& ctx, const cuda_layer& layer)
+{
+    compact::checkpoint_writer w;
+    compact::save_state(w, "fc", layer, compact::weight_storage::checkpoint, ctx);
+    return w.bytes();
+}
+
+} // namespace
+
+// save_state / load_state take any backend: a CUDA layer's buffers go through copy_to_host /
+// copy_from_host on the given context. This compiles without a device and runs with one.
+TEST_CASE("a CUDA linear_layer<float> saves and loads its state bit for bit, and resumes identically" *
+          doctest::skip(!backend::device_available()))
+{
+    const compact::owned_cuda_context owned;
+    const backend::context& ctx = owned.get();
+    compact::linear_options o;
+    o.seed = 5;
+    o.layer = 2;
+    o.max_rows = 8;
+    o.resample.gap = 3;
+    o.moments = compact::moment_policy::transfer;
+    cuda_layer a(compact::in_features{16}, compact::out_features{6}, o);
+    cuda_layer b(compact::in_features{16}, compact::out_features{6}, o);
+    std::vector<float> w0(16 * 6), b0(6);
+    compact::fill_uniform(compact::make_view(w0.data(), 6, 16), -0.3, 0.3, 1, 1);
+    compact::fill_uniform(compact::make_view(b0.data(), 1, 6), -0.3, 0.3, 1, 2);
+    backend::copy_from_host(ctx, w0.data(), a.weight().data, w0.size());
+    backend::copy_from_host(ctx, b0.data(), a.bias(), b0.size());
+    for (std::uint64_t s = 0; s < 5; ++s) train_step(ctx, a, s); // across an epoch boundary (T = 3)
+    train_step(ctx, b, 40);                                        // b: other state, all replaced
+
+    const std::vector<unsigned char> saved = state_of(ctx, a);
+    const compact::checkpoint_reader r(saved);
+    CHECK(r.scalar<std::uint64_t>("fc/updates") == 5);
+    CHECK(r.contains("fc/compressor"));
+    compact::load_state(r, "fc", b, compact::weight_storage::checkpoint, ctx);
+    CHECK(b.updates() == 5);
+    CHECK(b.epoch() == a.epoch());
+    CHECK(b.counters().step == a.counters().step);
+    CHECK(b.counters().epoch == a.counters().epoch);
+    CHECK(b.bias_counters().step == a.bias_counters().step);
+    const std::size_t mn = 6 * 16, mr = static_cast<std::size_t>(6 * a.rank());
+    CHECK(host_copy(ctx, b.weight().data, mn) == host_copy(ctx, a.weight().data, mn));
+    CHECK(host_copy(ctx, b.bias(), 6) == host_copy(ctx, a.bias(), 6));
+    CHECK(host_copy(ctx, b.first_moment().data, mr) == host_copy(ctx, a.first_moment().data, mr));
+    CHECK(host_copy(ctx, b.second_moment().data, mr) == host_copy(ctx, a.second_moment().data, mr));
+    CHECK(host_copy(ctx, b.bias_first_moment(), 6) == host_copy(ctx, a.bias_first_moment(), 6));
+    CHECK(host_copy(ctx, b.bias_second_moment(), 6) == host_copy(ctx, a.bias_second_moment(), 6));
+    CHECK(state_of(ctx, b) == saved);
+
+    // Both continue with the same batches: the same state, bit for bit.
+    for (std::uint64_t s = 5; s < 8; ++s) {
+        train_step(ctx, a, s);
+        train_step(ctx, b, s);
+    }
+    CHECK(state_of(ctx, b) == state_of(ctx, a));
+
+    // The checkpoint of a layer with another compressor is refused; the CUDA layer is unchanged.
+    const compact::linear_layer<float, compact::quantized, compact::cuda> q(compact::in_features{16},
+                                                                            compact::out_features{6}, o);
+    compact::checkpoint_writer qw;
+    compact::save_state(qw, "fc", q, compact::weight_storage::checkpoint, ctx);
+    const compact::checkpoint_reader qr(qw.bytes());
+    const auto before = state_of(ctx, b);
+    try {
+        compact::load_state(qr, "fc", b, compact::weight_storage::checkpoint, ctx);
+        FAIL("no exception");
+    } catch (const compact::error& e) {
+        CHECK(std::string(e.what()).find("compressor 'activation_store'") != std::string::npos);
+    }
+    CHECK(state_of(ctx, b) == before);
 }

@@ -1,12 +1,12 @@
-// Tests of the CUDA backend's quantized stores and masks (compact/backend/cuda/quantize.cuh): the GPU
-// must write the very bytes the CPU backend writes (backend/cpu/quantize.hpp, the reference here).
+// Tests of the CUDA backend's quantized stores and masks (compact/backend/cuda/detail/store_kernels.cuh): the GPU
+// must write the very bytes the CPU backend writes (backend/cpu/detail/quantize.hpp, the reference here).
 //
 // The host cases run everywhere: they check the launch arithmetic, and run the kernels' per-thread
 // steps (COMPACT_HD, so nvcc builds them for the host too) thread by thread, in a reduction order unlike
 // the CPU's, against the CPU kernels, on odd shapes, padded views and adversarial values (NaN, infinities,
 // zeros of both signs, constant groups). The device cases compare the GPU's output with the CPU's and
 // skip without a GPU.
-#include <compact/backend/cpu/quantize.hpp>
+#include <compact/backend/cpu/detail/quantize.hpp>
 #include <compact/cuda.cuh>
 
 #include <doctest/doctest.h>

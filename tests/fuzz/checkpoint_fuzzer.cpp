@@ -28,6 +28,8 @@ namespace {
 // The layers of the corpus: every input is loaded into fresh ones of these.
 using layer_a = compact::linear_layer<float, compact::rank::ratio<1, 4>, compact::cpu, float>;
 using layer_b = compact::linear_layer<double, compact::rank::fixed, compact::cpu, double>;
+// A store layer: its scheme is compressor state that loading sets (store_kind, store_bits, store_group).
+using layer_c = compact::linear_layer<float, compact::quantized, compact::cpu, float>;
 
 compact::linear_options options_a()
 {
@@ -52,8 +54,26 @@ compact::linear_options options_b()
     return o;
 }
 
-layer_a make_a() { return layer_a(8, 4, options_a()); }
-layer_b make_b() { return layer_b(6, 3, options_b(), compact::rank::fixed(2)); }
+compact::linear_options options_c()
+{
+    compact::linear_options o;
+    o.seed = 42;
+    o.layer = 3;
+    o.max_rows = 4;
+    o.master_weights = true;
+    return o;
+}
+
+layer_a make_a() { return layer_a(compact::in_features{8}, compact::out_features{4}, options_a()); }
+layer_b make_b()
+{
+    return layer_b(compact::in_features{6}, compact::out_features{3}, options_b(), compact::rank::fixed{2});
+}
+layer_c make_c()
+{
+    return layer_c(compact::in_features{5}, compact::out_features{3}, options_c(),
+                   compact::quantized{compact::store_scheme::quantized(2, 8)});
+}
 
 [[noreturn]] void finding(const char* what)
 {
@@ -127,9 +147,10 @@ void try_load(const compact::checkpoint_reader& r, const std::string& prefix, La
     try {
         const compact::checkpoint_reader r(std::move(bytes));
         if (reencode(r).bytes() != input) finding("an accepted checkpoint is not what the writer writes");
-        for (const char* prefix : {"layers/0", "layers/1"}) {
+        for (const char* prefix : {"layers/0", "layers/1", "layers/2"}) {
             try_load(r, prefix, make_a());
             try_load(r, prefix, make_b());
+            try_load(r, prefix, make_c());
         }
         try_load(r, "s", make_a(), compact::weight_storage::caller);
     } catch (const compact::error&) {
@@ -185,6 +206,7 @@ int main(int argc, char** argv)
     // Layers with recognisable, non-trivial state reached the ordinary way (forward, backward, step).
     layer_a a = make_a();
     layer_b b = make_b();
+    layer_c c = make_c();
     const compact::cpu::context ctx{};
     auto train = [&](auto& l, int steps) {
         using T = typename std::remove_reference_t<decltype(l)>::layer_type::scalar_type;
@@ -200,9 +222,13 @@ int main(int argc, char** argv)
     };
     train(a, 5);
     train(b, 2);
+    train(c, 3);
+    c.compressor().set_scheme(compact::store_scheme::average(8)); // as a bit allocator would
     compact::save_checkpoint(path("a.ckpt"), a);
     compact::save_checkpoint(path("b.ckpt"), b);
+    compact::save_checkpoint(path("c.ckpt"), c);
     compact::save_checkpoint(path("ab.ckpt"), a, b);
+    compact::save_checkpoint(path("abc.ckpt"), a, b, c);
     compact::save_checkpoint(path("fresh_b.ckpt"), make_b());
     {
         compact::checkpoint_writer w;

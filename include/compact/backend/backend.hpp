@@ -1,6 +1,6 @@
 // compact/backend/backend.hpp: what a backend must provide, and the types its primitives share.
 //
-// The algorithms (nn/, optim/) are written once against this interface; a backend is a tag type with
+// The algorithms (compress/, optim/, nn/, io/) are written once against this interface; a backend is a tag type with
 // static member functions, and adding one (backend/cuda/, ...) adds a folder and edits no algorithm.
 //
 //   struct my_backend {
@@ -14,7 +14,7 @@
 //     template <class T> static void gemm(const context&, op ta, op tb, double alpha,
 //                                         const_matrix_view<T> A, const_matrix_view<T> B, double beta,
 //                                         matrix_view<T> C);
-//     // out(i, j) = P(row0 + i, col0 + j) of `spec`, rounded to T (core/projection.hpp).
+//     // out(i, j) = P(row0 + i, col0 + j) of `spec`, rounded to T (random/projection.hpp).
 //     template <class T> static void generate_projection(const context&, const projection_spec& spec,
 //                                                        index_t row0, index_t col0, matrix_view<T> out);
 //     // out[j] = sum_i A(i, j) + beta out[j] (sums in row order: deterministic); out holds A.cols.
@@ -40,7 +40,7 @@
 //         const adam_coefficients&, const_matrix_view<non_deduced_t<G>> g, matrix_view<S> m,
 //         matrix_view<S> v, matrix_view<W> w);
 //
-//     // Activation stores (compress/scheme.hpp fixes the bytes): encode x (row-major order, any ld) into
+//     // Activation stores (backend/store_scheme.hpp fixes the bytes): encode x (row-major order, any ld) into
 //     // out (stored_bytes<T>(s, count) bytes, aligned for float and T); decode flat values
 //     // [first, first + out.rows out.cols) of an encoding of `count` values into out.
 //     template <class T> static void quantize(const context&, const store_scheme& s, const noise_key&,
@@ -66,7 +66,7 @@
 
 #include "compact/core/config.hpp"
 #include "compact/core/matrix_view.hpp"
-#include "compact/core/projection.hpp"
+#include "compact/random/projection.hpp"
 
 #include <type_traits>
 

@@ -10,7 +10,7 @@
 //   store.compress(ctx, x, step, saved);                          // forward: x (N, n) -> 4.25 bits/value
 //   store.restore(ctx, saved, x_hat);                             // backward: x_hat (N, n)
 //
-// The scheme (compress/scheme.hpp) decides bytes and error: full keeps the values, quantized(b) is
+// The scheme (backend/store_scheme.hpp) decides bytes and error: full keeps the values, quantized(b) is
 // unbiased with variance <= range^2 / (4 (2^b - 1)^2) per value, average() is ALAM's biased 0.5-bit
 // scheme. Its noise is keyed by (seed, tensor id, step, variant), so a run is reproducible bit for bit
 // and independent of the thread count. A store is a small value (scheme, seed, id); the bytes are the
@@ -19,7 +19,9 @@
 #pragma once
 
 #include "compact/backend/backend.hpp"
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
+#include "compact/compress/compressor.hpp"
+#include "compact/core/checked.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
@@ -30,16 +32,21 @@
 
 COMPACT_NAMESPACE_BEGIN
 
-/// Caller memory for one compressed tensor, and a record of what compress() wrote into it.
-struct saved_tensor {
-    std::byte* data = nullptr; ///< at least saved_bytes() bytes, aligned for float and for the scalar type
-    std::size_t capacity = 0;  ///< bytes at data
+/// Caller memory for one compressed tensor, and a record of what compress() wrote into it: the common
+/// record of compress/compressor.hpp (rows, the writing store's tensor id as `layer`, the noise step as
+/// `epoch`) plus the columns and the scheme.
+struct saved_tensor : saved_activation {
+    saved_tensor() = default;
+    /// `bytes` of caller memory at `memory`: at least saved_bytes(), aligned for float and the scalar.
+    saved_tensor(std::byte* memory, std::size_t bytes) noexcept
+    {
+        data = memory;
+        capacity = bytes;
+    }
 
     // Written by activation_store::compress; read by restore.
-    bool filled = false;
-    index_t rows = 0, cols = 0;
+    index_t cols = 0;
     store_scheme scheme{};
-    std::uint64_t tensor = 0;
 };
 
 /// What a bit allocator may change in a store between steps: its scheme, and the noise variant (0 in
@@ -47,13 +54,6 @@ struct saved_tensor {
 struct store_settings {
     store_scheme scheme{};
     std::uint32_t variant = 0;
-};
-
-/// The compressor policy of a linear layer that keeps its input X in an activation store instead of
-/// projecting it: compressed_linear<Scalar, quantized, Backend> computes the full-shape weight gradient
-/// dY^T X^ from the restored X^ and trains with plain AdamW (SPEC section 5, ALAM / GACT).
-struct quantized {
-    store_scheme scheme = store_scheme::quantized(4, 256);
 };
 
 template <class Scalar, class Backend>
@@ -87,9 +87,10 @@ public:
     bool unbiased() const noexcept { return settings_.scheme.unbiased(); }
 
     /// Bytes compress() writes for a (rows, cols) tensor, metadata included.
-    std::size_t saved_bytes(index_t rows, index_t cols) const noexcept
+    std::size_t saved_bytes(index_t rows, index_t cols) const
     {
-        return stored_bytes<Scalar>(settings_.scheme, rows * cols);
+        const index_t count = detail::checked_mul(rows, cols, "activation_store::saved_bytes");
+        return stored_bytes<Scalar>(settings_.scheme, count);
     }
 
     /// Encodes x (rows, cols) into out.data; `step` selects fresh noise (for example the update count).
@@ -102,7 +103,8 @@ public:
         out.rows = x.rows;
         out.cols = x.cols;
         out.scheme = settings_.scheme;
-        out.tensor = tensor_;
+        out.layer = tensor_;
+        out.epoch = step;
     }
 
     /// The checks compress() makes, for callers that validate everything before writing anything.
@@ -125,13 +127,18 @@ public:
     void check_restore(const saved_tensor& in, index_t row0, index_t rows, index_t cols, const char* where) const
     {
         COMPACT_REQUIRE(in.filled, where, "the saved tensor holds nothing: compress into it first");
-        COMPACT_REQUIRE(in.tensor == tensor_, where, "the saved tensor was written by the store of tensor ",
-                        in.tensor, ", not by this one (tensor ", tensor_, ")");
-        COMPACT_REQUIRE(in.data != nullptr && in.capacity >= stored_bytes<Scalar>(in.scheme, in.rows * in.cols),
-                        where, "the saved tensor's memory (", in.capacity, " bytes) no longer holds its ",
+        COMPACT_REQUIRE(in.layer == tensor_, where, "the saved tensor was written by the store of tensor ",
+                        in.layer, ", not by this one (tensor ", tensor_, ")");
+        // A saved tensor is plain memory a caller can alter: its record is validated again before use.
+        detail::check_scheme(in.scheme, where);
+        COMPACT_REQUIRE(in.rows >= 0 && in.cols >= 0, where, "the saved tensor's record has negative extents (",
+                        in.rows, ", ", in.cols, ")");
+        const index_t count = detail::checked_mul(in.rows, in.cols, where);
+        COMPACT_REQUIRE(in.data != nullptr && in.capacity >= stored_bytes<Scalar>(in.scheme, count), where,
+                        "the saved tensor's memory (", in.capacity, " bytes) no longer holds its ",
                         to_string(in.scheme), " encoding of (", in.rows, ", ", in.cols, ")");
-        COMPACT_REQUIRE(cols == in.cols && row0 >= 0 && rows >= 0 && row0 + rows <= in.rows, where, "out is (", rows,
-                        ", ", cols, ") at row ", row0, " but the saved tensor is (", in.rows, ", ", in.cols, ")");
+        COMPACT_REQUIRE(cols == in.cols && row0 >= 0 && rows >= 0 && row0 <= in.rows && rows <= in.rows - row0, where,
+                        "out is (", rows, ", ", cols, ") at row ", row0, " but the saved tensor is (", in.rows, ", ", in.cols, ")");
     }
 
     /// Writes the approximation of the whole tensor held by `in` into out (rows, cols).

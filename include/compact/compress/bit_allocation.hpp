@@ -26,7 +26,7 @@
 // (continuous_bits) is what the result follows, to within a ladder step.
 #pragma once
 
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 

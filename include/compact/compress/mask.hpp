@@ -13,7 +13,7 @@
 #pragma once
 
 #include "compact/backend/backend.hpp"
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"

@@ -18,8 +18,8 @@
 //
 //   compact::bit_allocator alloc(options, compact::sensitivity_method::gact,
 //                                compact::allocation_schedule::every(1000));
-//   alloc.add(fc1.settings(), batch * 784);          // D_l: values the tensor holds per step
-//   alloc.add(fc2.settings(), batch * 1024);
+//   alloc.add(fc1.compressor().settings(), batch * 784);   // D_l: values the tensor holds per step
+//   alloc.add(fc2.compressor().settings(), batch * 1024);
 //   ...
 //   alloc.update(step, [&](compact::gradient_probe& probe) {
 //       forward_and_backward(batch);                 // same batch, no optimizer step
@@ -34,7 +34,7 @@
 
 #include "compact/compress/activation_store.hpp"
 #include "compact/compress/bit_allocation.hpp"
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"

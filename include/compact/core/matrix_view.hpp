@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 COMPACT_NAMESPACE_BEGIN
 
@@ -94,6 +95,32 @@ void check_shape(const matrix_view<T>& v, index_t rows, index_t cols, const char
     check_view(v, where, name);
     COMPACT_REQUIRE(v.rows == rows && v.cols == cols, where, name, " is ", shape_string(v), " but (", rows, ", ",
                     cols, ") is required");
+}
+
+/// The bytes a view spans, [first, last): empty views span nothing.
+template <class T>
+std::pair<const unsigned char*, const unsigned char*> byte_span(const matrix_view<T>& v) noexcept
+{
+    if (v.empty() || v.data == nullptr) return {nullptr, nullptr};
+    const auto* first = reinterpret_cast<const unsigned char*>(v.data);
+    return {first, first + ((v.rows - 1) * v.ld + v.cols) * static_cast<index_t>(sizeof(T))};
+}
+
+/// True when two views share a byte (their spans overlap).
+template <class A, class B>
+bool overlaps(const matrix_view<A>& a, const matrix_view<B>& b) noexcept
+{
+    const auto sa = byte_span(a), sb = byte_span(b);
+    return sa.first != nullptr && sb.first != nullptr && sa.first < sb.second && sb.first < sa.second;
+}
+
+/// Rejects an output that overlaps an input: the operation would read what it has already written.
+template <class A, class B>
+void check_no_overlap(const matrix_view<A>& out, const char* out_name, const matrix_view<B>& in, const char* in_name,
+                      const char* where)
+{
+    COMPACT_REQUIRE(!overlaps(out, in), where, out_name, " ", shape_string(out), " overlaps ", in_name, " ",
+                    shape_string(in), " in memory; in-place use is not supported here");
 }
 
 /// A plain pointer argument that must hold `count` elements.

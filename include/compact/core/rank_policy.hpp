@@ -92,10 +92,10 @@ struct ratio {
     }
 };
 
-/// An absolute rank, the same for every layer (must not exceed any layer's n).
+/// An absolute rank, the same for every layer (must not exceed any layer's n). There is no default: a
+/// layer with rank::fixed must be given one (`rank::fixed{8}`), so forgetting it does not compile.
 struct fixed {
-    index_t r = 0;
-    constexpr fixed() = default;
+    index_t r;
     constexpr explicit fixed(index_t rank_value) noexcept : r(rank_value) {}
     index_t rank(const layer_info&) const noexcept { return r; }
 };

@@ -15,7 +15,7 @@
 // the saved schemes, so training resumes with the allocation it had.
 #pragma once
 
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
 #include "compact/compress/sensitivity.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"

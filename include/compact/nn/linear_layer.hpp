@@ -20,20 +20,25 @@
 // them at the first step. After changing W or b between steps, call sync_master() (or the change is
 // overwritten by the next step's rounding of the master). Checkpoints save and restore the master.
 //
-// With the `quantized` policy (compress/activation_store.hpp) the layer keeps X encoded instead of Z,
-// its gradient is the full (m, n) G = dY^T X^ and its optimizer plain AdamW; the rounding noise of a
-// forward is keyed by the update count, so a rerun of the same step encodes identically (what
-// sensitivity probes rely on). Changing the scheme (set_scheme, or a bit allocator through settings())
-// resizes the saved buffer at the next forward if it grew: the one allocation outside the constructor.
+// The compressor is the Policy's (compress/compressor.hpp): a rank policy's random projection, an
+// activation store (compact::quantized: the full (m, n) gradient and plain AdamW), or one of the caller's.
+// The layer calls it only through the concept. A compressor whose saved bytes can grow between steps (a
+// bit allocator raising a store's bits through compressor().settings()) makes the next forward regrow
+// the saved buffer: the one allocation outside the constructor.
+//
+// Ownership: a layer owns its buffers and what it saved points into them, so it is move-only.
 #pragma once
 
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
-#include "compact/core/projection.hpp"
+#include "compact/compress/compressor.hpp"
+#include "compact/core/checked.hpp"
+#include "compact/core/shape.hpp"
 #include "compact/core/workspace.hpp"
 #include "compact/nn/compressed_linear.hpp"
 #include "compact/optim/adamw.hpp"
+#include "compact/random/projection.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -43,62 +48,75 @@ COMPACT_NAMESPACE_BEGIN
 
 struct linear_options {
     std::uint64_t seed = 0;                        ///< the run's seed
-    std::uint64_t layer = 0;                       ///< unique id of this layer's projection
+    std::uint64_t layer = 0;                       ///< unique id of this layer's compressor
     bool bias = true;
-    index_t max_rows = 0;                          ///< largest N passed to forward (sizes Z); required
+    index_t max_rows = 0;                          ///< largest N passed to forward (sizes the saved buffer); required
     distribution dist = distribution::gaussian;    ///< ignored when the policy forces the identity
     resampling resample{};                         ///< T: updates between new projections (0: never)
     moment_policy moments = moment_policy::keep;   ///< what the optimizer does when P changes
     /// Keep P (n, r) for as long as its epoch lasts instead of regenerating it in every forward and
     /// step. Costs n r values of memory (independent of N); off by default, as in SPEC section 1.
-    /// Ignored for the identity projection, which needs no P.
+    /// Ignored for the identity projection, which needs no P, and for compressors without a projection.
     bool keep_projection = false;
     /// Keep State copies of W and b that the optimizer updates (W, b = their rounding to Scalar). Costs
     /// (m n + m) sizeof(State) bytes of state; off by default. Pointless but harmless for Scalar = State.
     bool master_weights = false;
 };
 
-template <class Scalar, class Policy, class Backend, class State = float>
+template <class Scalar, class Policy, class Backend, class State = default_state_t<Scalar>>
 class linear_layer {
 public:
     using layer_type = compressed_linear<Scalar, Policy, Backend>;
-    using optimizer_type = subspace_adamw<Scalar, Backend, State>;
+    using compressor_type = typename layer_type::compressor_type;
+    using saved_type = typename layer_type::saved_type;
+    using optimizer_type = compressed_adamw<compressor_type, State>;
     using context = typename Backend::context;
     template <class T>
     using buffer = typename Backend::template buffer<T>;
 
-    /// True for the `quantized` policy (X kept in an activation store).
-    static constexpr bool stores_input = layer_type::stores_input;
-
-    linear_layer(index_t in, index_t out, const linear_options& options, Policy policy = {})
-        : options_(options),
-          layer_(in, out, options.seed, options.layer, policy, options.dist),
-          optimizer_(out, layer_.projection(), options.moments)
+    linear_layer(in_features in, out_features out, const linear_options& options, const Policy& policy = Policy{})
+        : options_(checked_options(in.value, out.value, options)),
+          layer_(in, out, options.seed, options.layer, policy, options.dist, options.resample),
+          optimizer_(out, layer_.compressor(), options.moments)
     {
-        COMPACT_REQUIRE(options.max_rows >= 1, "linear_layer", "options.max_rows=", options.max_rows,
-                        " must be at least 1 (it sizes the saved activation)");
+        constexpr const char* where = "linear_layer";
         const index_t r = layer_.rank();
-        weight_.assign(static_cast<std::size_t>(out * in), Scalar(0));
-        if constexpr (stores_input) saved_.assign(layer_.saved_bytes(options.max_rows), std::byte{0});
-        else z_.assign(static_cast<std::size_t>(options.max_rows * r), Scalar(0));
-        g_sub_.assign(static_cast<std::size_t>(out * r), Scalar(0));
-        m_.assign(static_cast<std::size_t>(out * r), State(0));
-        v_.assign(static_cast<std::size_t>(out * r), State(0));
+        const auto count = [&](index_t rows, index_t cols) {
+            return static_cast<std::size_t>(detail::checked_mul(rows, cols, where));
+        };
+        weight_.assign(count(out.value, in.value), Scalar(0));
+        saved_memory_.assign(layer_.saved_bytes(options.max_rows), std::byte{0});
+        g_.assign(count(out.value, r), Scalar(0));
+        m_.assign(count(out.value, r), State(0));
+        v_.assign(count(out.value, r), State(0));
         if (options.bias) {
-            bias_.assign(static_cast<std::size_t>(out), Scalar(0));
-            db_.assign(static_cast<std::size_t>(out), Scalar(0));
-            bias_m_.assign(static_cast<std::size_t>(out), State(0));
-            bias_v_.assign(static_cast<std::size_t>(out), State(0));
+            bias_.assign(count(1, out.value), Scalar(0));
+            db_.assign(count(1, out.value), Scalar(0));
+            bias_m_.assign(count(1, out.value), State(0));
+            bias_v_.assign(count(1, out.value), State(0));
         }
-        if (keeps_projection()) projection_.assign(static_cast<std::size_t>(in * r), Scalar(0));
+        if constexpr (layer_type::subspace) {
+            if (options.keep_projection && !layer_.projection().is_identity()) {
+                projection_.assign(count(in.value, r), Scalar(0));
+                layer_.compressor().projection().keep({projection_.data(), in.value, r});
+            }
+        }
         if (options.master_weights) {
-            master_weight_.assign(static_cast<std::size_t>(out * in), State(0));
-            if (options.bias) master_bias_.assign(static_cast<std::size_t>(out), State(0));
+            master_weight_.assign(count(out.value, in.value), State(0));
+            if (options.bias) master_bias_.assign(count(1, out.value), State(0));
         }
         workspace_.assign(std::max(layer_.workspace_bytes(options.max_rows),
                                    optimizer_.workspace_bytes(options.master_weights)),
                           std::byte{0});
+        grads_.weight = {g_.data(), out.value, r};
+        if (options.bias) grads_.bias = {db_.data(), 1, out.value};
     }
+
+    // What forward saved points into this layer's own buffers: a copy would share them.
+    linear_layer(const linear_layer&) = delete;
+    linear_layer& operator=(const linear_layer&) = delete;
+    linear_layer(linear_layer&&) noexcept = default;
+    linear_layer& operator=(linear_layer&&) noexcept = default;
 
     index_t in() const noexcept { return layer_.in(); }
     index_t out() const noexcept { return layer_.out(); }
@@ -106,16 +124,9 @@ public:
     /// The options the layer was built with (checkpoints compare them with a saved state).
     const linear_options& options() const noexcept { return options_; }
     const layer_type& layer() const noexcept { return layer_; }
-    /// The activation store's scheme and noise variant, for a bit allocator (stores_input only).
-    store_settings& settings() noexcept { return layer_.settings(); }
-    const store_scheme& scheme() const noexcept { return layer_.store().scheme(); }
-    template <bool Stores = stores_input> // a template, so explicit instantiations of other layers compile
-    void set_scheme(const store_scheme& s)
-    {
-        static_assert(Stores, "compact: set_scheme is for layers with the quantized policy");
-        detail::check_scheme(s, "linear_layer::set_scheme");
-        layer_.settings().scheme = s;
-    }
+    /// The compressor, for its own settings (a store's scheme for a bit allocator, say).
+    const compressor_type& compressor() const noexcept { return layer_.compressor(); }
+    compressor_type& compressor() noexcept { return layer_.compressor(); }
     const optimizer_type& optimizer() const noexcept { return optimizer_; }
 
     /// The weight W (m, n) and bias (m, or null without bias), for initialisation and inspection.
@@ -123,8 +134,16 @@ public:
     const_matrix_view<Scalar> weight() const noexcept { return {weight_.data(), out(), in()}; }
     Scalar* bias() noexcept { return options_.bias ? bias_.data() : nullptr; }
     const Scalar* bias() const noexcept { return options_.bias ? bias_.data() : nullptr; }
-    /// The accumulated subspace gradient G_sub (m, r) and bias gradient since the last step.
-    const_matrix_view<Scalar> gradient() const noexcept { return {g_sub_.data(), out(), rank()}; }
+    /// The bias as the (1, m) view compressed_linear takes, or an empty view without bias.
+    const_matrix_view<Scalar> bias_view() const noexcept
+    {
+        return options_.bias ? const_matrix_view<Scalar>(bias_.data(), 1, out()) : const_matrix_view<Scalar>{};
+    }
+    /// The accumulated weight gradient since the last step: G_sub (m, r), or G (m, n) for a full-shape
+    /// compressor; and the bias gradient (m, or null without bias).
+    const_matrix_view<Scalar> gradient() const noexcept { return {g_.data(), out(), rank()}; }
+    /// Both gradients with the epoch they were computed under.
+    const layer_gradient<Scalar>& gradients() const noexcept { return grads_; }
     const Scalar* bias_gradient() const noexcept { return options_.bias ? db_.data() : nullptr; }
 
     /// Moments and counters, for checkpoints and tests: M and V (m, r) of W with their counters, and the
@@ -178,7 +197,11 @@ public:
 
     /// Drops the gradient accumulated since the last step (for example after a sensitivity probe's
     /// backward pass, which must not reach the optimizer); the next backward overwrites.
-    void discard_gradient() noexcept { has_gradient_ = false; }
+    void discard_gradient() noexcept
+    {
+        has_gradient_ = false;
+        grads_.written = false;
+    }
 
     /// Sets the counters of a restored state, for checkpoint loading: the completed updates (which select
     /// P's epoch) and the counters of W's and b's moments. Write the weights and moments through the
@@ -203,17 +226,19 @@ public:
         counters_ = weight;
         bias_counters_ = bias;
         has_gradient_ = false;
+        grads_.written = false;
         rows_ = -1;
-        projection_valid_ = false;
+        saved_ = {};
         master_valid_ = master_restored;
     }
 
-    /// Completed optimizer updates, and the epoch of P that forward uses now.
+    /// Completed optimizer updates, and the epoch of the resampling schedule (options.resample) now: the
+    /// epoch of P for a random projection.
     std::uint64_t updates() const noexcept { return updates_; }
     std::uint64_t epoch() const noexcept { return options_.resample.epoch(updates_); }
 
-    /// Bytes kept between forward and backward for N rows (with the current scheme for a store).
-    std::size_t saved_bytes(index_t rows) const noexcept { return layer_.saved_bytes(rows); }
+    /// Bytes kept between forward and backward for N rows (with a store's current scheme).
+    std::size_t saved_bytes(index_t rows) const { return layer_.saved_bytes(rows); }
     /// Bytes of the kept projection (0 unless options.keep_projection).
     std::size_t projection_bytes() const noexcept { return projection_.size() * sizeof(Scalar); }
     /// Bytes of optimizer state: moments of W and b, and their master copies with master weights.
@@ -223,104 +248,107 @@ public:
                (master_weight_.size() + master_bias_.size()) * sizeof(State);
     }
 
-    /// Y (N, m) = X (N, n) W^T + b; keeps Z = X P for backward. N <= max_rows.
+    /// Y (N, m) = X (N, n) W^T + b; keeps what the compressor keeps of X for backward. N <= max_rows.
     void forward(const context& ctx, const_matrix_view<Scalar> x, matrix_view<Scalar> y)
     {
-        COMPACT_REQUIRE(x.rows <= options_.max_rows, "linear_layer::forward", "X has ", x.rows,
+        constexpr const char* where = "linear_layer::forward";
+        COMPACT_REQUIRE(x.rows <= options_.max_rows, where, "X has ", x.rows,
                         " rows but the layer was built for max_rows=", options_.max_rows);
-        if constexpr (stores_input) {
-            const std::size_t need = layer_.saved_bytes(x.rows);
-            if (saved_.size() < need) {
-                rows_ = -1; // the previous forward's encoding goes with the old buffer
-                saved_tensor_ = {};
-                saved_.assign(need, std::byte{0});
-            }
-            saved_tensor_.data = saved_.data();
-            saved_tensor_.capacity = saved_.size();
-            layer_.forward(ctx, x, weight(), bias(), y, saved_tensor_, noise_step());
-        } else {
-            matrix_view<Scalar> z(z_.data(), x.rows, rank());
-            if (keeps_projection())
-                layer_.forward(ctx, x, weight(), bias(), y, z, kept_projection(ctx));
-            else
-                layer_.forward(ctx, x, weight(), bias(), y, z, epoch(), ws());
-        }
+        rows_ = -1; // until this forward has saved
+        saved_ = {};
+        const std::size_t need = layer_.saved_bytes(std::max<index_t>(x.rows, 0));
+        if (saved_memory_.size() < need) saved_memory_.assign(need, std::byte{0});
+        saved_ = bind_saved<saved_type>(saved_memory_.data(), saved_memory_.size());
+        layer_.forward(ctx, x, weight(), bias_view(), y, saved_, updates_, ws());
         rows_ = x.rows;
     }
 
-    /// dX (N, n) = dY W, or skipped when dx is empty; G_sub and db accumulate until step().
+    /// dX (N, n) = dY W, or skipped when dx is empty; the gradients accumulate until step().
     void backward(const context& ctx, const_matrix_view<Scalar> dy, matrix_view<Scalar> dx)
     {
-        COMPACT_REQUIRE(rows_ >= 0, "linear_layer::backward", "called without a preceding forward");
-        COMPACT_REQUIRE(dy.rows == rows_, "linear_layer::backward", "dY is ", shape_string(dy),
-                        " but the last forward saved ", rows_, " rows");
+        constexpr const char* where = "linear_layer::backward";
+        COMPACT_REQUIRE(rows_ >= 0, where, "called without a preceding forward");
+        COMPACT_REQUIRE(dy.rows == rows_, where, "dY is ", shape_string(dy), " but the last forward saved ", rows_,
+                        " rows");
         const write_mode mode = has_gradient_ ? write_mode::accumulate : write_mode::overwrite;
-        Scalar* db = options_.bias ? db_.data() : nullptr;
-        if constexpr (stores_input) {
-            layer_.backward(ctx, dy, weight(), saved_tensor_, dx, {g_sub_.data(), out(), rank()}, db, ws(), mode);
-        } else {
-            const_matrix_view<Scalar> z(z_.data(), rows_, rank());
-            layer_.backward(ctx, dy, weight(), z, dx, {g_sub_.data(), out(), rank()}, db, mode);
-        }
+        layer_.backward(ctx, dy, weight(), saved_, dx, grads_, ws(), mode);
         has_gradient_ = true;
         rows_ = -1;
     }
 
-    /// One optimizer update from the accumulated gradients; the next forward may use a new P.
-    void step(const context& ctx, const adamw_params& h)
+    /// One optimizer update from the accumulated gradients, with `h` for W and for b; the next forward
+    /// may use a new P.
+    void step(const context& ctx, const adamw_params& h) { step(ctx, h, h); }
+
+    /// The same with the bias's own hyper-parameters (commonly weight_decay = 0; alpha is not used).
+    void step(const context& ctx, const adamw_params& h, const adamw_params& bias_h)
     {
         COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
+        // Both hyper-parameter sets are validated before W changes, so a bad bias_h cannot leave W updated
+        // and the gradient pending (a retry would apply W's update twice).
+        detail::adam_step_coefficients(h, counters_.step + 1, h.alpha, "linear_layer::step (weight)");
+        if (options_.bias) detail::adam_step_coefficients(bias_h, bias_counters_.step + 1, 1.0, "linear_layer::step (bias)");
         if (options_.master_weights && !master_valid_) sync_master(ctx);
-        optimizer_.step(ctx, h, weight(), gradient(), first_moment(), second_moment(), counters_, epoch(), ws(),
-                        keeps_projection() ? kept_projection(ctx) : const_matrix_view<Scalar>{}, master_weight());
+        optimizer_.step(ctx, h, layer_.compressor(), weight(), grads_, first_moment(), second_moment(), counters_,
+                        ws(), master_weight());
         if (options_.bias)
-            adamw<Backend>::step(ctx, h, matrix_view<Scalar>(bias_.data(), 1, out()),
+            adamw<Backend>::step(ctx, bias_h, matrix_view<Scalar>(bias_.data(), 1, out()),
                                  const_matrix_view<Scalar>(db_.data(), 1, out()),
                                  matrix_view<State>(bias_m_.data(), 1, out()),
                                  matrix_view<State>(bias_v_.data(), 1, out()), bias_counters_,
                                  options_.master_weights ? matrix_view<State>(master_bias_.data(), 1, out())
                                                          : matrix_view<State>{});
         has_gradient_ = false;
+        grads_.written = false;
         ++updates_;
     }
+
+    /// Workspace bytes the layer holds: enough for forward, backward and step at max_rows.
+    std::size_t workspace_bytes() const noexcept { return workspace_.size(); }
 
 private:
     workspace ws() noexcept { return {workspace_.data(), workspace_.size()}; }
 
-    /// The noise stream of a store's encoding: the update count, wrapped to the 32 bits the noise
-    /// counter holds.
-    std::uint64_t noise_step() const noexcept { return updates_ & 0xFFFFFFFFu; }
-
-    /// The identity is never kept: its Z is a copy of X and its update needs no P.
-    bool keeps_projection() const noexcept { return options_.keep_projection && !layer_.projection().is_identity(); }
-
-    /// The kept P of the current epoch, regenerated when the epoch has moved on.
-    const_matrix_view<Scalar> kept_projection(const context& ctx)
+    static const linear_options& checked_options(index_t in, index_t out, const linear_options& options)
     {
-        matrix_view<Scalar> p(projection_.data(), in(), rank());
-        if (!projection_valid_ || projection_epoch_ != epoch()) {
-            Backend::template generate_projection<Scalar>(ctx, layer_.projection().spec(epoch()), 0, 0, p);
-            projection_epoch_ = epoch();
-            projection_valid_ = true;
-        }
-        return p;
+        constexpr const char* where = "linear_layer";
+        COMPACT_REQUIRE(in >= 1 && out >= 1, where, "in=", in, " and out=", out, " must be positive");
+        COMPACT_REQUIRE(options.max_rows >= 1, where, "options.max_rows=", options.max_rows,
+                        " must be at least 1 (it sizes the saved activation)");
+        COMPACT_REQUIRE(static_cast<unsigned>(options.moments) <= static_cast<unsigned>(moment_policy::transfer), where,
+                        "options.moments=", static_cast<unsigned>(options.moments), " is not keep, reset or transfer");
+        COMPACT_REQUIRE(static_cast<unsigned>(options.dist) <= static_cast<unsigned>(distribution::identity), where,
+                        "options.dist=", static_cast<unsigned>(options.dist),
+                        " is not gaussian, rademacher or identity");
+        // Every buffer's size, before any is allocated (the weights are the largest of m n, m r, n r).
+        detail::checked_mul_size(out, in, sizeof(Scalar) > sizeof(State) ? sizeof(Scalar) : sizeof(State), where);
+        return options;
     }
 
     linear_options options_;
     layer_type layer_;
     optimizer_type optimizer_;
-    buffer<Scalar> weight_, bias_, z_, g_sub_, db_, projection_;
+    buffer<Scalar> weight_, bias_, g_, db_, projection_;
     buffer<State> m_, v_, bias_m_, bias_v_;
     buffer<State> master_weight_, master_bias_; // (m, n) and (m), with options.master_weights only
-    buffer<std::byte> workspace_, saved_;
-    saved_tensor saved_tensor_{};
+    buffer<std::byte> workspace_, saved_memory_;
+    saved_type saved_{};
+    layer_gradient<Scalar> grads_{};
     adam_counters counters_{}, bias_counters_{};
     std::uint64_t updates_ = 0;
     index_t rows_ = -1;
     bool has_gradient_ = false;
-    std::uint64_t projection_epoch_ = 0;
-    bool projection_valid_ = false;
     bool master_valid_ = false;
 };
+
+/// Workspace for a caller-memory layer and its optimizer together: forward and backward with up to
+/// `rows` rows, and step (with or without a master copy of W).
+template <class Scalar, class Policy, class Backend, class State>
+std::size_t training_workspace_bytes(const compressed_linear<Scalar, Policy, Backend>& layer,
+                                     const compressed_adamw<typename compressed_linear<Scalar, Policy, Backend>::compressor_type, State>& optimizer,
+                                     index_t rows, bool with_master = false)
+{
+    return std::max(layer.workspace_bytes(rows), optimizer.workspace_bytes(with_master));
+}
 
 COMPACT_NAMESPACE_END

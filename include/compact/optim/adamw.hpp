@@ -10,9 +10,15 @@
 // of the new one; moment_policy says what happens: keep them (the paper, GaLore), reset them (and t),
 // or transfer M <- M P_old^T P_new (Flora's re-sketch; V is kept).
 //
+// The update uses the P of the epoch the gradient was computed under: step takes the layer_gradient that
+// backward wrote (compress/compressor.hpp), which records it, and the projection_source that owns P
+// (kept or regenerated: the same bits), and checks that the source is the one the optimizer was built
+// for.
+//
 // Parameters that are not compressed (biases, norms, embeddings) use adamw::step: the same equations
-// with full-shape moments and alpha = 1. Moments have their own type `State` (float by default, whatever
-// the weights' type). Hyper-parameters are a plain struct passed to every step, so schedules are just
+// with full-shape moments and alpha = 1. Moments have their own type `State`: by default float for float
+// and 16-bit weights and double for double weights (default_state_t), never below the weights'
+// precision. Hyper-parameters are a plain struct passed to every step, so schedules are just
 // a different struct per step.
 //
 // Master weights. Both steps take an optional `master` (the shape of W, in State): a higher-precision
@@ -24,16 +30,19 @@
 #pragma once
 
 #include "compact/backend/backend.hpp"
+#include "compact/compress/compressor.hpp"
+#include "compact/compress/projection_source.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
-#include "compact/core/projection.hpp"
+#include "compact/core/shape.hpp"
 #include "compact/core/workspace.hpp"
-#include "compact/nn/input_projection.hpp"
+#include "compact/random/projection.hpp"
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 COMPACT_NAMESPACE_BEGIN
 
@@ -43,7 +52,8 @@ struct adamw_params {
     double beta2 = 0.999;
     double eps = 1e-6;          ///< added outside the square root
     double weight_decay = 0.0;  ///< decoupled: W <- W - lr wd W after the update
-    double alpha = 1.0;         ///< subspace scale (0.25 for the paper's pretraining); plain AdamW ignores it
+    double alpha = 1.0;         ///< subspace scale (0.25 for the paper's pretraining); plain AdamW and the
+                                ///< identity projection (rank::full) ignore it
 };
 
 enum class moment_policy : unsigned char {
@@ -69,18 +79,24 @@ struct adam_counters {
     std::uint64_t epoch = 0;
 };
 
+/// The default type of optimizer state for weights of type Scalar: double for double, float otherwise.
+template <class Scalar>
+using default_state_t = std::conditional_t<std::is_same_v<Scalar, double>, double, float>;
+
 namespace detail {
 
 inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint64_t t, double alpha,
                                                 const char* where)
 {
-    COMPACT_REQUIRE(h.lr >= 0, where, "lr=", h.lr, " must be non-negative");
+    COMPACT_REQUIRE(h.lr >= 0 && std::isfinite(h.lr), where, "lr=", h.lr, " must be finite and non-negative");
     COMPACT_REQUIRE(h.beta1 >= 0 && h.beta1 < 1, where, "beta1=", h.beta1, " must be in [0, 1)");
     COMPACT_REQUIRE(h.beta2 >= 0 && h.beta2 < 1, where, "beta2=", h.beta2, " must be in [0, 1)");
-    COMPACT_REQUIRE(h.eps > 0, where, "eps=", h.eps, " must be positive");
-    COMPACT_REQUIRE(h.weight_decay >= 0 && h.lr * h.weight_decay <= 1, where, "weight_decay=", h.weight_decay,
+    COMPACT_REQUIRE(h.eps > 0 && std::isfinite(h.eps), where, "eps=", h.eps, " must be finite and positive");
+    COMPACT_REQUIRE(t >= 1, where, "the step counter wrapped around to 0");
+    COMPACT_REQUIRE(h.weight_decay >= 0 && std::isfinite(h.weight_decay) && h.lr * h.weight_decay <= 1, where,
+                    "weight_decay=", h.weight_decay,
                     " must be non-negative with lr * weight_decay <= 1 (lr=", h.lr, ")");
-    COMPACT_REQUIRE(alpha > 0, where, "alpha=", alpha, " must be positive");
+    COMPACT_REQUIRE(alpha > 0 && std::isfinite(alpha), where, "alpha=", alpha, " must be finite and positive");
     const double td = static_cast<double>(t);
     adam_coefficients k;
     k.beta1 = h.beta1;
@@ -125,6 +141,9 @@ struct adamw {
         detail::check_shape(m, w.rows, w.cols, where, "M");
         detail::check_shape(v, w.rows, w.cols, where, "V");
         detail::check_master(master, w.rows, w.cols, where);
+        detail::check_no_overlap(m, "M", v, "V", where);
+        detail::check_no_overlap(w, "W", m, "M", where);
+        detail::check_no_overlap(w, "W", v, "V", where);
         const auto k = detail::adam_step_coefficients(h, counters.step + 1, 1.0, where);
         ++counters.step;
         if (detail::has_master(master)) {
@@ -144,21 +163,25 @@ struct adamw {
 };
 
 /// AdamW in the subspace of one layer's projection. Holds no buffers: M and V (m, r) and the counters
-/// are passed to every step.
-template <class Scalar, class Backend, class State = float>
+/// are passed to every step, with the projection_source that owns P.
+template <class Scalar, class Backend, class State = default_state_t<Scalar>>
 class subspace_adamw {
 public:
     using context = typename Backend::context;
-    using projection_type = input_projection<Scalar, Backend>;
+    using source_type = projection_source<Scalar, Backend>;
 
-    subspace_adamw(index_t out, const projection_type& projection, moment_policy policy = moment_policy::keep)
-        : out_(out), projection_(projection), policy_(policy)
+    subspace_adamw(out_features out, const source_type& projection, moment_policy policy = moment_policy::keep)
+        : out_(out.value), projection_(projection), policy_(policy)
     {
-        COMPACT_REQUIRE(out >= 1, "subspace_adamw", "out=", out, " must be positive");
+        COMPACT_REQUIRE(out.value >= 1, "subspace_adamw", "out=", out.value, " must be positive");
+        COMPACT_REQUIRE(static_cast<unsigned>(policy) <= static_cast<unsigned>(moment_policy::transfer),
+                        "subspace_adamw", "moment_policy ", static_cast<unsigned>(policy),
+                        " is not keep, reset or transfer");
     }
 
     moment_policy policy() const noexcept { return policy_; }
-    const projection_type& projection() const noexcept { return projection_; }
+    /// The projection this optimizer was built for (its definition; a kept copy is the step's source).
+    const source_type& projection() const noexcept { return projection_; }
 
     /// Bytes of M and V: 2 m r sizeof(State).
     std::size_t state_bytes() const noexcept
@@ -166,9 +189,11 @@ public:
         return 2 * static_cast<std::size_t>(out_) * static_cast<std::size_t>(projection_.rank()) * sizeof(State);
     }
 
-    /// Workspace for step(): P and the update direction, plus P_old, P_new, P_old^T P_new and M P for the
-    /// transfer policy; none for the identity, which is plain AdamW in place. with_master: for steps
-    /// given a master copy of W, whose direction (m, r) and P (n, r) are also needed in State.
+    /// Workspace for step(): P (counted even when the step's source keeps it: an upper bound) and the
+    /// update direction, plus P_old,
+    /// P_new, P_old^T P_new and M P for the transfer policy; none for the identity, which is plain AdamW
+    /// in place. with_master: for steps given a master copy of W, whose direction (m, r) and P (n, r) are
+    /// also needed in State.
     std::size_t workspace_bytes(bool with_master = false) const noexcept
     {
         if (projection_.is_identity()) return 0; // plain AdamW in place
@@ -182,47 +207,49 @@ public:
         return bytes;
     }
 
-    /// One update of W (m, n) from G_sub (m, r), computed under the projection of `epoch`.
-    /// M, V: (m, r) moments in State; counters: their step and epoch (updated here).
-    /// p: P (n, r) of `epoch` if the caller keeps it, or empty to regenerate it in the workspace.
-    /// master: empty, or the State copy of W (m, n) to update instead, W becoming master rounded to
-    /// Scalar; the workspace is then workspace_bytes(true). The direction and the GEMM are computed in
-    /// State with the P the forward used (generated or kept in Scalar, widened exactly to State), so a
-    /// kept P and a regenerated one still give the same bits.
+    /// One update of W (m, n) from grads.weight = G_sub (m, r), under the projection of the epoch backward
+    /// recorded in grads. `p` owns P: the source this optimizer was built for (or a copy of it that keeps
+    /// P). M, V: (m, r) moments in State; counters: their step and epoch (updated here). master: empty,
+    /// or the State copy of W (m, n) to update instead, W becoming master rounded to Scalar; the workspace
+    /// is then workspace_bytes(true). The direction and the GEMM are computed in State with the P the
+    /// forward used (in Scalar, widened exactly to State), so a kept P and a regenerated one give the
+    /// same bits. grads.bias is not used (a bias trains with adamw::step).
     /// Cost: m r n multiply-adds (the projection back), plus elementwise work on m r and m n values.
-    void step(const context& ctx, const adamw_params& h, matrix_view<Scalar> w, const_matrix_view<Scalar> g_sub,
-              matrix_view<State> m, matrix_view<State> v, adam_counters& counters, std::uint64_t epoch,
-              workspace ws, const_matrix_view<Scalar> p = {}, matrix_view<State> master = {}) const
+    void step(const context& ctx, const adamw_params& h, const source_type& p, matrix_view<Scalar> w,
+              const layer_gradient<Scalar>& grads, matrix_view<State> m, matrix_view<State> v, adam_counters& counters,
+              workspace ws, matrix_view<State> master = {}) const
     {
         constexpr const char* where = "subspace_adamw::step";
         const index_t n = projection_.in(), r = projection_.rank();
+        COMPACT_REQUIRE(p.same_projection(projection_), where, "the projection source (n=", p.in(), ", r=", p.rank(),
+                        ", layer ", p.layer(), ") is not the one this optimizer was built for (n=", n, ", r=", r,
+                        ", layer ", projection_.layer(), ")");
+        COMPACT_REQUIRE(grads.written, where, "the gradient was not written by a backward since it was made");
+        const_matrix_view<Scalar> g_sub = grads.weight;
         detail::check_shape(w, out_, n, where, "W");
-        detail::check_shape(g_sub, out_, r, where, "G_sub");
+        detail::check_shape(g_sub, out_, r, where, "G_sub (grads.weight)");
         detail::check_shape(m, out_, r, where, "M");
         detail::check_shape(v, out_, r, where, "V");
         detail::check_master(master, out_, n, where);
+        detail::check_no_overlap(m, "M", v, "V", where);
+        detail::check_no_overlap(w, "W", g_sub, "G_sub", where);
+        detail::check_no_overlap(w, "W", m, "M", where);
+        detail::check_no_overlap(w, "W", v, "V", where);
+        const std::uint64_t epoch = grads.epoch;
         const bool with_master = detail::has_master(master);
-        detail::check_projection(projection_.spec(epoch), where);
+        p.check_epoch(epoch, where);
         detail::workspace_carver carve(ws, workspace_bytes(with_master), where);
+        // alpha scales a step taken in a subspace; the identity is no subspace, so rank::full trains exactly
+        // like plain AdamW whatever alpha says (alpha is still validated).
         detail::adam_step_coefficients(h, counters.step + 1, h.alpha, where); // validates before any write
-
-        const bool generate = !projection_.is_identity() && p.empty();
-        if (!p.empty()) detail::check_shape(p, n, r, where, "P");
-        matrix_view<Scalar> direction, p_buffer;
-        matrix_view<State> direction_state, p_state;
-        if (!projection_.is_identity()) {
-            if (with_master) direction_state = matrix_view<State>(carve.take<State>(out_ * r), out_, r);
-            else direction = matrix_view<Scalar>(carve.take<Scalar>(out_ * r), out_, r);
-            p_buffer = matrix_view<Scalar>(carve.take<Scalar>(n * r), n, r);
-            if (with_master) p_state = matrix_view<State>(carve.take<State>(n * r), n, r);
-        }
+        const double alpha = projection_.is_identity() ? 1.0 : h.alpha;
 
         // The identity never changes, so an epoch boundary means nothing to its moments.
         if (counters.step > 0 && counters.epoch != epoch && !projection_.is_identity())
-            change_epoch(ctx, m, v, counters, epoch, carve);
+            change_epoch(ctx, p, m, v, counters, epoch, carve);
         counters.epoch = epoch;
         ++counters.step;
-        const auto coefficients = detail::adam_step_coefficients(h, counters.step, h.alpha, where);
+        const auto coefficients = detail::adam_step_coefficients(h, counters.step, alpha, where);
 
         const double scale = -coefficients.decay * coefficients.step_size;
         if (projection_.is_identity()) {
@@ -230,28 +257,25 @@ public:
             if (with_master) Backend::template adamw_update<State, State, Scalar>(ctx, coefficients, g_sub, m, v, master);
             else Backend::template adamw_update<Scalar, State>(ctx, coefficients, g_sub, m, v, w);
         } else if (with_master) {
-            Backend::template adam_direction<Scalar, State, State>(ctx, coefficients, g_sub, m, v, direction_state);
-            if (generate) {
-                Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
-                p = p_buffer;
-            }
-            Backend::template axpby<Scalar, State>(ctx, 1.0, p, 0.0, p_state);
-            Backend::template gemm<State>(ctx, op::none, op::transpose, scale, direction_state, p_state,
-                                          coefficients.decay, master);
+            matrix_view<State> direction(carve.take<State>(out_ * r), out_, r);
+            Backend::template adam_direction<Scalar, State, State>(ctx, coefficients, g_sub, m, v, direction);
+            const const_matrix_view<Scalar> pv = p.get(ctx, epoch, carve);
+            matrix_view<State> p_state(carve.take<State>(n * r), n, r);
+            Backend::template axpby<Scalar, State>(ctx, 1.0, pv, 0.0, p_state);
+            Backend::template gemm<State>(ctx, op::none, op::transpose, scale, direction, p_state, coefficients.decay,
+                                          master);
         } else {
+            matrix_view<Scalar> direction(carve.take<Scalar>(out_ * r), out_, r);
             Backend::template adam_direction<Scalar, State, Scalar>(ctx, coefficients, g_sub, m, v, direction);
-            if (generate) {
-                Backend::template generate_projection<Scalar>(ctx, projection_.spec(epoch), 0, 0, p_buffer);
-                p = p_buffer;
-            }
-            Backend::template gemm<Scalar>(ctx, op::none, op::transpose, scale, direction, p, coefficients.decay, w);
+            const const_matrix_view<Scalar> pv = p.get(ctx, epoch, carve);
+            Backend::template gemm<Scalar>(ctx, op::none, op::transpose, scale, direction, pv, coefficients.decay, w);
         }
         if (with_master) Backend::template axpby<State, Scalar>(ctx, 1.0, master, 0.0, w);
     }
 
 private:
-    void change_epoch(const context& ctx, matrix_view<State> m, matrix_view<State> v, adam_counters& counters,
-                      std::uint64_t epoch, detail::workspace_carver& carve) const
+    void change_epoch(const context& ctx, const source_type& p, matrix_view<State> m, matrix_view<State> v,
+                      adam_counters& counters, std::uint64_t epoch, detail::workspace_carver& carve) const
     {
         switch (policy_) {
         case moment_policy::keep: return;
@@ -266,8 +290,8 @@ private:
             matrix_view<State> p_new(carve.take<State>(n * r), n, r);
             matrix_view<State> q(carve.take<State>(r * r), r, r);
             matrix_view<State> moved(carve.take<State>(out_ * r), out_, r);
-            Backend::template generate_projection<State>(ctx, projection_.spec(counters.epoch), 0, 0, p_old);
-            Backend::template generate_projection<State>(ctx, projection_.spec(epoch), 0, 0, p_new);
+            p.generate(ctx, counters.epoch, p_old);
+            p.generate(ctx, epoch, p_new);
             Backend::template gemm<State>(ctx, op::transpose, op::none, 1.0, p_old, p_new, 0.0, q);
             Backend::template gemm<State>(ctx, op::none, op::none, 1.0, m, q, 0.0, moved);
             Backend::template axpby<State, State>(ctx, 1.0, moved, 0.0, m);
@@ -277,7 +301,64 @@ private:
     }
 
     index_t out_;
-    projection_type projection_;
+    source_type projection_;
+    moment_policy policy_;
+};
+
+/// The optimizer of a compressed layer's weight, whatever its compressor: subspace AdamW through the
+/// compressor's projection when the compressor is a subspace one, plain AdamW on the full (m, n)
+/// gradient otherwise (an activation store, a custom full-shape compressor). The one place where the
+/// concept's `subspace` flag picks an update rule.
+template <class Compressor, class State = default_state_t<typename Compressor::scalar_type>>
+class compressed_adamw {
+public:
+    using scalar_type = typename Compressor::scalar_type;
+    using backend_type = typename Compressor::backend_type;
+    using context = typename backend_type::context;
+
+    compressed_adamw(out_features out, const Compressor& compressor, moment_policy policy = moment_policy::keep)
+        : impl_(make(out, compressor, policy)), out_(out.value), cols_(compressor.gradient_cols()), policy_(policy)
+    {
+    }
+
+    moment_policy policy() const noexcept { return policy_; }
+
+    /// Bytes of M and V: 2 m cols sizeof(State), cols = r or n.
+    std::size_t state_bytes() const noexcept { return 2 * static_cast<std::size_t>(out_ * cols_) * sizeof(State); }
+    /// Workspace for step() (see subspace_adamw::workspace_bytes; plain AdamW needs none).
+    std::size_t workspace_bytes(bool with_master = false) const noexcept
+    {
+        if constexpr (Compressor::subspace) return impl_.workspace_bytes(with_master);
+        else return (void)with_master, 0;
+    }
+
+    /// One update of W (m, n) from grads.weight; arguments as in subspace_adamw::step.
+    void step(const context& ctx, const adamw_params& h, const Compressor& compressor, matrix_view<scalar_type> w,
+              const layer_gradient<scalar_type>& grads, matrix_view<State> m, matrix_view<State> v,
+              adam_counters& counters, workspace ws, matrix_view<State> master = {}) const
+    {
+        if constexpr (Compressor::subspace) {
+            impl_.step(ctx, h, compressor.projection(), w, grads, m, v, counters, ws, master);
+        } else {
+            (void)compressor, (void)ws;
+            COMPACT_REQUIRE(grads.written, "adamw::step", "the gradient was not written by a backward since it was made");
+            adamw<backend_type>::step(ctx, h, w, const_matrix_view<scalar_type>(grads.weight), m, v, counters, master);
+        }
+    }
+
+private:
+    struct none {};
+    using impl_type = std::conditional_t<Compressor::subspace, subspace_adamw<scalar_type, backend_type, State>, none>;
+
+    static impl_type make(out_features out, const Compressor& compressor, moment_policy policy)
+    {
+        if constexpr (Compressor::subspace) return impl_type(out, compressor.projection(), policy);
+        else return (void)out, (void)compressor, (void)policy, none{};
+    }
+
+    impl_type impl_;
+    index_t out_;
+    index_t cols_;
     moment_policy policy_;
 };
 

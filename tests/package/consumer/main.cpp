@@ -10,7 +10,7 @@ int main()
     compact::linear_options options;
     options.seed = 1;
     options.max_rows = 8;
-    layer l(64, 32, options);
+    layer l(compact::in_features{64}, compact::out_features{32}, options);
     compact::fill_uniform(l.weight(), -0.1, 0.1, 1, 0);
 
     std::vector<float> x(8 * 64, 0.5f), y(8 * 32), dy(8 * 32, 1.0f);

@@ -18,7 +18,7 @@ int main()
     compact::linear_options options;
     options.seed = 1;
     options.max_rows = 8;
-    layer l(64, 32, options);
+    layer l(compact::in_features{64}, compact::out_features{32}, options);
     compact::device_buffer<float> x(8 * 64, 0.5f), y(8 * 32, 0.0f), dy(8 * 32, 1.0f);
     l.forward(owner.get(), {x.data(), 8, 64}, {y.data(), 8, 32});
     l.backward(owner.get(), {dy.data(), 8, 32}, {});

@@ -13,11 +13,11 @@
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
-#include "compact/core/projection.hpp"
+#include "compact/random/projection.hpp"
 
-#include "compact/backend/cpu/eigen_core.hpp"
-#include "compact/backend/cpu/quantize.hpp"
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/cpu/detail/eigen_core.hpp"
+#include "compact/backend/cpu/detail/quantize.hpp"
+#include "compact/backend/store_scheme.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -132,7 +132,7 @@ struct cpu {
         for (index_t p = 0; p < parts; ++p) f(p);
     }
 
-    /// parallel_for bound to a context, for the kernels in backend/cpu/quantize.hpp.
+    /// parallel_for bound to a context, for the kernels in backend/cpu/detail/quantize.hpp.
     struct bound_parallel_for {
         const context& ctx;
         template <class F>
@@ -307,6 +307,19 @@ struct cpu {
     }
 
     // ------------------------------------------------------------------- quantized stores and masks
+
+    /// Copies `count` elements from backend memory to host memory, and back (checkpoints). On the CPU
+    /// both are host memory: a plain copy.
+    template <class T>
+    static void copy_to_host(const context&, const T* src, T* host, std::size_t count)
+    {
+        if (count > 0) std::copy(src, src + count, host);
+    }
+    template <class T>
+    static void copy_from_host(const context&, const T* host, T* dst, std::size_t count)
+    {
+        if (count > 0) std::copy(host, host + count, dst);
+    }
 
     template <class T>
     static void quantize(const context& ctx, const store_scheme& s, const noise_key& key, const_matrix_view<T> x,

@@ -7,7 +7,7 @@
 #include "compact/core/config.hpp"
 #include "compact/core/matrix_view.hpp"
 
-#include "compact/backend/cpu/eigen_core.hpp"
+#include "compact/backend/cpu/detail/eigen_core.hpp"
 
 #include <type_traits>
 

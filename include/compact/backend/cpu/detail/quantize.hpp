@@ -1,13 +1,13 @@
-// compact/backend/cpu/quantize.hpp: the CPU kernels behind cpu::quantize / dequantize and the 1-bit masks.
+// compact/backend/cpu/detail/quantize.hpp: the CPU kernels behind cpu::quantize / dequantize and the 1-bit masks.
 //
-// Encodings follow compress/scheme.hpp exactly. A tensor is processed group by group: a group's values
+// Encodings follow backend/store_scheme.hpp exactly. A tensor is processed group by group: a group's values
 // are gathered (in row-major order, across row ends) into a float buffer, encoded, and written to the
 // group's fixed place in the output; decoding is the reverse. Groups are independent, so the work is
 // split over threads by a shape-only partition and every result is identical for any thread count.
 // Loops over a group are branch-free so the compiler vectorises them (the Philox noise included).
 #pragma once
 
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/matrix_view.hpp"
 #include "compact/random/philox.hpp"

@@ -1,4 +1,4 @@
-// compact/compress/scheme.hpp: how a quantized activation store encodes a tensor (SPEC section 5).
+// compact/backend/store_scheme.hpp: how a quantized activation store encodes a tensor (SPEC section 5).
 //
 // A tensor of `count` values is read in row-major order (row by row, ignoring any padding of its view)
 // and encoded by one of three schemes:

@@ -1,4 +1,4 @@
-// compact/backend/cpu/eigen_core.hpp: <Eigen/Core>, included the one way the CPU backend needs it.
+// compact/backend/cpu/detail/eigen_core.hpp: <Eigen/Core>, included the one way the CPU backend needs it.
 //
 // GCC 12 at -O3 with AVX-512 reports -Wmaybe-uninitialized inside its own intrinsics
 // (_mm512_undefined_*) once Eigen's GEMM kernel is inlined; the diagnostic state at the include

@@ -1,7 +1,7 @@
-// compact/backend/cuda/quantize.cuh: the kernels behind cuda::quantize / dequantize and the 1-bit masks.
+// compact/backend/cuda/detail/store_kernels.cuh: the kernels behind cuda::quantize / dequantize and the 1-bit masks.
 //
-// They write the very bytes the CPU backend writes (compress/scheme.hpp for the format,
-// backend/cpu/quantize.hpp for the CPU's kernels), for float and double exactly and for __half and
+// They write the very bytes the CPU backend writes (backend/store_scheme.hpp for the format,
+// backend/cpu/detail/quantize.hpp for the CPU's kernels), for float and double exactly and for __half and
 // __nv_bfloat16 as the CPU's float encoding of their values converted to float.
 //
 // quantize: one thread block per group (G values, or 4 G values averaged into G means). Each thread loads
@@ -35,7 +35,7 @@
 
 #include "compact/backend/cuda/error.cuh"
 #include "compact/backend/cuda/scalar.cuh"
-#include "compact/compress/scheme.hpp"
+#include "compact/backend/store_scheme.hpp"
 #include "compact/core/config.hpp"
 #include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"

@@ -1,4 +1,4 @@
-// compact/core/projection.hpp: the seeded random projection P of SPEC section 1.
+// compact/random/projection.hpp: the seeded random projection P of SPEC section 1.
 //
 // P is an (n, r) matrix that is never stored: it is a pure function of a projection_spec
 // (shape, distribution, key), so any element, or any block, can be regenerated at any time on any
