@@ -78,7 +78,7 @@ public:
     }
     std::size_t saved_bytes(index_t rows) const
     {
-        return compact::detail::checked_mul_size(kept_rows(rows, stride_, 0), in_, sizeof(Scalar),
+        return compact::checked_bytes(kept_rows(rows, stride_, 0), in_, sizeof(Scalar),
                                                  "strided_rows::saved_bytes");
     }
     std::size_t workspace_bytes(index_t) const noexcept { return 0; }
@@ -87,8 +87,8 @@ public:
     index_t offset(std::uint64_t step) const noexcept
     {
         const compact::philox_counter c = compact::philox4x32(
-            {{static_cast<std::uint32_t>(step), static_cast<std::uint32_t>(step >> 32), static_cast<std::uint32_t>(layer_),
-              0x57A1DEu}},
+            {{static_cast<std::uint32_t>(step), static_cast<std::uint32_t>(step >> 32),
+              static_cast<std::uint32_t>(layer_), 0x57A1DEu}},
             {{static_cast<std::uint32_t>(seed_), static_cast<std::uint32_t>(seed_ >> 32)}});
         return static_cast<index_t>(c.w[0] % static_cast<std::uint32_t>(stride_));
     }
@@ -97,9 +97,9 @@ public:
                   compact::workspace) const
     {
         constexpr const char* where = "strided_rows::compress";
-        compact::detail::check_view(x, where, "X");
+        compact::validate_view(x, where, "X");
         COMPACT_REQUIRE(x.cols == in_, where, "X is ", compact::shape_string(x), " but (N, ", in_, ") is required");
-        compact::detail::check_saved_memory<Scalar>(saved, saved_bytes(x.rows), where);
+        compact::check_saved_memory<Scalar>(saved, saved_bytes(x.rows), where);
         const index_t o = offset(step);
         const index_t kept = kept_rows(x.rows, stride_, o);
         if (kept > 0)
@@ -116,9 +116,9 @@ public:
                          compact::matrix_view<Scalar> g, compact::write_mode mode, compact::workspace) const
     {
         constexpr const char* where = "strided_rows::weight_gradient";
-        compact::detail::check_view(dy, where, "dY");
-        compact::detail::check_saved(saved, dy.rows, layer_, where);
-        compact::detail::check_shape(g, dy.cols, in_, where, "G");
+        compact::validate_view(dy, where, "dY");
+        compact::check_saved(saved, dy.rows, layer_, where);
+        compact::validate_shape(g, dy.cols, in_, where, "G");
         COMPACT_REQUIRE(saved.offset >= 0 && saved.offset < stride_, where, "saved offset ", saved.offset,
                         " is not below the stride ", stride_);
         const bool accumulate = mode == compact::write_mode::accumulate;
@@ -164,6 +164,18 @@ using cpu = compact::cpu;
 
 int failures = 0;
 
+std::size_t at(index_t i) { return static_cast<std::size_t>(i); }
+template <class T>
+compact::const_matrix_view<T> cview(const std::vector<T>& v, index_t rows, index_t cols)
+{
+    return {v.data(), rows, cols};
+}
+template <class T>
+compact::matrix_view<T> view(std::vector<T>& v, index_t rows, index_t cols)
+{
+    return {v.data(), rows, cols};
+}
+
 void check(bool ok, const char* what)
 {
     std::printf("  %-68s %s\n", what, ok ? "ok" : "FAILED");
@@ -174,9 +186,9 @@ void check(bool ok, const char* what)
 void check_unbiased()
 {
     const index_t rows = 103, n = 24, m = 9, stride = 5; // N not a multiple of S
-    std::vector<double> x(static_cast<std::size_t>(rows * n)), dy(static_cast<std::size_t>(rows * m));
-    compact::fill_uniform(compact::make_view(x.data(), rows, n), -1.0, 1.0, 11, 0);
-    compact::fill_uniform(compact::make_view(dy.data(), rows, m), -1.0, 1.0, 11, 1);
+    std::vector<double> x(at(rows * n)), dy(at(rows * m));
+    compact::fill_uniform(view(x, rows, n), -1.0, 1.0, 11, 0);
+    compact::fill_uniform(view(dy, rows, m), -1.0, 1.0, 11, 1);
 
     compact::compressor_setup setup;
     setup.in = n;
@@ -185,26 +197,25 @@ void check_unbiased()
     setup.layer = 7;
     const strided_rows_compressor<double, cpu> c(setup, strided_rows{stride});
     const cpu::context ctx{1};
-    std::vector<double> mean(static_cast<std::size_t>(m * n), 0.0), g(mean.size());
+    std::vector<double> mean(at(m * n), 0.0), g(mean.size());
     std::vector<double> bytes(c.saved_bytes(rows) / sizeof(double) + 1);
-    std::vector<bool> seen(static_cast<std::size_t>(stride), false);
+    std::vector<bool> seen(at(stride), false);
+    using saved_type = strided_rows_compressor<double, cpu>::saved_type;
     for (std::uint64_t step = 0; std::count(seen.begin(), seen.end(), true) < stride; ++step) {
         const index_t o = c.offset(step);
-        if (seen[static_cast<std::size_t>(o)]) continue;
-        seen[static_cast<std::size_t>(o)] = true;
-        auto saved = compact::bind_saved<strided_rows_compressor<double, cpu>::saved_type>(bytes.data(),
-                                                                                           bytes.size() * sizeof(double));
-        c.compress(ctx, compact::make_view<const double>(x.data(), rows, n), step, saved, {});
-        c.weight_gradient(ctx, compact::make_view<const double>(dy.data(), rows, m), saved,
-                          compact::make_view(g.data(), m, n), compact::write_mode::overwrite, {});
+        if (seen[at(o)]) continue;
+        seen[at(o)] = true;
+        auto saved = compact::bind_saved<saved_type>(bytes.data(), bytes.size() * sizeof(double));
+        c.compress(ctx, cview(x, rows, n), step, saved, {});
+        c.weight_gradient(ctx, cview(dy, rows, m), saved, view(g, m, n), compact::write_mode::overwrite, {});
         for (std::size_t k = 0; k < g.size(); ++k) mean[k] += g[k] / static_cast<double>(stride);
     }
     double err = 0, norm = 0;
     for (index_t i = 0; i < m; ++i)
         for (index_t j = 0; j < n; ++j) {
             double exact = 0;
-            for (index_t r = 0; r < rows; ++r) exact += dy[static_cast<std::size_t>(r * m + i)] * x[static_cast<std::size_t>(r * n + j)];
-            err = std::max(err, std::abs(mean[static_cast<std::size_t>(i * n + j)] - exact));
+            for (index_t r = 0; r < rows; ++r) exact += dy[at(r * m + i)] * x[at(r * n + j)];
+            err = std::max(err, std::abs(mean[at(i * n + j)] - exact));
             norm = std::max(norm, std::abs(exact));
         }
     std::printf("  mean over the %lld offsets vs dY^T X: max relative error %.2e\n", static_cast<long long>(stride),
@@ -224,36 +235,36 @@ double train(const Policy& policy, int steps, std::vector<double>* losses)
     o1.layer = 1;
     o2.layer = 2;
     compact::linear_layer<double, Policy, cpu> fc1(compact::in_features{n}, compact::out_features{hidden}, o1, policy);
-    compact::linear_layer<double, compact::rank::full, cpu> fc2(compact::in_features{hidden}, compact::out_features{1}, o2);
+    compact::linear_layer<double, compact::rank::full, cpu> fc2(compact::in_features{hidden}, compact::out_features{1},
+                                                                o2);
     compact::fill_uniform(fc1.weight(), -0.3, 0.3, 21, 0);
     compact::fill_uniform(fc2.weight(), -0.3, 0.3, 21, 1);
 
-    std::vector<double> a(static_cast<std::size_t>(n)), x(static_cast<std::size_t>(rows * n)), target(static_cast<std::size_t>(rows));
-    compact::fill_uniform(compact::make_view(a.data(), 1, n), -1.0, 1.0, 9, 0);
-    std::vector<double> h(static_cast<std::size_t>(rows * hidden)), act(h.size()), y(static_cast<std::size_t>(rows)),
-        dy(y.size()), dact(h.size());
+    std::vector<double> a(at(n)), x(at(rows * n)), target(at(rows));
+    compact::fill_uniform(view(a, 1, n), -1.0, 1.0, 9, 0);
+    std::vector<double> h(at(rows * hidden)), act(h.size()), y(at(rows)), dy(y.size()), dact(h.size());
     compact::adamw_params hyper;
     hyper.lr = 1e-2;
     double loss = 0;
     for (int step = 0; step < steps; ++step) {
-        compact::fill_uniform(compact::make_view(x.data(), rows, n), -1.0, 1.0, 10, static_cast<std::uint64_t>(step));
+        compact::fill_uniform(view(x, rows, n), -1.0, 1.0, 10, static_cast<std::uint64_t>(step));
         for (index_t r = 0; r < rows; ++r) {
             double s = 0;
-            for (index_t j = 0; j < n; ++j) s += x[static_cast<std::size_t>(r * n + j)] * a[static_cast<std::size_t>(j)];
-            target[static_cast<std::size_t>(r)] = std::tanh(s);
+            for (index_t j = 0; j < n; ++j) s += x[at(r * n + j)] * a[at(j)];
+            target[at(r)] = std::tanh(s);
         }
-        fc1.forward(ctx, compact::make_view<const double>(x.data(), rows, n), compact::make_view(h.data(), rows, hidden));
+        fc1.forward(ctx, cview(x, rows, n), view(h, rows, hidden));
         for (std::size_t k = 0; k < h.size(); ++k) act[k] = std::tanh(h[k]);
-        fc2.forward(ctx, compact::make_view<const double>(act.data(), rows, hidden), compact::make_view(y.data(), rows, 1));
+        fc2.forward(ctx, cview(act, rows, hidden), view(y, rows, 1));
         loss = 0;
         for (std::size_t k = 0; k < y.size(); ++k) {
             const double d = y[k] - target[k];
             loss += d * d / static_cast<double>(rows);
             dy[k] = 2 * d / static_cast<double>(rows);
         }
-        fc2.backward(ctx, compact::make_view<const double>(dy.data(), rows, 1), compact::make_view(dact.data(), rows, hidden));
+        fc2.backward(ctx, cview(dy, rows, 1), view(dact, rows, hidden));
         for (std::size_t k = 0; k < h.size(); ++k) dact[k] *= 1 - act[k] * act[k];
-        fc1.backward(ctx, compact::make_view<const double>(dact.data(), rows, hidden), {});
+        fc1.backward(ctx, cview(dact, rows, hidden), {});
         fc1.step(ctx, hyper);
         fc2.step(ctx, hyper);
         if (losses) losses->push_back(loss);
@@ -271,8 +282,8 @@ void check_checkpoint()
                                                           strided_rows{2});
     compact::fill_uniform(saved.weight(), -1.0, 1.0, 1, 0);
     std::vector<float> x(16 * 8, 0.5f), y(16 * 4), dy(16 * 4, 0.25f);
-    saved.forward(ctx, compact::make_view<const float>(x.data(), 16, 8), compact::make_view(y.data(), 16, 4));
-    saved.backward(ctx, compact::make_view<const float>(dy.data(), 16, 4), {});
+    saved.forward(ctx, cview(x, 16, 8), view(y, 16, 4));
+    saved.backward(ctx, cview(dy, 16, 4), {});
     saved.step(ctx, compact::adamw_params{});
     const std::string path = "custom_compressor.ckpt";
     compact::save_checkpoint(path, saved);

@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 using compact::index_t;
@@ -379,6 +381,186 @@ TEST_CASE("encodings are reproducible, independent of the thread count, and chan
         s.settings().variant = 1;
         CHECK(bytes_of(2, 3) != base);
     }
+}
+
+namespace {
+
+/// The bytes of one encoding of x (rows, cols) at step 5, and its restored values.
+template <class T>
+struct encoding {
+    std::vector<std::byte> bytes;
+    std::vector<T> restored;
+};
+
+template <class T>
+encoding<T> encode(const store<T>& s, const compact::cpu::context& ctx, const std::vector<T>& x, index_t rows,
+                   index_t cols)
+{
+    const std::size_t n = s.saved_bytes(rows, cols);
+    saved_buffer b(n);
+    s.compress(ctx, cview_of(x, rows, cols), 5, b.tensor);
+    encoding<T> e{std::vector<std::byte>(b.data(), b.data() + n), std::vector<T>(x.size(), T(-7))};
+    s.restore(ctx, b.tensor, view_of(e.restored, rows, cols));
+    return e;
+}
+
+/// Tensor values one group of s covers: G, or 4 G for average quantization.
+index_t values_per_group(const store_scheme& s)
+{
+    return s.kind == compact::store_kind::average ? s.group * compact::detail::average_run : s.group;
+}
+
+/// The encoding `clean` of a tensor of `count` values with group g marked as not finite
+/// (store_scheme.hpp): its lo and hi the quiet NaN 0x7FC00000, its codes 0; every other byte kept.
+std::vector<std::byte> with_group_marked(std::vector<std::byte> clean, const store_scheme& s, index_t count,
+                                         index_t g)
+{
+    const std::uint32_t nan_bits = 0x7FC00000u;
+    std::memcpy(clean.data() + 8 * g, &nan_bits, 4);
+    std::memcpy(clean.data() + 8 * g + 4, &nan_bits, 4);
+    const std::size_t codes = compact::detail::meta_bytes(s, count);
+    const std::size_t per_group = static_cast<std::size_t>(s.group * s.bits / 8);
+    const std::size_t first = codes + static_cast<std::size_t>(g) * per_group;
+    const std::size_t last = std::min(first + per_group, clean.size());
+    std::fill(clean.begin() + static_cast<std::ptrdiff_t>(first), clean.begin() + static_cast<std::ptrdiff_t>(last),
+              std::byte{0});
+    return clean;
+}
+
+/// Whether `got` is `clean` with the values [first, last) NaN: NaN there, the same bits elsewhere.
+template <class T>
+bool nan_exactly_in(const std::vector<T>& got, const std::vector<T>& clean, index_t first, index_t last)
+{
+    bool ok = got.size() == clean.size();
+    for (index_t k = 0; ok && k < static_cast<index_t>(got.size()); ++k) {
+        const auto at = static_cast<std::size_t>(k);
+        ok = k >= first && k < last ? std::isnan(got[at]) : std::memcmp(&got[at], &clean[at], sizeof(T)) == 0;
+    }
+    return ok;
+}
+
+std::vector<store_scheme> marked_schemes()
+{
+    std::vector<store_scheme> v;
+    for (int b : widths)
+        for (index_t group : {8, 128, 256}) v.push_back(store_scheme::quantized(b, group));
+    v.push_back(store_scheme::average(8));
+    v.push_back(store_scheme::average(128));
+    return v;
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("a NaN or an infinity restores its whole group as NaN; the other groups keep their bytes and values",
+                   T, float, double)
+{
+    // One bad value in an otherwise finite tensor of 1179 values (a partial last group in every scheme),
+    // first, inside and last in a group, in group 0 and in the last, partial group. Each encoding is
+    // compared with that of the tensor without the bad value: the bad value's group is marked (NaN
+    // metadata, codes 0) and restores as NaN, every other byte and restored value is the same.
+    compact::cpu::context ctx{2};
+    std::mt19937_64 rng(31);
+    const index_t rows = 9, cols = 131, count = rows * cols;
+    const std::vector<T> clean = compact_test::uniform<T>(rng, count, -2, 3);
+    const T bad_values[] = {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                            -std::numeric_limits<T>::infinity()};
+    for (const store_scheme& sc : marked_schemes()) {
+        store<T> s(sc, 3, 4);
+        const encoding<T> ref = encode(s, ctx, clean, rows, cols);
+        const index_t per = values_per_group(sc);
+        const index_t last_group = (count - 1) / per;
+        for (const T bad : bad_values)
+            for (index_t at : {index_t{0}, index_t{5}, per - 1, per, per + per / 2 + 1, 2 * per - 1,
+                               last_group * per, count - 1}) {
+                if (at >= count) continue;
+                std::vector<T> x = clean;
+                x[static_cast<std::size_t>(at)] = bad;
+                const encoding<T> got = encode(s, ctx, x, rows, cols);
+                const index_t g = at / per;
+                INFO(compact::to_string(sc), " bad=", static_cast<double>(bad), " at=", at, " group=", g);
+                CHECK(got.bytes == with_group_marked(ref.bytes, sc, count, g));
+                CHECK(nan_exactly_in(got.restored, ref.restored, g * per, std::min(count, (g + 1) * per)));
+            }
+    }
+}
+
+TEST_CASE("a NaN in the last, partial group marks only that group, down to a group of one value or one short run")
+{
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(32);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    // (scheme, count): a last group of 44 values, of 1 value; a last group of 3 means whose last run holds
+    // 2 values (the NaN in it), of 1 mean of 1 value.
+    const std::pair<store_scheme, index_t> cases[] = {{store_scheme::quantized(4, 256), 300},
+                                                      {store_scheme::quantized(1, 128), 257},
+                                                      {store_scheme::average(128), 522},
+                                                      {store_scheme::average(8), 65}};
+    for (const auto& [sc, count] : cases) {
+        CAPTURE(compact::to_string(sc));
+        store<float> s(sc, 8, 9);
+        const std::vector<float> clean = compact_test::uniform<float>(rng, count, -1, 1);
+        const encoding<float> ref = encode(s, ctx, clean, 1, count);
+        const index_t per = values_per_group(sc), g = (count - 1) / per;
+        for (index_t at : {count - 1, g * per}) {
+            CAPTURE(at);
+            std::vector<float> x = clean;
+            x[static_cast<std::size_t>(at)] = nan;
+            const encoding<float> got = encode(s, ctx, x, 1, count);
+            CHECK(got.bytes == with_group_marked(ref.bytes, sc, count, g));
+            CHECK(nan_exactly_in(got.restored, ref.restored, g * per, count));
+        }
+    }
+}
+
+TEST_CASE("a group with several values that are not finite, or only such values, restores as NaN too")
+{
+    compact::cpu::context ctx;
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    // +Inf and -Inf in one run of 4 average to NaN; +Inf and -Inf in one group give an infinite range.
+    const std::vector<std::vector<float>> groups = {
+        {inf, -inf, 1, 2, 3, 4, 5, 6},         {1, 2, inf, 4, 5, -inf, 7, 8}, {nan, nan, nan, nan, nan, nan, nan, nan},
+        {inf, inf, inf, inf, inf, inf, inf, inf}, {-0.0f, nan, 0.0f, inf, -1, 1, nan, -inf}};
+    for (const store_scheme& sc : {store_scheme::quantized(1, 8), store_scheme::quantized(8, 8),
+                                   store_scheme::average(8)}) {
+        CAPTURE(compact::to_string(sc));
+        store<float> s(sc, 1, 2);
+        for (const auto& group : groups) {
+            // The bad group, then a finite group that must come back as if alone.
+            std::vector<float> x = group;
+            x.resize(static_cast<std::size_t>(values_per_group(sc)), 0.5f);
+            for (int k = 0; k < 8; ++k) x.push_back(0.25f * static_cast<float>(k));
+            const index_t count = static_cast<index_t>(x.size());
+            std::vector<float> finite = x;
+            std::fill(finite.begin(), finite.begin() + values_per_group(sc), 0.0f);
+            const encoding<float> got = encode(s, ctx, x, 1, count), ref = encode(s, ctx, finite, 1, count);
+            CHECK(got.bytes == with_group_marked(ref.bytes, sc, count, 0));
+            CHECK(nan_exactly_in(got.restored, ref.restored, 0, values_per_group(sc)));
+        }
+    }
+}
+
+TEST_CASE("a double beyond float's range counts as an infinity; the scheme full keeps NaN and infinities as they are")
+{
+    compact::cpu::context ctx;
+    std::mt19937_64 rng(33);
+    const index_t count = 40;
+    const std::vector<double> clean = compact_test::uniform<double>(rng, count, -1, 1);
+    for (const double big : {1e300, -1e300}) {
+        store<double> s(store_scheme::quantized(4, 8), 1, 2);
+        std::vector<double> x = clean;
+        x[11] = big;
+        const encoding<double> got = encode(s, ctx, x, 1, count), ref = encode(s, ctx, clean, 1, count);
+        CHECK(got.bytes == with_group_marked(ref.bytes, s.scheme(), count, 1));
+        CHECK(nan_exactly_in(got.restored, ref.restored, 8, 16));
+    }
+    const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+    std::vector<double> x = clean;
+    x[0] = nan;
+    x[7] = inf;
+    x[8] = -inf;
+    x[39] = -nan;
+    store<double> full(store_scheme::full_precision(), 1, 2);
+    CHECK(compact_test::bit_equal(encode(full, ctx, x, 4, 10).restored, x));
 }
 
 TEST_CASE("ReLU and dropout masks: one bit per value, exact outputs and gradients, in place")

@@ -15,10 +15,12 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -34,6 +36,9 @@
 #include <vector>
 
 #include <csignal>
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -515,6 +520,268 @@ TEST_CASE("a writer killed at any moment leaves the previous checkpoint or the n
     CHECK(saw_old + saw_new == 6);
     // A killed writer may leave its temporary file (run.ckpt.tmp.<pid>.<n>); it never replaces run.ckpt.
     for (const auto& name : dir.entries()) CHECK((name == "run.ckpt" || name.rfind("run.ckpt.tmp.", 0) == 0));
+}
+
+// ------------------------------------------------------------- files that are not what they claim to be
+
+namespace {
+
+/// The temporary file name the header documents for target file name `name`, the name cut to `keep` bytes.
+std::string documented_temporary(const std::string& name, std::size_t keep)
+{
+    char hash[17];
+    std::snprintf(hash, sizeof hash, "%016llx",
+                  static_cast<unsigned long long>(compact::crc64(0, name.data(), name.size())));
+    return name.substr(0, keep) + ".tmp." + hash;
+}
+
+/// Runs f() in a child process for at most `seconds` (and, outside AddressSanitizer builds, with at most
+/// 1 GiB more address space than the test has, so that reading without bound fails instead of exhausting
+/// the machine): "compact::error: <message>", "other exception: ...", "no error" or "timed out".
+std::string outcome_in_child(const std::function<void()>& f, int seconds)
+{
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        ::close(fds[0]);
+#if !defined(__SANITIZE_ADDRESS__)
+        long pages = 0;
+        if (std::FILE* statm = std::fopen("/proc/self/statm", "r")) {
+            if (std::fscanf(statm, "%ld", &pages) != 1) pages = 0;
+            std::fclose(statm);
+        }
+        if (pages > 0) {
+            const ::rlim_t limit = static_cast<::rlim_t>(pages) * static_cast<::rlim_t>(::sysconf(_SC_PAGESIZE)) +
+                                   (::rlim_t{1} << 30);
+            const ::rlimit r{limit, limit};
+            ::setrlimit(RLIMIT_AS, &r);
+        }
+#endif
+        std::string out;
+        try {
+            f();
+            out = "no error";
+        } catch (const compact::error& e) {
+            out = std::string("compact::error: ") + e.what();
+        } catch (const std::exception& e) {
+            out = std::string("other exception: ") + e.what();
+        }
+        for (std::size_t at = 0; at < out.size();) {
+            const ::ssize_t n = ::write(fds[1], out.data() + at, out.size() - at);
+            if (n <= 0) break;
+            at += static_cast<std::size_t>(n);
+        }
+        ::_exit(0);
+    }
+    ::close(fds[1]);
+    std::string out;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    bool done = false;
+    while (!done) {
+        const auto now = std::chrono::steady_clock::now();
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
+        if (left.count() <= 0) break;
+        ::pollfd p{fds[0], POLLIN, 0};
+        if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+        char buffer[4096];
+        const ::ssize_t n = ::read(fds[0], buffer, sizeof buffer);
+        if (n > 0) out.append(buffer, static_cast<std::size_t>(n));
+        else done = n == 0 || errno != EINTR;
+    }
+    ::close(fds[0]);
+    if (!done) {
+        ::kill(child, SIGKILL);
+        out = "timed out after " + std::to_string(seconds) + " s";
+    }
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    return out;
+}
+
+} // namespace
+
+TEST_CASE("read_file refuses devices, pipes and directories at once, before reading any byte")
+{
+    scratch_dir dir;
+    for (const char* device : {"/dev/zero", "/dev/urandom"}) {
+        CAPTURE(device);
+        if (!fs::exists(device)) continue;
+        const auto outcome = outcome_in_child([&] { compact::checkpoint_reader::read_file(device); }, 10);
+        CAPTURE(outcome);
+        CHECK(has(outcome, "compact::error: checkpoint_reader::read_file: '" + std::string(device) +
+                               "': cannot read: it is a character device, not a regular file"));
+    }
+    // A FIFO with no writer: opening it for reading must not wait for one.
+    const auto fifo = dir.file("fifo");
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    const auto outcome = outcome_in_child([&] { compact::checkpoint_reader::read_file(fifo); }, 10);
+    CAPTURE(outcome);
+    CHECK(has(outcome, "compact::error: checkpoint_reader::read_file: '" + fifo +
+                           "': cannot read: it is a pipe (FIFO), not a regular file"));
+    const auto e = error_of([&] { compact::checkpoint_reader::read_file(dir.path.string()); });
+    CHECK(has(e, "cannot read: it is a directory, not a regular file"));
+}
+
+TEST_CASE("read_file checks the header first and reads no more than it declares")
+{
+    scratch_dir dir;
+    compact::checkpoint_writer w;
+    w.add_scalar<std::uint64_t>("step", 7);
+    const auto image = w.bytes();
+    constexpr std::uint64_t huge = std::uint64_t{64} << 30; // sparse: no disk space is used
+    auto sparse = [&](const std::string& path, const std::vector<unsigned char>& start) {
+        write_bytes(path, start.data(), start.size());
+        return ::truncate(path.c_str(), static_cast<::off_t>(huge)) == 0;
+    };
+
+    // 64 GiB that are not a checkpoint: refused from the magic.
+    const auto zeros = dir.file("zeros");
+    if (sparse(zeros, {})) {
+        const auto outcome = outcome_in_child([&] { compact::checkpoint_reader::read_file(zeros); }, 10);
+        CAPTURE(outcome);
+        CHECK(has(outcome, "compact::error: checkpoint_reader: '" + zeros + "': not a compact checkpoint"));
+    } else {
+        MESSAGE("the temporary directory's file system cannot hold a 64 GiB sparse file; skipped");
+    }
+    // A valid checkpoint followed by 64 GiB: refused from the declared size, before any allocation.
+    const auto padded = dir.file("padded.ckpt");
+    if (sparse(padded, image)) {
+        const auto outcome = outcome_in_child([&] { compact::checkpoint_reader::read_file(padded); }, 10);
+        CAPTURE(outcome);
+        CHECK(has(outcome, "compact::error: checkpoint_reader: '" + padded + "': corrupt: the file has " +
+                               std::to_string(huge) + " bytes but its header declares " +
+                               std::to_string(image.size()) + " (trailing bytes after the last section)"));
+    }
+
+    // A header that declares 2^62 bytes (checksum recomputed) on a 40-byte file: truncated, no allocation.
+    std::vector<unsigned char> header(image.begin(), image.begin() + 40);
+    const std::uint64_t declared = std::uint64_t{1} << 62;
+    std::memcpy(header.data() + 24, &declared, 8);
+    const std::uint64_t crc = compact::crc64(0, header.data(), 32);
+    std::memcpy(header.data() + 32, &crc, 8);
+    const auto lying = dir.file("lying.ckpt");
+    write_bytes(lying, header.data(), header.size());
+    const auto outcome = outcome_in_child([&] { compact::checkpoint_reader::read_file(lying); }, 10);
+    CAPTURE(outcome);
+    CHECK(has(outcome, "compact::error: checkpoint_reader: '" + lying + "': truncated: the file has 40 bytes but "
+                       "its header declares 4611686018427387904"));
+    // A checkpoint cut short inside its section; then the whole one reads.
+    const auto cut = dir.file("cut.ckpt");
+    write_bytes(cut, image.data(), image.size() - 8);
+    CHECK(has(error_of([&] { compact::checkpoint_reader::read_file(cut); }),
+              "truncated: the file has " + std::to_string(image.size() - 8) + " bytes but its header declares " +
+                  std::to_string(image.size())));
+    write_bytes(cut, image.data(), image.size());
+    CHECK(compact::checkpoint_reader::read_file(cut).scalar<std::uint64_t>("step") == 7);
+}
+
+TEST_CASE("a stale temporary file of the target, left by a killed writer, is taken over by the next write")
+{
+    scratch_dir dir;
+    const auto path = dir.file("run.ckpt");
+    const auto tmp = documented_temporary("run.ckpt", std::string::npos);
+    compact::checkpoint_writer w;
+    w.add_scalar<std::uint64_t>("step", 3);
+
+    // What a writer killed mid-write leaves: the temporary, partly written, larger than the new file.
+    const std::vector<unsigned char> garbage(1 << 16, 0xab);
+    write_bytes(dir.file(tmp.c_str()), garbage.data(), garbage.size());
+    w.write(path);
+    CHECK(dir.entries() == std::vector<std::string>{"run.ckpt"});
+    CHECK(file_bytes(path) == w.bytes());
+
+    // Writers killed at random moments: at most the one temporary is ever left, and the next write takes it.
+    compact::checkpoint_writer big;
+    std::vector<float> values(std::size_t{1} << 18, 0.5f);
+    big.add("values", values.data(), {values.size()});
+    for (int trial = 0; trial < 12; ++trial) {
+        const pid_t child = ::fork();
+        REQUIRE(child >= 0);
+        if (child == 0) {
+            for (;;) {
+                try {
+                    big.write(path);
+                } catch (...) {
+                    ::_exit(1);
+                }
+            }
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(500 + 700 * trial));
+        ::kill(child, SIGKILL);
+        int status = 0;
+        ::waitpid(child, &status, 0);
+        CHECK(WIFSIGNALED(status));
+        for (const auto& name : dir.entries()) CHECK((name == "run.ckpt" || name == tmp));
+    }
+    w.write(path);
+    CHECK(dir.entries() == std::vector<std::string>{"run.ckpt"});
+    CHECK(compact::checkpoint_reader::read_file(path).scalar<std::uint64_t>("step") == 3);
+
+    // A symbolic link at the temporary name is not written through.
+    const auto victim = dir.file("victim");
+    write_bytes(victim, garbage.data(), 8);
+    fs::create_symlink(victim, dir.file(tmp.c_str()));
+    const auto e = error_of([&] { w.write(path); });
+    CHECK(has(e, "cannot create the temporary file '" + dir.file(tmp.c_str()) + "'"));
+    CHECK(file_bytes(victim) == std::vector<unsigned char>(garbage.begin(), garbage.begin() + 8));
+    CHECK(compact::checkpoint_reader::read_file(path).scalar<std::uint64_t>("step") == 3);
+}
+
+TEST_CASE("concurrent writers of one target take turns: the file is always one whole checkpoint")
+{
+    scratch_dir dir;
+    const auto path = dir.file("run.ckpt");
+    compact::checkpoint_writer a, b;
+    std::vector<double> values(std::size_t{1} << 14, 1.0);
+    a.add("values", values.data(), {values.size()});
+    for (auto& v : values) v = -2.0;
+    b.add("values", values.data(), {values.size()});
+    std::atomic<int> failures{0};
+    auto writes = [&](const compact::checkpoint_writer& w) {
+        for (int i = 0; i < 20; ++i) {
+            try {
+                w.write(path);
+            } catch (...) {
+                ++failures;
+            }
+        }
+    };
+    std::thread first(writes, std::cref(a)), second(writes, std::cref(b));
+    first.join();
+    second.join();
+    CHECK(failures == 0);
+    const auto now = file_bytes(path);
+    CHECK((now == a.bytes() || now == b.bytes()));
+    CHECK(dir.entries() == std::vector<std::string>{"run.ckpt"});
+}
+
+TEST_CASE("a file name of 255 bytes, the longest Linux allows, is written: its temporary name fits too")
+{
+    scratch_dir dir;
+    compact::checkpoint_writer w;
+    w.add_scalar<std::uint64_t>("step", 11);
+    const std::string ascii = std::string(251, 'c') + ".ckp";
+    std::string utf8 = "x";
+    for (int i = 0; i < 127; ++i) utf8 += "\xc3\xa9"; // U+00E9; a cut at byte 234 would split one
+    REQUIRE(ascii.size() == 255);
+    REQUIRE(utf8.size() == 255);
+    const std::vector<std::pair<std::string, std::size_t>> names{{ascii, 234}, {utf8, 233}};
+    for (const auto& [name, keep] : names) {
+        const auto path = (dir.path / name).string();
+        w.write(path);
+        CHECK(compact::checkpoint_reader::read_file(path).scalar<std::uint64_t>("step") == 11);
+        // The documented temporary name: the file name cut to fit NAME_MAX, whole characters only.
+        const auto tmp = documented_temporary(name, keep);
+        CHECK(tmp.size() <= 255);
+        write_bytes((dir.path / tmp).string(), reinterpret_cast<const unsigned char*>("stale"), 5);
+        w.write(path);
+        CHECK(!fs::exists(dir.path / tmp));
+        CHECK(file_bytes(path) == w.bytes());
+        fs::remove(path);
+        CHECK(dir.entries().empty());
+    }
 }
 
 // ============================================================================================ resume

@@ -1045,7 +1045,7 @@ TEST_CASE_TEMPLATE("linear_layer errors name the problem" COMPACT_TEST_ON_DEVICE
 
     layer.forward(ctx, x_d.cview(max_rows, n), y_d.view(max_rows, m));
     CHECK_THROWS_WITH_AS(layer.backward(ctx, dy_d.cview(max_rows - 1, m), dx_d.view(max_rows - 1, n)),
-                         Contains("dY is (7, 6) but the last forward saved 8 rows"), compact::error);
+                         Contains("dY is (7, 6) but (8, 6) is required"), compact::error);
     CHECK_THROWS_WITH_AS(layer.backward(ctx, dy_d.cview(max_rows, m), dx_d.view(max_rows, n + 1)),
                          Contains("dX is (8, 17)"), compact::error);
     CHECK(layer.updates() == 0);
@@ -1282,3 +1282,228 @@ TEST_CASE("linear_layer master weights: taken from W at the first step, sync_mas
     CHECK(std::abs(layer.weight()(0, 0) - 2.0f) < 0.01f);
 }
 #endif // !COMPACT_TEST_CUDA_BUILD
+
+#if !COMPACT_TEST_CUDA_BUILD
+// Errors name the function the user called: a linear_layer's constructor, not the compressor it builds.
+TEST_CASE("linear_layer constructor errors name linear_layer")
+{
+    compact::linear_options o;
+    o.max_rows = 4;
+    struct too_big {
+        index_t rank(const compact::layer_info& l) const { return l.in + 1; }
+    };
+    CHECK_THROWS_WITH_AS((compact::linear_layer<float, too_big, compact::cpu>(in_features{8}, out_features{4}, o)),
+                         doctest::Contains("linear_layer: rank policy returned r=9"), compact::error);
+    CHECK_THROWS_WITH_AS(
+        (compact::linear_layer<float, compact::rank::fixed, compact::cpu>(in_features{8}, out_features{4}, o,
+                                                                           compact::rank::fixed{0})),
+        doctest::Contains("linear_layer: rank policy returned r=0"), compact::error);
+    CHECK_THROWS_WITH_AS((compact::linear_layer<float, compact::quantized, compact::cpu>(
+                             in_features{8}, out_features{4}, o, compact::quantized{compact::store_scheme::quantized(3)})),
+                         doctest::Contains("linear_layer: scheme bits=3"), compact::error);
+    CHECK_THROWS_WITH_AS((compact::linear_layer<float, compact::rank::full, compact::cpu>(in_features{0}, out_features{4}, o)),
+                         doctest::Contains("linear_layer: in=0"), compact::error);
+    // A shape whose weight would not fit in 64 bits is refused before anything is allocated.
+    CHECK_THROWS_WITH_AS((compact::linear_layer<float, compact::rank::full, compact::cpu>(
+                             in_features{index_t{1} << 40}, out_features{index_t{1} << 40}, o)),
+                         doctest::Contains("overflows"), compact::error);
+}
+#endif
+
+// ================================================== non-finite gradients and loss scaling
+
+namespace {
+
+/// The layer's gradient buffers as writable views, to plant a NaN or an infinity in them (the layer
+/// only shows them const; they are the backend's memory).
+template <class Layer>
+auto writable_gradient(const Layer& layer)
+{
+    using scalar = typename Layer::layer_type::scalar_type;
+    const auto g = layer.gradient();
+    return compact::matrix_view<scalar>(const_cast<scalar*>(g.data), g.rows, g.cols);
+}
+template <class Layer>
+auto writable_bias_gradient(const Layer& layer)
+{
+    using scalar = typename Layer::layer_type::scalar_type;
+    return compact::matrix_view<scalar>(const_cast<scalar*>(layer.bias_gradient()), 1, layer.out());
+}
+
+/// forward and backward of the whole batch with dY multiplied by dy_scale (a power of two: exact), then
+/// step; returns what step returned.
+template <class Layer, class Backend, class Scalar>
+bool scaled_train_step(Layer& layer, const device<Backend>& dev, const device_regression<Backend, Scalar>& problem,
+                       const compact::adamw_params& h, double dy_scale)
+{
+    const regression<Scalar>& p = problem.host;
+    auto y_d = zeros<Scalar>(dev, p.rows * p.m);
+    std::vector<Scalar> dy;
+    layer.forward(dev.ctx(), problem.inputs(0, p.rows), y_d.view(p.rows, p.m));
+    p.gradient(0, cview_of(dev.download(y_d), p.rows, p.m), dy);
+    for (auto& d : dy) d = static_cast<Scalar>(static_cast<double>(d) * dy_scale);
+    const auto dy_d = dev.upload(dy);
+    layer.backward(dev.ctx(), dy_d.cview(p.rows, p.m), compact::matrix_view<Scalar>{});
+    const bool applied = layer.step(dev.ctx(), h);
+    dev.synchronize(); // y_d and dy_d go out of scope
+    return applied;
+}
+
+/// A snapshot without the gradient buffers (which a skipped step leaves holding the discarded gradient).
+template <class Scalar, class State>
+snapshot<Scalar, State> without_gradients(snapshot<Scalar, State> s)
+{
+    s.gradient.clear();
+    s.bias_gradient.clear();
+    return s;
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("skip_nonfinite: a NaN or an infinity in G or db skips the step, changes nothing, and the next "
+                   "step is the one that never saw it, bit for bit" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using layer_type = compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State>;
+    compact_test::device<Backend> dev;
+    const regression<Scalar> problem(64, 32, 12, 0x5c1);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
+    compact::linear_options options;
+    options.seed = 99;
+    options.layer = 2;
+    options.max_rows = problem.rows;
+    options.resample.gap = 2; // a skipped step counted as an update would change P's epoch
+    options.master_weights = true;
+    options.skip_nonfinite = true;
+    layer_type skipping(in_features{problem.n}, out_features{problem.m}, options);
+    options.skip_nonfinite = false;
+    layer_type reference(in_features{problem.n}, out_features{problem.m}, options);
+    initialise(dev, skipping, 6);
+    initialise(dev, reference, 6);
+    const auto h = hyper(1e-2, 0.25, 0.01);
+
+    const Scalar nan = std::numeric_limits<Scalar>::quiet_NaN(), inf = std::numeric_limits<Scalar>::infinity();
+    // (where, value): 0 plants it in G, 1 in db, 2 in dY (which reaches both).
+    const std::pair<int, Scalar> faults[] = {{0, nan}, {1, inf}, {0, -inf}, {2, nan}, {1, nan}};
+    int skipped = 0;
+    for (int s = 0; s < 12; ++s) {
+        if (s % 2 == 1 && skipped < 5) {
+            const int where = faults[skipped].first;
+            const Scalar value = faults[skipped].second;
+            CAPTURE(where);
+            CAPTURE(static_cast<double>(value));
+            const auto before = without_gradients(snapshot<Scalar, State>(dev, skipping));
+            const auto master_before = dev.read(skipping.master_weight());
+            if (where == 2) {
+                REQUIRE_FALSE(scaled_train_step(skipping, dev, problem_d, h, static_cast<double>(value)));
+            } else {
+                std::vector<Scalar> dy;
+                auto y_d = zeros<Scalar>(dev, problem.rows * problem.m);
+                skipping.forward(dev.ctx(), problem_d.inputs(0, problem.rows), y_d.view(problem.rows, problem.m));
+                problem.gradient(0, cview_of(dev.download(y_d), problem.rows, problem.m), dy);
+                const auto dy_d = dev.upload(dy);
+                skipping.backward(dev.ctx(), dy_d.cview(problem.rows, problem.m), compact::matrix_view<Scalar>{});
+                const auto target = where == 0 ? writable_gradient(skipping) : writable_bias_gradient(skipping);
+                auto values = dev.read(target);
+                values[values.size() / 2] = value;
+                dev.write(target, values);
+                REQUIRE_FALSE(skipping.step(dev.ctx(), h));
+                dev.synchronize();
+            }
+            ++skipped;
+            CHECK(skipping.skipped_steps() == static_cast<std::uint64_t>(skipped));
+            CHECK_FALSE(skipping.gradient_pending());
+            CHECK(without_gradients(snapshot<Scalar, State>(dev, skipping)) == before);
+            CHECK(bit_equal(dev.read(skipping.master_weight()), master_before));
+        }
+        CHECK(scaled_train_step(skipping, dev, problem_d, h, 1.0));
+        CHECK(scaled_train_step(reference, dev, problem_d, h, 1.0));
+    }
+    CHECK(skipped == 5);
+    CHECK(skipping.updates() == 12);
+    CHECK(reference.skipped_steps() == 0);
+    CHECK(snapshot<Scalar, State>(dev, skipping) == snapshot<Scalar, State>(dev, reference));
+    CHECK(bit_equal(dev.read(skipping.master_weight()), dev.read(reference.master_weight())));
+
+    // Several layers checked together with one nonfinite_check (the loss-scaling loop of loss_scaler.hpp).
+    compact::nonfinite_check<Backend> check;
+    auto y_d = zeros<Scalar>(dev, problem.rows * problem.m);
+    std::vector<Scalar> dy;
+    for (layer_type* l : {&skipping, &reference}) {
+        l->forward(dev.ctx(), problem_d.inputs(0, problem.rows), y_d.view(problem.rows, problem.m));
+        problem.gradient(0, cview_of(dev.download(y_d), problem.rows, problem.m), dy);
+        const auto dy_d = dev.upload(dy);
+        l->backward(dev.ctx(), dy_d.cview(problem.rows, problem.m), compact::matrix_view<Scalar>{});
+        dev.synchronize();
+    }
+    check.reset(dev.ctx());
+    skipping.check_gradients(dev.ctx(), check);
+    reference.check_gradients(dev.ctx(), check);
+    CHECK_FALSE(check.found(dev.ctx()));
+    const auto target = writable_bias_gradient(reference);
+    auto values = dev.read(target);
+    values[0] = inf;
+    dev.write(target, values);
+    check.reset(dev.ctx());
+    skipping.check_gradients(dev.ctx(), check);
+    reference.check_gradients(dev.ctx(), check);
+    CHECK(check.found(dev.ctx()));
+}
+
+TEST_CASE_TEMPLATE("loss scaling: dY times loss_scaler::scale() with grad_scale = unscale() trains bit for bit as "
+                   "without it" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    using layer_type = compact::linear_layer<Scalar, compact::rank::ratio<1, 4>, Backend, State>;
+    compact_test::device<Backend> dev;
+    const regression<Scalar> problem(64, 32, 12, 0x1055);
+    const device_regression<Backend, Scalar> problem_d(dev, problem);
+    compact::linear_options options;
+    options.seed = 7;
+    options.layer = 1;
+    options.max_rows = problem.rows;
+    options.resample.gap = 3;
+    options.skip_nonfinite = true;
+    layer_type scaled(in_features{problem.n}, out_features{problem.m}, options);
+    layer_type plain(in_features{problem.n}, out_features{problem.m}, options);
+    initialise(dev, scaled, 8);
+    initialise(dev, plain, 8);
+
+    compact::loss_scaler_options o;
+    o.growth_interval = 4; // the scale changes during the run: 2^16, 2^17, 2^18
+    compact::loss_scaler scaler(o);
+    auto h = hyper(1e-2, 0.25, 0.01);
+    for (int s = 0; s < 10; ++s) {
+        auto hs = h;
+        hs.grad_scale = scaler.unscale();
+        const double scale = scaler.scale();
+        const bool applied = scaled_train_step(scaled, dev, problem_d, hs, scale);
+        CHECK(applied);
+        scaler.update(!applied);
+        CHECK(scaled_train_step(plain, dev, problem_d, h, 1.0));
+    }
+    CHECK(scaler.scale() == 262144.0);
+    const snapshot<Scalar, State> a(dev, scaled), b(dev, plain);
+    // The gradients (left from the last step) carry its scale, 2^18, exactly; everything else is equal.
+    std::vector<Scalar> unscaled = a.gradient, unscaled_bias = a.bias_gradient;
+    for (auto& x : unscaled) x = static_cast<Scalar>(static_cast<double>(x) / 262144.0);
+    for (auto& x : unscaled_bias) x = static_cast<Scalar>(static_cast<double>(x) / 262144.0);
+    CHECK(bit_equal(unscaled, b.gradient));
+    CHECK(bit_equal(unscaled_bias, b.bias_gradient));
+    CHECK(without_gradients(a) == without_gradients(b));
+
+    // A gradient that overflowed (dY scaled to infinity): the step is skipped and the scaler backs off.
+    auto hs = h;
+    hs.grad_scale = 1e-300;
+    const bool applied = scaled_train_step(scaled, dev, problem_d, hs, std::numeric_limits<double>::infinity());
+    CHECK_FALSE(applied);
+    scaler.update(!applied);
+    CHECK(scaler.scale() == 131072.0);
+    CHECK(without_gradients(snapshot<Scalar, State>(dev, scaled)) == without_gradients(a));
+}

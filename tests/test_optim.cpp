@@ -24,6 +24,7 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1452,4 +1453,337 @@ TEST_CASE("master weights: wrong shapes, a null master and a workspace sized wit
     CHECK_NOTHROW(sub(master_d.view(m, n), ws.get()));
     CHECK(counters.step == 1);
     dev.synchronize(); // the step has finished before its buffers are freed
+}
+
+// ==================================================== non-finite gradients, grad_scale, loss scaling
+
+namespace {
+
+using doctest::Contains;
+
+/// A (rows, cols) view of a device array's first rows * ld elements with leading dimension ld.
+template <class Backend, class T>
+compact::matrix_view<T> strided(device_array<Backend, T>& a, index_t rows, index_t cols, index_t ld)
+{
+    return compact::matrix_view<T>(a.data(), rows, cols, ld);
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("flag_nonfinite and nonfinite_check: NaN and infinities anywhere, one flag for several tensors"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    // Several row parts on the CPU (rows * cols > 32768) and several blocks on CUDA; padding of NaN in the
+    // leading dimension must not be read.
+    constexpr index_t rows = 300, cols = 131, ld = 140;
+    std::mt19937_64 rng(0xf1a6);
+    auto x = uniform<Scalar>(rng, rows * ld, -1, 1);
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t j = cols; j < ld; ++j) x[static_cast<std::size_t>(i * ld + j)] = std::numeric_limits<Scalar>::quiet_NaN();
+    // The largest finite values and subnormals are finite.
+    x[0] = std::numeric_limits<Scalar>::max();
+    x[1] = -std::numeric_limits<Scalar>::max();
+    x[2] = std::numeric_limits<Scalar>::denorm_min();
+    auto x_d = dev.upload(x);
+    compact::nonfinite_check<Backend> check;
+    CHECK(check.all_finite(ctx, strided(x_d, rows, cols, ld)));
+
+    const Scalar bad[] = {std::numeric_limits<Scalar>::quiet_NaN(), std::numeric_limits<Scalar>::infinity(),
+                          -std::numeric_limits<Scalar>::infinity()};
+    const index_t places[][2] = {{0, 0}, {rows - 1, cols - 1}, {157, 64}};
+    for (const Scalar value : bad)
+        for (const auto& at : places) {
+            CAPTURE(static_cast<double>(value));
+            CAPTURE(at[0]);
+            CAPTURE(at[1]);
+            auto y = x;
+            y[static_cast<std::size_t>(at[0] * ld + at[1])] = value;
+            dev.upload_to(x_d, y);
+            CHECK_FALSE(check.all_finite(ctx, strided(x_d, rows, cols, ld)));
+            // The primitive itself: sets the flag, never clears it.
+            device_array<Backend, std::uint32_t> flag(1);
+            compact::matrix_view<const Scalar> cx(x_d.data(), rows, cols, ld);
+            Backend::template flag_nonfinite<Scalar>(ctx, cx, flag.data());
+            CHECK(dev.download(flag)[0] == 1u);
+            Backend::template flag_nonfinite<Scalar>(ctx, compact::matrix_view<const Scalar>(x_d.data(), 1, 0, ld),
+                                                     flag.data());
+            CHECK(dev.download(flag)[0] == 1u);
+        }
+
+    // One flag for several tensors: a finite one after a non-finite one does not clear it; reset does.
+    auto finite_d = dev.upload(x);
+    auto y = x;
+    y[5] = std::numeric_limits<Scalar>::infinity();
+    auto bad_d = dev.upload(y);
+    check.reset(ctx);
+    check.add(ctx, strided(bad_d, rows, cols, ld));
+    check.add(ctx, strided(finite_d, rows, cols, ld));
+    CHECK(check.found(ctx));
+    check.reset(ctx);
+    check.add(ctx, strided(finite_d, rows, cols, ld));
+    check.add(ctx, strided(finite_d, 1, 7, 7));
+    CHECK_FALSE(check.found(ctx));
+    CHECK_FALSE(check.all_finite(ctx, strided(finite_d, rows, cols, ld), strided(bad_d, rows, cols, ld)));
+    CHECK(check.all_finite(ctx)); // nothing added: nothing found
+}
+
+TEST_CASE_TEMPLATE("step_if_finite: a NaN or an infinity in G changes nothing, and the next step is the one that "
+                   "never saw it, bit for bit" COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    constexpr index_t m = 12, n = 40, r = 10;
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 0xbadULL, 3);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection);
+    compact::nonfinite_check<Backend> check;
+    auto ws = dev.workspace(optimizer.workspace_bytes(true));
+    const auto h = default_hyper();
+
+    std::mt19937_64 rng(0x51c);
+    const auto w0 = uniform<Scalar>(rng, m * n, -1, 1);
+    std::vector<std::vector<Scalar>> g_sub, g_full;
+    for (int s = 0; s < 4; ++s) {
+        g_sub.push_back(uniform<Scalar>(rng, m * r, -1, 1));
+        g_full.push_back(uniform<Scalar>(rng, m * n, -1, 1));
+    }
+    const Scalar bad[] = {std::numeric_limits<Scalar>::quiet_NaN(), std::numeric_limits<Scalar>::infinity(),
+                          -std::numeric_limits<Scalar>::infinity()};
+    std::vector<State> master0(w0.begin(), w0.end());
+
+    // A run that steps on gradients 0..3 (the reference) and one that meets a non-finite gradient before
+    // each of steps 1 and 3; each run: plain AdamW with a master on W (m, n), subspace AdamW on a copy.
+    struct run {
+        device_array<Backend, Scalar> w, w_sub;
+        device_array<Backend, State> m, v, m_sub, v_sub, master;
+        compact::adam_counters c, c_sub;
+    };
+    auto start = [&] {
+        const std::vector<State> zeros_full(static_cast<std::size_t>(m * n), State(0)), zeros_sub(static_cast<std::size_t>(m * r), State(0));
+        return run{dev.upload(w0), dev.upload(w0), dev.upload(zeros_full), dev.upload(zeros_full), dev.upload(zeros_sub),
+                   dev.upload(zeros_sub), dev.upload(master0), {}, {}};
+    };
+    run ref = start(), skip = start();
+    auto g_d = dev.upload(g_full[0]);
+    auto gs_d = dev.upload(g_sub[0]);
+    auto step = [&](run& x, const std::vector<Scalar>& g, const std::vector<Scalar>& gs) {
+        dev.upload_to(g_d, g);
+        dev.upload_to(gs_d, gs);
+        const bool full = compact::adamw<Backend>::step_if_finite(ctx, h, check, x.w.view(m, n), g_d.cview(m, n),
+                                                                  x.m.view(m, n), x.v.view(m, n), x.c,
+                                                                  x.master.view(m, n));
+        const bool sub = optimizer.step_if_finite(ctx, h, check, projection, x.w_sub.view(m, n),
+                                                  recorded(gs_d.cview(m, r), 0), x.m_sub.view(m, r),
+                                                  x.v_sub.view(m, r), x.c_sub, ws.get());
+        CHECK(full == sub);
+        return full;
+    };
+    auto state_of = [&](run& x) {
+        std::vector<double> all;
+        auto put = [&](const auto& v) { all.insert(all.end(), v.begin(), v.end()); };
+        put(dev.download(x.w));
+        put(dev.download(x.w_sub));
+        put(dev.download(x.m));
+        put(dev.download(x.v));
+        put(dev.download(x.m_sub));
+        put(dev.download(x.v_sub));
+        put(dev.download(x.master));
+        all.push_back(static_cast<double>(x.c.step));
+        all.push_back(static_cast<double>(x.c_sub.step));
+        return all;
+    };
+
+    for (int s = 0; s < 4; ++s) CHECK(step(ref, g_full[static_cast<std::size_t>(s)], g_sub[static_cast<std::size_t>(s)]));
+    int bad_index = 0;
+    for (int s = 0; s < 4; ++s) {
+        if (s % 2 == 1) {
+            // One non-finite value in G (at a step-dependent place), the other gradient finite: both
+            // optimizers see one of them non-finite in turn.
+            const auto before = state_of(skip);
+            auto g = g_full[static_cast<std::size_t>(s)];
+            auto gs = g_sub[static_cast<std::size_t>(s)];
+            const Scalar value = bad[bad_index++ % 3];
+            g[static_cast<std::size_t>(7 * s)] = value;
+            gs[static_cast<std::size_t>(5 * s)] = value;
+            CHECK_FALSE(step(skip, g, gs));
+            const auto after = state_of(skip);
+            CHECK(bit_equal(before, after));
+        }
+        CHECK(step(skip, g_full[static_cast<std::size_t>(s)], g_sub[static_cast<std::size_t>(s)]));
+    }
+    CHECK(skip.c.step == 4);
+    CHECK(bit_equal(state_of(ref), state_of(skip)));
+
+    // Bad hyper-parameters are reported even for a gradient that would be skipped.
+    auto hb = h;
+    hb.lr = -1;
+    std::vector<Scalar> g = g_full[0];
+    g[0] = bad[0];
+    dev.upload_to(g_d, g);
+    CHECK_THROWS_WITH_AS(compact::adamw<Backend>::step_if_finite(ctx, hb, check, skip.w.view(m, n), g_d.cview(m, n),
+                                                                 skip.m.view(m, n), skip.v.view(m, n), skip.c),
+                         Contains("lr=-1"), compact::error);
+}
+
+TEST_CASE_TEMPLATE("grad_scale: G scaled by 2^k with grad_scale 2^-k steps bit for bit as G with grad_scale 1"
+                   COMPACT_TEST_ON_DEVICE,
+                   Cfg, COMPACT_TEST_CONFIGS)
+{
+    using Backend = typename Cfg::backend;
+    using Scalar = typename Cfg::scalar;
+    using State = typename Cfg::state;
+    compact_test::device<Backend> dev;
+    const auto& ctx = dev.ctx();
+    constexpr index_t m = 9, n = 33, r = 8;
+    const compact::projection_source<Scalar, Backend> projection(n, r, compact::distribution::gaussian, 0x5ca1eULL, 4);
+    const compact::subspace_adamw<Scalar, Backend, State> optimizer(out_features{m}, projection);
+    auto ws = dev.workspace(optimizer.workspace_bytes());
+    std::mt19937_64 rng(0x6ca1e);
+    const auto w0 = uniform<Scalar>(rng, m * n, -1, 1);
+    const std::vector<State> zeros_full(static_cast<std::size_t>(m * n), State(0)), zeros_sub(static_cast<std::size_t>(m * r), State(0));
+
+    // scale = 0: the plain run; else G multiplied by 2^scale (exact) and grad_scale = 2^-scale.
+    auto train = [&](int scale) {
+        auto w = dev.upload(w0), w_sub = dev.upload(w0);
+        auto mm = dev.upload(zeros_full), vv = dev.upload(zeros_full), m_sub = dev.upload(zeros_sub),
+             v_sub = dev.upload(zeros_sub);
+        compact::adam_counters c, c_sub;
+        std::mt19937_64 g_rng(0x9);
+        auto h = default_hyper();
+        h.grad_scale = std::ldexp(1.0, -scale);
+        auto g_d = dev.upload(std::vector<Scalar>(static_cast<std::size_t>(m * n)));
+        auto gs_d = dev.upload(std::vector<Scalar>(static_cast<std::size_t>(m * r)));
+        for (int s = 0; s < 5; ++s) {
+            auto g = uniform<Scalar>(g_rng, m * n, -1e-3, 1e-3);
+            auto gs = uniform<Scalar>(g_rng, m * r, -1e-3, 1e-3);
+            for (auto& x : g) x = static_cast<Scalar>(std::ldexp(static_cast<double>(x), scale));
+            for (auto& x : gs) x = static_cast<Scalar>(std::ldexp(static_cast<double>(x), scale));
+            dev.upload_to(g_d, g);
+            dev.upload_to(gs_d, gs);
+            compact::adamw<Backend>::step(ctx, h, w.view(m, n), g_d.cview(m, n), mm.view(m, n), vv.view(m, n), c);
+            optimizer.step(ctx, h, projection, w_sub.view(m, n), recorded(gs_d.cview(m, r), 0), m_sub.view(m, r),
+                           v_sub.view(m, r), c_sub, ws.get());
+        }
+        std::vector<double> all;
+        auto put = [&](const auto& v) { all.insert(all.end(), v.begin(), v.end()); };
+        put(dev.download(w));
+        put(dev.download(w_sub));
+        put(dev.download(mm));
+        put(dev.download(vv));
+        put(dev.download(m_sub));
+        put(dev.download(v_sub));
+        return all;
+    };
+    const auto plain = train(0);
+    CHECK(bit_equal(plain, train(16)));
+    CHECK(bit_equal(plain, train(-8)));
+    // A scale that is no power of two unscales to rounding (one rounding of G in State, one of 1/s).
+    const auto other = [&] {
+        auto w = dev.upload(w0);
+        auto mm = dev.upload(zeros_full), vv = dev.upload(zeros_full);
+        compact::adam_counters c;
+        auto h = default_hyper();
+        h.grad_scale = 1.0 / 3.0;
+        std::mt19937_64 g_rng(0x9);
+        auto g = uniform<Scalar>(g_rng, m * n, -1e-3, 1e-3);
+        for (auto& x : g) x = static_cast<Scalar>(3.0 * static_cast<double>(x));
+        auto g_d = dev.upload(g);
+        compact::adamw<Backend>::step(ctx, h, w.view(m, n), g_d.cview(m, n), mm.view(m, n), vv.view(m, n), c);
+        return to_double(dev.download(mm));
+    }();
+    const auto reference_m = [&] {
+        auto w = dev.upload(w0);
+        auto mm = dev.upload(zeros_full), vv = dev.upload(zeros_full);
+        compact::adam_counters c;
+        std::mt19937_64 g_rng(0x9);
+        auto g_d = dev.upload(uniform<Scalar>(g_rng, m * n, -1e-3, 1e-3));
+        compact::adamw<Backend>::step(ctx, default_hyper(), w.view(m, n), g_d.cview(m, n), mm.view(m, n), vv.view(m, n), c);
+        return to_double(dev.download(mm));
+    }();
+    CHECK_RELATIVE(relative_error(other, reference_m), (is_float<Scalar> ? 1e-6 : 1e-14));
+
+    auto h = default_hyper();
+    for (const double bad : {0.0, -1.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+        h.grad_scale = bad;
+        auto w = dev.upload(w0);
+        auto mm = dev.upload(zeros_full), vv = dev.upload(zeros_full);
+        compact::adam_counters c;
+        CHECK_THROWS_WITH_AS(compact::adamw<Backend>::step(ctx, h, w.view(m, n), w.cview(m, n), mm.view(m, n),
+                                                           vv.view(m, n), c),
+                             Contains("grad_scale="), compact::error);
+        CHECK(c.step == 0);
+    }
+}
+
+TEST_CASE("loss_scaler: growth every growth_interval clean steps, backoff on a non-finite step, bounds, restore")
+{
+    compact::loss_scaler_options o;
+    o.growth_interval = 3;
+    o.init_scale = 1024;
+    o.min_scale = 256;
+    o.max_scale = 4096;
+    compact::loss_scaler scaler(o);
+    CHECK(scaler.scale() == 1024);
+    CHECK(scaler.unscale() == 1.0 / 1024);
+    // (found_nonfinite, scale after the update)
+    const std::pair<bool, double> sequence[] = {
+        {false, 1024}, {false, 1024}, {false, 2048}, // growth after 3 clean steps
+        {false, 2048}, {true, 1024},                 // backoff restarts the count
+        {false, 1024}, {false, 1024}, {false, 2048}, {false, 2048}, {false, 2048}, {false, 4096},
+        {false, 4096}, {false, 4096}, {false, 4096}, // max_scale
+        {true, 2048},  {true, 1024},  {true, 512},  {true, 256}, {true, 256}, // min_scale
+        {false, 256},  {false, 256},  {false, 512},
+    };
+    std::uint64_t skipped = 0;
+    for (const auto& step : sequence) {
+        scaler.update(step.first);
+        skipped += step.first ? 1 : 0;
+        CHECK(scaler.scale() == step.second);
+        CHECK(scaler.state().skipped_steps == skipped);
+        CHECK(scaler.unscale() * scaler.scale() == 1.0);
+    }
+    // A restored state resumes the sequence.
+    compact::loss_scaler a(o), b(o);
+    a.update(false);
+    a.update(false);
+    b.restore(a.state());
+    a.update(false);
+    b.update(false);
+    CHECK(a.scale() == 2048);
+    CHECK(b.scale() == 2048);
+    CHECK(b.state().clean_steps == 0);
+
+    compact::loss_scaler defaults;
+    CHECK(defaults.scale() == 65536.0);
+    CHECK(defaults.options().growth_interval == 2000);
+    for (int s = 0; s < 1999; ++s) defaults.update(false);
+    CHECK(defaults.scale() == 65536.0);
+    defaults.update(false);
+    CHECK(defaults.scale() == 131072.0);
+    defaults.update(true);
+    CHECK(defaults.scale() == 65536.0);
+
+    compact::loss_scaler_state bad_state;
+    bad_state.scale = 8192;
+    CHECK_THROWS_WITH_AS(b.restore(bad_state), Contains("scale=8192"), compact::error);
+    bad_state.scale = 1024;
+    bad_state.clean_steps = 3;
+    CHECK_THROWS_WITH_AS(b.restore(bad_state), Contains("clean_steps=3"), compact::error);
+    auto bad = o;
+    bad.init_scale = 100;
+    CHECK_THROWS_WITH_AS(compact::loss_scaler{bad}, Contains("init_scale=100"), compact::error);
+    bad = o;
+    bad.backoff_factor = 1;
+    CHECK_THROWS_WITH_AS(compact::loss_scaler{bad}, Contains("backoff_factor=1"), compact::error);
+    bad = o;
+    bad.growth_interval = 0;
+    CHECK_THROWS_WITH_AS(compact::loss_scaler{bad}, Contains("growth_interval"), compact::error);
 }

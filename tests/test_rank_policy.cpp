@@ -472,8 +472,8 @@ TEST_CASE("rank::budget rejects bad layer sets and unknown layers")
     CHECK_THROWS_AS(budget({{1, 0, 100, 0.0, 4}}, 1 << 20), compact::error);   // n = 0
     CHECK_THROWS_AS(budget({{1, 64, 0, 0.0, 4}}, 1 << 20), compact::error);    // no tokens
     CHECK_THROWS_AS(budget({{1, 64, 100, 0.0, 0}}, 1 << 20), compact::error);  // zero-byte values
-    CHECK_THROWS_WITH_AS(budget({{1, 64, 100, -1.0, 4}}, 1 << 20), doctest::Contains("negative weight"),
-                         compact::error);
+    CHECK_THROWS_WITH_AS(budget({{1, 64, 100, -1.0, 4}}, 1 << 20),
+                         doctest::Contains("has weight -1; it must be finite and non-negative"), compact::error);
 
     const budget b({{10, 64, 100, 0.0, 4}, {20, 128, 100, 0.0, 4}}, 100 * 4 * 50);
     CHECK_NOTHROW(b.rank({64, 1, 10}));

@@ -11,7 +11,7 @@
 //   compress/  the compressor concept (compressor.hpp) and its models: the seeded random projection
 //              (random_projection.hpp, owning P through projection_source.hpp) and activation stores
 //              (store_compressor.hpp); 1-bit masks, bit allocation, sensitivity
-//   optim/     AdamW, subspace AdamW, and the optimizer of a compressed layer's weight
+//   optim/     AdamW, subspace AdamW, the optimizer of a compressed layer's weight, and loss scaling
 //   nn/        compressed_linear and input_group (caller memory), linear_layer (owning)
 //   io/        checkpoints: a versioned, checksummed section file; linear_layer and allocation save/load
 #pragma once
@@ -38,6 +38,7 @@
 #include "compact/compress/bit_allocation.hpp"
 #include "compact/compress/sensitivity.hpp"
 #include "compact/optim/adamw.hpp"
+#include "compact/optim/loss_scaler.hpp"
 #include "compact/nn/compressed_linear.hpp"
 #include "compact/nn/linear_layer.hpp"
 #include "compact/io/checkpoint.hpp"

@@ -11,6 +11,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstddef>
@@ -223,7 +224,7 @@ std::vector<std::byte> host_quantize(const store_scheme& s, const noise_key& key
                                                                        : cs::load_quad(x, e, it, vector, buf.data()));
         for (unsigned stride = threads / 2; stride > 0; stride /= 2)
             for (unsigned t = 0; t < stride; ++t) m[t] = cs::combine(m[t + stride], m[t]);
-        const cs::group_range r = cs::finish(m[0], buf[0]);
+        const cs::group_range r = cs::finish(m[0]);
         meta[2 * g] = r.lo;
         meta[2 * g + 1] = r.hi;
         const cs::group_coding c = cs::coding_of(s, ns, e, g, r);
@@ -335,7 +336,7 @@ TEST_CASE("the block reduction's lo and hi are the CPU's, zeros' signs and NaN i
                 for (std::size_t k = 0; k + width < tree.size(); k += 2 * width)
                     tree[k] = cs::combine(tree[k + width], tree[k]);
             for (const cs::extremes& e : {forward, backward, tree[0]}) {
-                const cs::group_range r = cs::finish(e, v[0]);
+                const cs::group_range r = cs::finish(e);
                 CAPTURE(data);
                 CAPTURE(len);
                 CHECK(same_bits(r.lo, meta[0]));
@@ -360,6 +361,76 @@ TEST_CASE_TEMPLATE("the quantize steps write the CPU's bytes: every scheme, odd 
                         CHECK(same_bits(host_quantize(s, test_key, view, false), expected));
                 }
             }
+}
+
+namespace {
+
+/// x with the flat values `at` (row-major in l) set to `bad`.
+template <class T>
+std::vector<T> with_bad_value(std::vector<T> x, const layout& l, index_t at, double bad)
+{
+    x[static_cast<std::size_t>(l.offset + at / l.cols * l.ld + at % l.cols)] = cd::from_double<T>(bad);
+    return x;
+}
+
+template <class T>
+bool is_nan(const T& x)
+{
+    return std::isnan(static_cast<double>(cd::to_compute(x)));
+}
+
+/// Whether a dense decoding `got` of a whole tensor is NaN exactly in [first, last) and has the bits of
+/// `expected` elsewhere (NaN's bits may differ between devices).
+template <class T>
+bool nan_exactly_in(const std::vector<T>& got, const std::vector<T>& expected, index_t first, index_t last)
+{
+    bool ok = got.size() == expected.size();
+    for (index_t k = 0; ok && k < static_cast<index_t>(got.size()); ++k) {
+        const auto at = static_cast<std::size_t>(k);
+        ok = k >= first && k < last ? is_nan(got[at]) : same_bits(got[at], expected[at]);
+    }
+    return ok;
+}
+
+const double bad_values[] = {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+                             -std::numeric_limits<double>::infinity()};
+
+} // namespace
+
+TEST_CASE_TEMPLATE("the quantize steps mark a group with a NaN or an infinity as the CPU does: NaN lo and hi, codes 0",
+                   T, float, double, __half, __nv_bfloat16)
+{
+    const index_t rows = 37, cols = 53, count = rows * cols;
+    for (const layout& l : layouts_of(rows, cols)) {
+        const auto clean = test_values<T>(l.storage(), 9, 0);
+        for (const store_scheme& s : schemes)
+            for (double bad : bad_values)
+                for (index_t at : {index_t{0}, index_t{100}, count - 1}) {
+                    CAPTURE(describe(s, l, 0));
+                    CAPTURE(bad);
+                    CAPTURE(at);
+                    const auto x = with_bad_value(clean, l, at, bad);
+                    const auto expected = cpu_encoding(s, test_key, x, l);
+                    const auto view = view_in(x, l);
+                    CHECK(same_bits(host_quantize(s, test_key, view, cs::vector_ok(view)), expected));
+                    std::vector<T> out(static_cast<std::size_t>(count));
+                    host_dequantize(s, expected, count, 0, compact::make_view(out.data(), rows, cols), false);
+                    if (s.kind == store_kind::full) {
+                        CHECK(same_bits(out, cpu_decoding<T>(s, expected, count, 0, rows, cols)));
+                        continue;
+                    }
+                    const index_t per = cs::values_per_group(s), g = at / per;
+                    const std::uint32_t nan_bits = 0x7FC00000u;
+                    float nan_bound;
+                    std::memcpy(&nan_bound, &nan_bits, sizeof nan_bound);
+                    const auto* meta = reinterpret_cast<const float*>(expected.data());
+                    CHECK(same_bits(meta[2 * g], nan_bound));
+                    CHECK(same_bits(meta[2 * g + 1], nan_bound));
+                    CHECK(nan_exactly_in(out, cpu_decoding<T>(s, cpu_encoding(s, test_key, clean, l), count, 0, rows,
+                                                              cols),
+                                         g * per, std::min(count, (g + 1) * per)));
+                }
+    }
 }
 
 TEST_CASE("the quantize steps write the CPU's bytes on a large tensor")
@@ -688,5 +759,43 @@ TEST_CASE("a GPU encoding decodes on the GPU to the CPU's round trip" * doctest:
         f.owner.synchronize();
         const auto bytes = cpu_encoding(s, test_key, x, l);
         CHECK(same_bits(download(out), cpu_decoding<float>(s, bytes, count, 0, rows, cols)));
+    }
+}
+
+TEST_CASE_TEMPLATE("a group with a NaN or an infinity: the GPU writes the CPU's bytes and restores the group as NaN" *
+                       doctest::skip(!has_device()),
+                   T, float, double, __half, __nv_bfloat16)
+{
+    device_fixture f;
+    const index_t rows = 37, cols = 53, count = rows * cols;
+    for (const layout& l : layouts_of(rows, cols)) {
+        const auto clean = test_values<T>(l.storage(), 9, 0);
+        for (const store_scheme& s : schemes)
+            for (double bad : bad_values)
+                for (index_t at : {index_t{0}, index_t{100}, count - 1}) {
+                    CAPTURE(describe(s, l, 0));
+                    CAPTURE(bad);
+                    CAPTURE(at);
+                    const auto x = with_bad_value(clean, l, at, bad);
+                    const auto dx = upload(x);
+                    const auto expected = cpu_encoding(s, test_key, x, l);
+                    compact::device_buffer<std::byte> enc(expected.size(), std::byte{0});
+                    compact::device_buffer<T> out(static_cast<std::size_t>(count), T{});
+                    backend::quantize<T>(f.ctx(), s, test_key, {dx.data() + l.offset, rows, cols, l.ld}, enc.data());
+                    backend::dequantize<T>(f.ctx(), s, enc.data(), count, 0, {out.data(), rows, cols});
+                    f.owner.synchronize();
+                    CHECK(same_bits(download(enc), expected));
+                    const auto restored = download(out);
+                    if (s.kind == store_kind::full) {
+                        CHECK(same_bits(restored, cpu_decoding<T>(s, expected, count, 0, rows, cols)));
+                        continue;
+                    }
+                    // The bad value's group is NaN; every other value is the CPU's decoding of the tensor
+                    // without the bad value.
+                    const index_t per = cs::values_per_group(s), g = at / per;
+                    CHECK(nan_exactly_in(restored,
+                                         cpu_decoding<T>(s, cpu_encoding(s, test_key, clean, l), count, 0, rows, cols),
+                                         g * per, std::min(count, (g + 1) * per)));
+                }
     }
 }

@@ -39,6 +39,19 @@
 //     template <class W, class S, class G = W> static void adamw_update(const context&,
 //         const adam_coefficients&, const_matrix_view<non_deduced_t<G>> g, matrix_view<S> m,
 //         matrix_view<S> v, matrix_view<W> w);
+//     // (Both multiply g, widened to S, by grad_scale rounded to S before the moment update.)
+//
+//     // Sets *flag to 1 when x holds a NaN or an infinity, and leaves it alone otherwise (it never
+//     // clears it). flag is one std::uint32_t in the backend's memory, so several tensors can be
+//     // checked into one flag (zero it with fill on a (1, 1) view) and the host reads it once, with
+//     // copy_to_host: on CUDA the kernel writes the flag on the stream and nothing synchronises
+//     // until that read. Cost: one read of x.
+//     template <class T> static void flag_nonfinite(const context&, const_matrix_view<T> x,
+//                                                   std::uint32_t* flag);
+//     // Copies count elements between the backend's memory and the host; synchronous (the copy has
+//     // landed when it returns: on CUDA it waits for the context's stream).
+//     template <class T> static void copy_to_host(const context&, const T* src, T* host, std::size_t count);
+//     template <class T> static void copy_from_host(const context&, const T* host, T* dst, std::size_t count);
 //
 //     // Activation stores (backend/store_scheme.hpp fixes the bytes): encode x (row-major order, any ld) into
 //     // out (stored_bytes<T>(s, count) bytes, aligned for float and T); decode flat values
@@ -90,6 +103,7 @@ struct adam_coefficients {
     double eps = 1e-6;
     double step_size = 0; ///< eta_t * alpha, with eta_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)
     double decay = 1;     ///< 1 - lr * weight_decay
+    double grad_scale = 1; ///< g is multiplied by it (rounded to the moments' type) before the moments
 };
 
 namespace detail {

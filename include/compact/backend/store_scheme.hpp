@@ -21,6 +21,17 @@
 //   full:               [count x Scalar].
 // The stochastic-rounding noise of value (or mean) k is a pure function of (noise key, k), so encoding
 // is reproducible and independent of thread count and device.
+//
+// Values that are not finite. A quantized group that holds a NaN or an infinity among its values (for
+// average quantization: among its means) is written as lo = hi = NaN (the quiet NaN 0x7FC00000, on
+// every backend) with all its codes 0, and restores as NaN for every value it covers (its G values, or
+// the 4 G values of its G means), so that a trainer's check for non-finite values sees it; the other
+// groups are encoded as if the bad value were not there. Groups of finite values are unaffected by
+// this rule. What counts is the value as float: a double beyond float's range becomes an infinity, and
+// a mean is taken in float, so a run of finite values whose sum overflows has an infinite mean.
+// (A group of finite values whose range hi - lo overflows float, with values of both signs near float's
+// limit, is encoded as usual, but its step (hi - lo) / B is infinite, so that its values other than hi
+// restore as NaN or infinity.) The scheme full keeps every value as it is, NaN and infinities included.
 #pragma once
 
 #include "compact/core/config.hpp"
@@ -30,6 +41,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 COMPACT_NAMESPACE_BEGIN
@@ -208,6 +220,24 @@ COMPACT_HD inline std::uint32_t stochastic_code(float x, float lo, float hi, flo
 COMPACT_HD inline float restored_value(float q, float lo, float hi, float step, float levels)
 {
     return q >= levels ? hi : add_rn(lo, mul_rn(q, step));
+}
+
+/// 0 for a finite x; NaN for NaN and the infinities (branch-free, so loops over it vectorise).
+COMPACT_HD inline float nonfinite_probe(float x) { return x - x; }
+
+/// lo and hi of a group that holds a value that is not finite: the quiet NaN 0x7FC00000, the same bits
+/// on every backend. With them every code is 0 (stochastic_level maps NaN to 0 and x >= NaN is false)
+/// and restored_value gives NaN for any code.
+COMPACT_HD inline float nonfinite_group_bound()
+{
+#ifdef __CUDA_ARCH__
+    return __int_as_float(0x7FC00000);
+#else
+    constexpr std::uint32_t bits = 0x7FC00000u;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
 }
 
 /// levels / range, or 0 for a constant group (every code is 0 and x^ = lo exactly).

@@ -239,9 +239,8 @@ struct compressor_of<Scalar, Backend, Policy, true> {
 template <class Scalar, class Backend, class Policy>
 using compressor_t = typename detail::compressor_of<Scalar, Backend, Policy>::type;
 
-namespace detail {
-
-/// The checks every compressor's weight_gradient makes of what forward saved.
+/// The checks every compressor's weight_gradient makes of what forward saved: written, by this
+/// compressor (`layer`), for `rows` rows.
 inline void check_saved(const saved_activation& saved, index_t rows, std::uint64_t layer, const char* where)
 {
     COMPACT_REQUIRE(saved.filled, where, "the saved activation holds nothing: run forward with it first");
@@ -250,7 +249,8 @@ inline void check_saved(const saved_activation& saved, index_t rows, std::uint64
     COMPACT_REQUIRE(saved.rows == rows, where, "dY has ", rows, " rows but the saved activation holds ", saved.rows);
 }
 
-/// Checks that a saved activation's memory can hold `bytes`, aligned for T and float.
+/// The check every compressor's compress makes first: the saved activation's memory holds `bytes`,
+/// aligned for T and float.
 template <class T>
 void check_saved_memory(const saved_activation& saved, std::size_t bytes, const char* where)
 {
@@ -262,6 +262,5 @@ void check_saved_memory(const saved_activation& saved, std::size_t bytes, const 
                     static_cast<const void*>(saved.data), " must be aligned to ", alignment, " bytes");
 }
 
-} // namespace detail
 
 COMPACT_NAMESPACE_END

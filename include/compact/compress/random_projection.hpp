@@ -92,7 +92,7 @@ public:
         COMPACT_REQUIRE(x.cols == in(), where, "X is ", shape_string(x), " but the projection expects (N, ", in(), ")");
         const std::uint64_t e = epoch(step);
         source_.check_epoch(e, where);
-        detail::check_saved_memory<Scalar>(saved, saved_bytes(x.rows), where);
+        check_saved_memory<Scalar>(saved, saved_bytes(x.rows), where);
         detail::workspace_carver carve(ws, workspace_bytes(), where);
         matrix_view<Scalar> z(reinterpret_cast<Scalar*>(saved.data), x.rows, rank());
         source_.compress_checked(ctx, x, e, z, carve);
@@ -108,7 +108,7 @@ public:
     {
         constexpr const char* where = "random_projection::weight_gradient";
         detail::check_view(dy, where, "dY");
-        detail::check_saved(saved, dy.rows, source_.layer(), where);
+        check_saved(saved, dy.rows, source_.layer(), where);
         detail::check_shape(g, dy.cols, rank(), where, "G_sub");
         const double beta = mode == write_mode::accumulate ? 1.0 : 0.0;
         if (dy.rows == 0) {

@@ -58,7 +58,7 @@ public:
     static constexpr index_t max_restore_rows = 1024;
 
     store_compressor(const compressor_setup& setup, const quantized& policy)
-        : in_(setup.in), store_(policy.scheme, setup.seed, setup.layer)
+        : in_(setup.in), store_(checked_scheme(policy.scheme, setup.where), setup.seed, setup.layer)
     {
         COMPACT_REQUIRE(setup.in >= 1, setup.where, "in=", setup.in, " must be positive");
     }
@@ -112,7 +112,7 @@ public:
     {
         constexpr const char* where = "store_compressor::weight_gradient";
         detail::check_view(dy, where, "dY");
-        detail::check_saved(saved, dy.rows, store_.tensor(), where);
+        check_saved(saved, dy.rows, store_.tensor(), where);
         detail::check_shape(g, dy.cols, in_, where, "G");
         const bool accumulate = mode == write_mode::accumulate;
         if (dy.rows == 0) {
@@ -167,6 +167,12 @@ public:
     }
 
 private:
+    static const store_scheme& checked_scheme(const store_scheme& s, const char* where)
+    {
+        detail::check_scheme(s, where); // in the caller's name, before the store checks it again
+        return s;
+    }
+
     index_t in_ = 0;
     store_type store_{};
 };

@@ -43,4 +43,11 @@ inline std::size_t checked_add(std::size_t a, std::size_t b, const char* where)
 }
 
 } // namespace detail
+/// rows * cols * bytes as a byte count, or compact::error naming `where` when it overflows: for sizes
+/// computed from user numbers in code built on the library (a compressor's saved_bytes, say).
+inline std::size_t checked_bytes(std::int64_t rows, std::int64_t cols, std::size_t bytes, const char* where)
+{
+    return detail::checked_mul_size(rows, cols, bytes, where);
+}
+
 COMPACT_NAMESPACE_END

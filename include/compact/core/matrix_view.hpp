@@ -132,4 +132,18 @@ void check_pointer(const T* p, index_t count, const char* where, const char* nam
 
 } // namespace detail
 
+/// The checks every public function makes of a view argument, for code written against the library's
+/// extension points (a compressor, say): a view's own invariants, and an exact shape. Both raise
+/// compact::error naming `where` and `name`.
+template <class T>
+void validate_view(const matrix_view<T>& v, const char* where, const char* name)
+{
+    detail::check_view(v, where, name);
+}
+template <class T>
+void validate_shape(const matrix_view<T>& v, index_t rows, index_t cols, const char* where, const char* name)
+{
+    detail::check_shape(v, rows, cols, where, name);
+}
+
 COMPACT_NAMESPACE_END

@@ -140,7 +140,8 @@ public:
             COMPACT_REQUIRE(l.in >= 1 && l.tokens >= 1 && l.value_bytes >= 1, where, "layer ", l.id,
                             " has n=", l.in, ", tokens=", l.tokens, ", value_bytes=", l.value_bytes,
                             "; all must be positive");
-            COMPACT_REQUIRE(l.weight >= 0, where, "layer ", l.id, " has negative weight ", l.weight);
+            COMPACT_REQUIRE(l.weight >= 0 && std::isfinite(l.weight), where, "layer ", l.id, " has weight ", l.weight,
+                            "; it must be finite and non-negative");
             if (l.weight == 0) l.weight = static_cast<double>(l.in + 1);
             for (auto& e : entries_)
                 COMPACT_REQUIRE(e.layer.id != l.id, where, "layer id ", l.id, " appears twice");

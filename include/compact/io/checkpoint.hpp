@@ -9,7 +9,7 @@
 //   checkpoint_writer w;                               // collects sections in memory
 //   w.add("embedding", compact::const_matrix_view<float>(e, vocab, d));   // (vocab, d)
 //   w.add_scalar<std::uint64_t>("step", step);
-//   w.write("run.ckpt");                               // run.ckpt.tmp.*, fsync, rename over run.ckpt
+//   w.write("run.ckpt");                               // run.ckpt.tmp.<hash>, fsync, rename over run.ckpt
 //
 //   auto r = checkpoint_reader::read_file("run.ckpt"); // the whole file, validated
 //   r.read("embedding", compact::matrix_view<float>(e, vocab, d));        // dtype and shape checked
@@ -53,10 +53,25 @@
 // every version up to its own. Adding sections never changes it: readers look sections up by name and
 // ignore the ones they do not know.
 //
-// Guarantees and errors. write() puts the bytes in a new file next to the target, fsyncs it, renames it
-// over the target and fsyncs the directory, so a crash at any point leaves either the old or the new
-// checkpoint, never a mix. read_file() and the reader's constructor validate the whole file before
+// Guarantees and errors. write() puts the bytes in a temporary file next to the target, fsyncs it,
+// renames it over the target and fsyncs the directory, so a crash at any point leaves either the old or
+// the new checkpoint, never a mix. read_file() and the reader's constructor validate the whole file before
 // they return: magic, version, header checksum, size, and for every section its layout and checksum.
+// read_file() reads only regular files, and checks the 40-byte header (magic, version, checksum, and the
+// declared size against the file's) before it reads or allocates anything more: a device, a pipe or a
+// large file that is not a checkpoint is refused at once, and it never reads more than the header declares.
+//
+// Temporary files. The temporary file of a target has one name, fixed by the target's file name F:
+//   F ".tmp." H    in the target's directory, H = CRC-64 (above) of the bytes of F, as 16 lowercase hex digits
+// with F cut short (at a UTF-8 character boundary) when the whole would exceed the directory's NAME_MAX,
+// so any file name the file system accepts can be written ("run.ckpt" -> "run.ckpt.tmp.<16 hex>").
+// A writer killed mid-write (SIGKILL, power loss) leaves that one file behind; the next write() to the same
+// target takes it over (truncates, rewrites and renames it), so stale temporaries never accumulate: at most
+// one per target, gone after the next successful write. Writers of the same target serialise on an
+// exclusive flock() of the temporary file (a second writer waits for the first to rename it, then writes
+// its own), so concurrent writers, threads or processes, still leave one whole checkpoint, the last one
+// renamed. A temporary that is not a regular file owned by the writing user with a single link (a symbolic
+// link or a file planted by someone else) is never written through: write() refuses it, naming it.
 // Each failure is a compact::error naming the file (or "<memory>"), the section where there is one, and
 // the class of the problem in words callers can match: "not a compact checkpoint", "newer format
 // version", "truncated", "checksum mismatch", "corrupt" (a layout no writer produces), "missing
@@ -91,6 +106,7 @@
 #error "compact/io/checkpoint.hpp needs POSIX file calls (open, fsync, rename); it supports Linux and other Unixes"
 #endif
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -263,6 +279,32 @@ inline std::string hex64(std::uint64_t v)
 
 inline std::string errno_text(int code) { return std::generic_category().message(code); }
 
+/// The temporary file name of the target file name `name` in a directory whose names hold at most
+/// `name_max` bytes: name ".tmp." and the CRC-64 of name in 16 hex digits, the name cut short to fit.
+inline std::string checkpoint_temporary_name(const std::string& name, std::size_t name_max)
+{
+    const std::string suffix = ".tmp." + hex64(crc64(0, name.data(), name.size())).substr(2);
+    std::size_t keep = name.size();
+    if (keep + suffix.size() > name_max) {
+        keep = name_max > suffix.size() ? name_max - suffix.size() : 0;
+        while (keep > 0 && (static_cast<unsigned char>(name[keep]) & 0xc0) == 0x80) --keep; // not mid-character
+    }
+    return name.substr(0, keep) + suffix;
+}
+
+/// "a directory", "a character device", ...: what a stat mode is, for messages.
+inline const char* file_kind(mode_t mode) noexcept
+{
+    if (S_ISREG(mode)) return "a regular file";
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISFIFO(mode)) return "a pipe (FIFO)";
+    if (S_ISSOCK(mode)) return "a socket";
+    if (S_ISLNK(mode)) return "a symbolic link";
+    return "not a regular file";
+}
+
 } // namespace detail
 
 /// One validated section of a checkpoint_reader: where its values lie in the reader's bytes.
@@ -346,49 +388,81 @@ public:
         return out;
     }
 
-    /// Writes the checkpoint to `path` atomically: the bytes go to a new file `path`.tmp.<pid>.<n> in the
-    /// same directory, which is fsync'ed and renamed over `path`; the directory is then fsync'ed so the
+    /// Writes the checkpoint to `path` atomically: the bytes go to the target's temporary file
+    /// `path`.tmp.<hash> in the same directory (see "Temporary files" at the top of this header), which is
+    /// locked, truncated, written, fsync'ed and renamed over `path`; the directory is then fsync'ed so the
     /// rename survives a crash too. On any failure the temporary file is removed, `path` is left as it
-    /// was, and a compact::error carries the system's reason. A process killed mid-write may leave its
-    /// temporary file behind (never a partial `path`). The new file gets the permissions a newly created
-    /// file gets (0666 less the umask), and a symbolic link at `path` is replaced, not followed.
+    /// was, and a compact::error carries the system's reason. A process killed mid-write may leave the
+    /// temporary file behind (never a partial `path`); the next write to `path` reuses it. While another
+    /// writer of `path` holds the temporary file, write() waits for it. The new file gets the permissions
+    /// a newly created file gets (0666 less the umask; a reused stale temporary keeps those it was created
+    /// with), and a symbolic link at `path` is replaced, not followed.
     void write(const std::string& path) const
     {
         constexpr const char* where = "checkpoint_writer::write";
         COMPACT_REQUIRE(!path.empty(), where, "empty path");
-        static std::atomic<unsigned> serial{0};
-        std::string tmp;
+        const std::string::size_type slash = path.find_last_of('/');
+        const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+        const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+        COMPACT_REQUIRE(!name.empty(), where, "'", path, "': the path ends in '/', it names no file");
+        const long name_max = ::pathconf(dir.c_str(), _PC_NAME_MAX);
+        const std::string tmp = path.substr(0, path.size() - name.size()) +
+                                detail::checkpoint_temporary_name(name, name_max > 0 ? std::size_t(name_max) : 255);
+
         int fd = -1;
-        for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
-            tmp = path + ".tmp." + std::to_string(static_cast<long long>(::getpid())) + "." +
-                  std::to_string(serial.fetch_add(1));
+        auto refuse = [&](const char* what, const std::string& why) {
+            if (fd >= 0) ::close(fd);
+            COMPACT_FAIL(where, "'", path, "': ", what, " the temporary file '", tmp, "': ", why);
+        };
+        // Lock the file that is at `tmp` when the lock is granted: a writer that held it before us has
+        // renamed it over the target (or removed it) by then, and its inode is no longer ours to write.
+        for (;;) {
             do {
-                fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+                fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0666);
             } while (fd < 0 && errno == EINTR);
-            if (fd < 0 && errno != EEXIST)
-                COMPACT_FAIL(where, "'", path, "': cannot create the temporary file '", tmp,
-                             "': ", detail::errno_text(errno));
+            if (fd < 0) refuse("cannot create", detail::errno_text(errno));
+            int locked;
+            do {
+                locked = ::flock(fd, LOCK_EX);
+            } while (locked != 0 && errno == EINTR);
+            if (locked != 0) refuse("cannot lock", detail::errno_text(errno));
+            struct ::stat held {}, named {};
+            if (::fstat(fd, &held) != 0) refuse("cannot stat", detail::errno_text(errno));
+            if (::lstat(tmp.c_str(), &named) == 0) {
+                if (named.st_dev == held.st_dev && named.st_ino == held.st_ino) {
+                    if (!S_ISREG(held.st_mode) || held.st_nlink != 1 || held.st_uid != ::geteuid())
+                        refuse("refusing to write through",
+                               detail::concat("it is ", detail::file_kind(held.st_mode), " with ", held.st_nlink,
+                                              " links owned by user ", held.st_uid, ", not a regular file of user ",
+                                              ::geteuid(), " with one link; remove it"));
+                    break;
+                }
+            } else if (errno != ENOENT) {
+                refuse("cannot stat", detail::errno_text(errno));
+            }
+            ::close(fd);
+            fd = -1;
         }
-        COMPACT_REQUIRE(fd >= 0, where, "'", path, "': no free temporary file name after 100 attempts");
 
         auto fail = [&](const char* what, int code) {
+            ::unlink(tmp.c_str()); // while the lock is held: no other writer is using this name
             if (fd >= 0) ::close(fd);
-            ::unlink(tmp.c_str());
             COMPACT_FAIL(where, "'", path, "': ", what, " failed (temporary file '", tmp,
                          "'): ", detail::errno_text(code), "; the previous checkpoint, if any, is unchanged");
         };
+        // A stale temporary left by a killed writer may hold anything: start from an empty file.
+        if (::ftruncate(fd, 0) != 0) fail("truncating", errno);
         const std::vector<unsigned char> head = header();
         if (int code = write_all(fd, head.data(), head.size())) fail("writing", code);
         for (const auto& s : sections_)
             if (int code = write_all(fd, s.data(), s.size())) fail("writing", code);
         if (::fsync(fd) != 0) fail("fsync", errno);
-        const int closed = ::close(fd);
-        fd = -1;
-        if (closed != 0) fail("closing", errno);
+        // The lock is held through the rename (closing would release it to a waiting writer, which would
+        // truncate the file we are about to rename); after a successful fsync, close cannot lose data.
         if (::rename(tmp.c_str(), path.c_str()) != 0) fail("renaming the temporary file over the checkpoint", errno);
+        ::close(fd);
+        fd = -1;
 
-        const std::string::size_type slash = path.find_last_of('/');
-        const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
         int dir_fd;
         do {
             dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -481,35 +555,59 @@ private:
 /// A whole checkpoint in memory, validated on construction; typed, checked access to its sections.
 class checkpoint_reader {
 public:
-    /// Reads and validates the file at `path` (see the errors at the top of this header).
+    /// Reads and validates the file at `path` (see the errors at the top of this header). Only a regular
+    /// file is read (a directory, device, pipe or socket is refused before any read), its header is checked
+    /// before anything more is read or allocated, and it must have exactly the size its header declares.
     static checkpoint_reader read_file(const std::string& path)
     {
         constexpr const char* where = "checkpoint_reader::read_file";
         int fd;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer to appear; it is refused just below.
         do {
-            fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+            fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         } while (fd < 0 && errno == EINTR);
         COMPACT_REQUIRE(fd >= 0, where, "'", path, "': cannot open: ", detail::errno_text(errno));
+        struct closer {
+            int fd;
+            ~closer() { ::close(fd); }
+        } const closing{fd};
         struct ::stat info {};
-        int code = ::fstat(fd, &info) == 0 ? 0 : errno;
-        // Room for one byte more than st_size, so that a file of the size it claims ends without a
-        // reallocation; reading to the end, not to st_size, also copes with a file that changes size.
-        const bool sized = code == 0 && info.st_size > 0;
-        std::vector<unsigned char> bytes(sized ? static_cast<std::size_t>(info.st_size) + 1 : 4096);
-        std::size_t filled = 0;
-        while (code == 0) {
-            if (filled == bytes.size()) bytes.resize(2 * bytes.size());
-            const ::ssize_t n = ::read(fd, bytes.data() + filled, bytes.size() - filled);
-            if (n < 0) {
-                if (errno != EINTR) code = errno;
-                continue;
-            }
-            if (n == 0) break;
-            filled += static_cast<std::size_t>(n);
-        }
-        ::close(fd);
-        COMPACT_REQUIRE(code == 0, where, "'", path, "': cannot read: ", detail::errno_text(code));
-        bytes.resize(filled);
+        if (::fstat(fd, &info) != 0) COMPACT_FAIL(where, "'", path, "': cannot read: ", detail::errno_text(errno));
+        COMPACT_REQUIRE(S_ISREG(info.st_mode), where, "'", path, "': cannot read: it is ",
+                        detail::file_kind(info.st_mode), ", not a regular file (a checkpoint is read only from a regular file of the size its "
+                        "header declares)");
+        const int flags = ::fcntl(fd, F_GETFL);
+        if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+
+        unsigned char head[detail::checkpoint_header_bytes];
+        std::size_t got = 0;
+        if (int code = read_all(fd, head, sizeof head, got))
+            COMPACT_FAIL(where, "'", path, "': cannot read: ", detail::errno_text(code));
+        const header_fields h = check_header(head, got, path);
+        const auto size = static_cast<std::uint64_t>(info.st_size);
+        if (size < h.declared)
+            fail_in(path, "truncated: the file has ", size, " bytes but its header declares ", h.declared);
+        if (size > h.declared)
+            fail_in(path, "corrupt: the file has ", size, " bytes but its header declares ", h.declared,
+                    " (trailing bytes after the last section)");
+        COMPACT_REQUIRE(h.declared <= std::numeric_limits<std::size_t>::max(), where, "'", path, "': ", h.declared,
+                        " bytes do not fit in this process's address space");
+
+        std::vector<unsigned char> bytes(static_cast<std::size_t>(h.declared));
+        std::memcpy(bytes.data(), head, got);
+        std::size_t rest = 0;
+        if (int code = read_all(fd, bytes.data() + got, bytes.size() - got, rest))
+            COMPACT_FAIL(where, "'", path, "': cannot read: ", detail::errno_text(code));
+        if (got + rest < bytes.size())
+            fail_in(path, "truncated: the file has ", got + rest, " bytes but its header declares ", h.declared,
+                    " (it shrank while being read)");
+        unsigned char more = 0;
+        std::size_t extra = 0;
+        if (int code = read_all(fd, &more, 1, extra))
+            COMPACT_FAIL(where, "'", path, "': cannot read: ", detail::errno_text(code));
+        if (extra != 0)
+            fail_in(path, "corrupt: the file has more bytes than its header declares, ", h.declared,
+                    " (it grew while being read)");
         return checkpoint_reader(std::move(bytes), path);
     }
 
@@ -583,35 +681,75 @@ public:
 
 private:
     template <class... Parts>
+    [[noreturn]] static void fail_in(const std::string& source, Parts&&... parts)
+    {
+        COMPACT_FAIL("checkpoint_reader", "'", source, "': ", std::forward<Parts>(parts)...);
+    }
+    template <class... Parts>
     [[noreturn]] void fail(Parts&&... parts) const
     {
-        COMPACT_FAIL("checkpoint_reader", "'", source_, "': ", std::forward<Parts>(parts)...);
+        fail_in(source_, std::forward<Parts>(parts)...);
+    }
+
+    /// Reads up to `bytes` bytes into `out` (fewer only at the end of the file); `got` says how many.
+    /// 0, or the errno of the failure.
+    static int read_all(int fd, unsigned char* out, std::size_t bytes, std::size_t& got)
+    {
+        got = 0;
+        while (got < bytes) {
+            const ::ssize_t n = ::read(fd, out + got, bytes - got);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                return errno;
+            }
+            if (n == 0) break;
+            got += static_cast<std::size_t>(n);
+        }
+        return 0;
+    }
+
+    /// What the header says, once check_header has accepted it.
+    struct header_fields {
+        std::uint32_t version = 0;
+        std::uint64_t count = 0;    ///< sections
+        std::uint64_t declared = 0; ///< file bytes
+    };
+
+    /// Checks the header at `b`, of which `size` bytes exist (fewer than 40: a short file). Raises
+    /// "not a compact checkpoint", "newer format version", "truncated", "checksum mismatch" or "corrupt".
+    static header_fields check_header(const unsigned char* b, std::uint64_t size, const std::string& source)
+    {
+        const auto& magic = detail::checkpoint_magic;
+        const std::size_t prefix = size < sizeof magic ? static_cast<std::size_t>(size) : sizeof magic;
+        if (prefix > 0 && std::memcmp(b, magic, prefix) != 0)
+            fail_in(source, "not a compact checkpoint: bad magic (the first 8 bytes must be 89 43 4B 50 0D 0A 1A 0A)");
+        if (size < 12) fail_in(source, "truncated: the file has ", size, " bytes, fewer than its 40-byte header");
+        header_fields h;
+        // The version comes before the header checksum: a newer version may lay its header out differently.
+        h.version = detail::get<std::uint32_t>(b + 8);
+        if (h.version > checkpoint_format_version)
+            fail_in(source, "newer format version ", h.version, ": this build of compact reads versions 1 to ",
+                    checkpoint_format_version);
+        if (h.version == 0) fail_in(source, "corrupt header: format version 0");
+        if (size < detail::checkpoint_header_bytes)
+            fail_in(source, "truncated: the file has ", size, " bytes, fewer than its 40-byte header");
+        const std::uint64_t stored = detail::get<std::uint64_t>(b + 32), computed = crc64(0, b, 32);
+        if (stored != computed)
+            fail_in(source, "checksum mismatch in the header: stored ", detail::hex64(stored), ", computed ",
+                    detail::hex64(computed));
+        h.count = detail::get<std::uint64_t>(b + 16);
+        h.declared = detail::get<std::uint64_t>(b + 24);
+        if (detail::get<std::uint32_t>(b + 12) != 0)
+            fail_in(source, "corrupt header: reserved bytes 12-15 are not zero");
+        return h;
     }
 
     void parse()
     {
         const std::uint64_t size = bytes_.size();
-        const unsigned char* b = bytes_.data();
-        const auto& magic = detail::checkpoint_magic;
-        const std::size_t prefix = size < sizeof magic ? static_cast<std::size_t>(size) : sizeof magic;
-        if (prefix > 0 && std::memcmp(b, magic, prefix) != 0)
-            fail("not a compact checkpoint: bad magic (the first 8 bytes must be 89 43 4B 50 0D 0A 1A 0A)");
-        if (size < 12) fail("truncated: the file has ", size, " bytes, fewer than its 40-byte header");
-        // The version comes before the header checksum: a newer version may lay its header out differently.
-        version_ = detail::get<std::uint32_t>(b + 8);
-        if (version_ > checkpoint_format_version)
-            fail("newer format version ", version_, ": this build of compact reads versions 1 to ",
-                 checkpoint_format_version);
-        if (version_ == 0) fail("corrupt header: format version 0");
-        if (size < detail::checkpoint_header_bytes)
-            fail("truncated: the file has ", size, " bytes, fewer than its 40-byte header");
-        const std::uint64_t stored = detail::get<std::uint64_t>(b + 32), computed = crc64(0, b, 32);
-        if (stored != computed)
-            fail("checksum mismatch in the header: stored ", detail::hex64(stored), ", computed ",
-                 detail::hex64(computed));
-        const std::uint64_t count = detail::get<std::uint64_t>(b + 16);
-        const std::uint64_t declared = detail::get<std::uint64_t>(b + 24);
-        if (detail::get<std::uint32_t>(b + 12) != 0) fail("corrupt header: reserved bytes 12-15 are not zero");
+        const header_fields h = check_header(bytes_.data(), size, source_);
+        version_ = h.version;
+        const std::uint64_t count = h.count, declared = h.declared;
         if (size < declared) fail("truncated: the file has ", size, " bytes but its header declares ", declared);
         if (size > declared)
             fail("corrupt: the file has ", size, " bytes but its header declares ", declared,

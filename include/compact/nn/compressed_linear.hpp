@@ -84,8 +84,15 @@ public:
     compressed_linear(in_features in, out_features out, std::uint64_t seed, std::uint64_t layer,
                       const Policy& policy = Policy{}, distribution dist = distribution::gaussian,
                       resampling resample = {})
-        : out_(checked_out(out.value, "compressed_linear")),
-          compressor_(make_setup(in.value, out.value, seed, layer, dist, resample), policy)
+        : compressed_linear(in, out, seed, layer, policy, dist, resample, "compressed_linear")
+    {
+    }
+
+    /// The same, with `where` naming the caller's function in errors (linear_layer passes its own name).
+    compressed_linear(in_features in, out_features out, std::uint64_t seed, std::uint64_t layer, const Policy& policy,
+                      distribution dist, resampling resample, const char* where)
+        : out_(checked_out(out.value, where)),
+          compressor_(make_setup(in.value, out.value, seed, layer, dist, resample, where), policy)
     {
     }
 
@@ -212,10 +219,10 @@ private:
     }
 
     static compressor_setup make_setup(index_t in, index_t out, std::uint64_t seed, std::uint64_t layer,
-                                       distribution dist, resampling resample)
+                                       distribution dist, resampling resample, const char* where)
     {
-        COMPACT_REQUIRE(in >= 1, "compressed_linear", "in=", in, " must be positive");
-        checked_out(out, "compressed_linear");
+        COMPACT_REQUIRE(in >= 1, where, "in=", in, " must be positive");
+        checked_out(out, where);
         compressor_setup s;
         s.in = in;
         s.out = out;
@@ -223,7 +230,7 @@ private:
         s.layer = layer;
         s.dist = dist;
         s.resample = resample;
-        s.where = "compressed_linear";
+        s.where = where;
         return s;
     }
 

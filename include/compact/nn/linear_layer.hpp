@@ -26,6 +26,15 @@
 // bit allocator raising a store's bits through compressor().settings()) makes the next forward regrow
 // the saved buffer: the one allocation outside the constructor.
 //
+// Non-finite gradients (options.skip_nonfinite, for fp16 training with optim/loss_scaler.hpp): step()
+// first checks G and db (one synchronisation on CUDA); when either holds a NaN or an infinity the step
+// is skipped as mixed-precision trainers skip it: W, b, the moments, the masters and every counter
+// keep their bits, updates() does not advance (so P's epoch does not either), the gradient is
+// discarded, skipped_steps() counts it and step() returns false. The next backward and step then
+// proceed exactly as if the skipped step had never been taken. A trainer with several layers should
+// rather check them all at once (check_gradients into one nonfinite_check) and skip them together.
+// adamw_params::grad_scale (1 / the loss scale) unscales the gradients inside the optimizer.
+//
 // Ownership: a layer owns its buffers and what it saved points into them, so it is move-only.
 #pragma once
 
@@ -43,6 +52,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 COMPACT_NAMESPACE_BEGIN
 
@@ -61,6 +71,10 @@ struct linear_options {
     /// Keep State copies of W and b that the optimizer updates (W, b = their rounding to Scalar). Costs
     /// (m n + m) sizeof(State) bytes of state; off by default. Pointless but harmless for Scalar = State.
     bool master_weights = false;
+    /// Check the gradients before each step and skip a step whose weight or bias gradient holds a NaN
+    /// or an infinity (step() returns false). Costs one read of G and db and one synchronisation per
+    /// step on CUDA; off by default.
+    bool skip_nonfinite = false;
 };
 
 template <class Scalar, class Policy, class Backend, class State = default_state_t<Scalar>>
@@ -76,7 +90,7 @@ public:
 
     linear_layer(in_features in, out_features out, const linear_options& options, const Policy& policy = Policy{})
         : options_(checked_options(in.value, out.value, options)),
-          layer_(in, out, options.seed, options.layer, policy, options.dist, options.resample),
+          layer_(in, out, options.seed, options.layer, policy, options.dist, options.resample, "linear_layer"),
           optimizer_(out, layer_.compressor(), options.moments)
     {
         constexpr const char* where = "linear_layer";
@@ -110,6 +124,7 @@ public:
                           std::byte{0});
         grads_.weight = {g_.data(), out.value, r};
         if (options.bias) grads_.bias = {db_.data(), 1, out.value};
+        if (options.skip_nonfinite) check_.emplace();
     }
 
     // What forward saved points into this layer's own buffers: a copy would share them.
@@ -252,8 +267,12 @@ public:
     void forward(const context& ctx, const_matrix_view<Scalar> x, matrix_view<Scalar> y)
     {
         constexpr const char* where = "linear_layer::forward";
+        // The shapes are checked here, so that errors name the function the caller called.
+        detail::check_view(x, where, "X");
+        COMPACT_REQUIRE(x.cols == in(), where, "X is ", shape_string(x), " but the layer expects (N, ", in(), ")");
         COMPACT_REQUIRE(x.rows <= options_.max_rows, where, "X has ", x.rows,
                         " rows but the layer was built for max_rows=", options_.max_rows);
+        detail::check_shape(y, x.rows, out(), where, "Y");
         rows_ = -1; // until this forward has saved
         saved_ = {};
         const std::size_t need = layer_.saved_bytes(std::max<index_t>(x.rows, 0));
@@ -268,26 +287,51 @@ public:
     {
         constexpr const char* where = "linear_layer::backward";
         COMPACT_REQUIRE(rows_ >= 0, where, "called without a preceding forward");
-        COMPACT_REQUIRE(dy.rows == rows_, where, "dY is ", shape_string(dy), " but the last forward saved ", rows_,
-                        " rows");
+        detail::check_view(dy, where, "dY");
+        COMPACT_REQUIRE(dy.rows == rows_ && dy.cols == out(), where, "dY is ", shape_string(dy), " but (", rows_, ", ",
+                        out(), ") is required (the rows of the last forward)");
+        if (!(dx.data == nullptr && dx.rows == 0 && dx.cols == 0)) detail::check_shape(dx, rows_, in(), where, "dX");
         const write_mode mode = has_gradient_ ? write_mode::accumulate : write_mode::overwrite;
         layer_.backward(ctx, dy, weight(), saved_, dx, grads_, ws(), mode);
         has_gradient_ = true;
         rows_ = -1;
     }
 
+    /// Adds G and db to a caller's check (launched only; no synchronisation), so that a trainer checks
+    /// all its layers' gradients with one check.found() and skips them together (discard_gradient).
+    void check_gradients(const context& ctx, nonfinite_check<Backend>& check) const
+    {
+        COMPACT_REQUIRE(has_gradient_, "linear_layer::check_gradients", "no gradient since the last step");
+        check.add(ctx, const_matrix_view<Scalar>(g_.data(), out(), rank()));
+        if (options_.bias) check.add(ctx, const_matrix_view<Scalar>(db_.data(), 1, out()));
+    }
+
+    /// Steps skipped for a non-finite gradient (options.skip_nonfinite) since construction; not part of
+    /// the training state (checkpoints do not save it).
+    std::uint64_t skipped_steps() const noexcept { return skipped_; }
+
     /// One optimizer update from the accumulated gradients, with `h` for W and for b; the next forward
-    /// may use a new P.
-    void step(const context& ctx, const adamw_params& h) { step(ctx, h, h); }
+    /// may use a new P. Returns true, or false when options.skip_nonfinite found a NaN or an infinity in
+    /// the gradients and skipped the step (nothing changed; the gradient is discarded).
+    bool step(const context& ctx, const adamw_params& h) { return step(ctx, h, h); }
 
     /// The same with the bias's own hyper-parameters (commonly weight_decay = 0; alpha is not used).
-    void step(const context& ctx, const adamw_params& h, const adamw_params& bias_h)
+    bool step(const context& ctx, const adamw_params& h, const adamw_params& bias_h)
     {
         COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
         // Both hyper-parameter sets are validated before W changes, so a bad bias_h cannot leave W updated
         // and the gradient pending (a retry would apply W's update twice).
         detail::adam_step_coefficients(h, counters_.step + 1, h.alpha, "linear_layer::step (weight)");
         if (options_.bias) detail::adam_step_coefficients(bias_h, bias_counters_.step + 1, 1.0, "linear_layer::step (bias)");
+        if (check_) {
+            check_->reset(ctx);
+            check_gradients(ctx, *check_);
+            if (check_->found(ctx)) {
+                discard_gradient();
+                ++skipped_;
+                return false;
+            }
+        }
         if (options_.master_weights && !master_valid_) sync_master(ctx);
         optimizer_.step(ctx, h, layer_.compressor(), weight(), grads_, first_moment(), second_moment(), counters_,
                         ws(), master_weight());
@@ -301,6 +345,7 @@ public:
         has_gradient_ = false;
         grads_.written = false;
         ++updates_;
+        return true;
     }
 
     /// Workspace bytes the layer holds: enough for forward, backward and step at max_rows.
@@ -335,7 +380,8 @@ private:
     saved_type saved_{};
     layer_gradient<Scalar> grads_{};
     adam_counters counters_{}, bias_counters_{};
-    std::uint64_t updates_ = 0;
+    std::optional<nonfinite_check<Backend>> check_; // with options.skip_nonfinite
+    std::uint64_t updates_ = 0, skipped_ = 0;
     index_t rows_ = -1;
     bool has_gradient_ = false;
     bool master_valid_ = false;

@@ -27,6 +27,14 @@
 // so updates smaller than half an ulp of W accumulate in the master instead of rounding away. The
 // caller initialises the master from W once (axpby) and keeps it for the run; W is never read then.
 // An empty master (the default) is the plain update of W, bit for bit as without the argument.
+//
+// Loss scaling and non-finite gradients (fp16 training; optim/loss_scaler.hpp). adamw_params::grad_scale
+// multiplies G, in State precision, before the moment update: pass 1 / the loss scale, and the moments
+// see the unscaled gradient without a pass over G (a power-of-two scale unscales exactly). A
+// nonfinite_check finds NaN or infinite gradients with one synchronisation for any number of tensors,
+// and step_if_finite is a step that first checks its gradient: when it holds a NaN or an infinity it
+// returns false and changes nothing (W, M, V, the master and the counters keep their bits), as
+// mixed-precision trainers skip a step whose gradient overflowed.
 #pragma once
 
 #include "compact/backend/backend.hpp"
@@ -54,6 +62,8 @@ struct adamw_params {
     double weight_decay = 0.0;  ///< decoupled: W <- W - lr wd W after the update
     double alpha = 1.0;         ///< subspace scale (0.25 for the paper's pretraining); plain AdamW and the
                                 ///< identity projection (rank::full) ignore it
+    double grad_scale = 1.0;    ///< G is multiplied by it (rounded to State) before the moments: 1 / the
+                                ///< loss scale under loss scaling; 1 is the plain update, bit for bit
 };
 
 enum class moment_policy : unsigned char {
@@ -97,6 +107,8 @@ inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint
                     "weight_decay=", h.weight_decay,
                     " must be non-negative with lr * weight_decay <= 1 (lr=", h.lr, ")");
     COMPACT_REQUIRE(alpha > 0 && std::isfinite(alpha), where, "alpha=", alpha, " must be finite and positive");
+    COMPACT_REQUIRE(h.grad_scale > 0 && std::isfinite(h.grad_scale), where, "grad_scale=", h.grad_scale,
+                    " must be finite and positive");
     const double td = static_cast<double>(t);
     adam_coefficients k;
     k.beta1 = h.beta1;
@@ -104,6 +116,7 @@ inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint
     k.eps = h.eps;
     k.step_size = h.lr * std::sqrt(1.0 - std::pow(h.beta2, td)) / (1.0 - std::pow(h.beta1, td)) * alpha;
     k.decay = 1.0 - h.lr * h.weight_decay;
+    k.grad_scale = h.grad_scale;
     return k;
 }
 
@@ -124,6 +137,57 @@ bool has_master(const matrix_view<S>& master) noexcept
 }
 
 } // namespace detail
+
+/// Whether gradients hold a NaN or an infinity, for any number of tensors with one synchronisation:
+///
+///   check.reset(ctx);                         // flag = 0 (launched)
+///   check.add(ctx, g1); check.add(ctx, db1);  // launched, nothing waits
+///   if (check.found(ctx)) ...                 // reads the flag: the one synchronisation on CUDA
+///
+/// Owns its flag: one std::uint32_t of the backend's memory, allocated by the constructor (never by a
+/// check). Cost: one read of each tensor added, plus the wait for the stream in found().
+template <class Backend>
+class nonfinite_check {
+public:
+    using context = typename Backend::context;
+
+    nonfinite_check() : flag_(1, std::uint32_t{0}) {}
+
+    /// Clears the flag, on the context's stream.
+    void reset(const context& ctx) { Backend::template fill<std::uint32_t>(ctx, {flag_.data(), 1, 1}, 0u); }
+
+    /// Flags x (any shape and ld; the backend's memory) when it holds a NaN or an infinity.
+    template <class T>
+    void add(const context& ctx, matrix_view<T> x)
+    {
+        detail::check_view(x, "nonfinite_check::add", "x");
+        Backend::template flag_nonfinite<std::remove_const_t<T>>(ctx, const_matrix_view<std::remove_const_t<T>>(x),
+                                                                 flag_.data());
+    }
+
+    /// Whether anything added since reset() held a NaN or an infinity. Waits for the stream.
+    bool found(const context& ctx) const
+    {
+        std::uint32_t host = 0;
+        Backend::template copy_to_host<std::uint32_t>(ctx, flag_.data(), &host, 1);
+        return host != 0;
+    }
+
+    /// reset, add each view, found: true when every view is finite.
+    template <class... Views>
+    bool all_finite(const context& ctx, Views... views)
+    {
+        reset(ctx);
+        (add(ctx, views), ...);
+        return !found(ctx);
+    }
+
+    /// The flag itself (one std::uint32_t in the backend's memory), for Backend::flag_nonfinite.
+    std::uint32_t* flag() noexcept { return flag_.data(); }
+
+private:
+    typename Backend::template buffer<std::uint32_t> flag_;
+};
 
 /// Plain AdamW for uncompressed parameters: W (rows, cols), G, M, V of the same shape.
 template <class Backend>
@@ -152,6 +216,24 @@ struct adamw {
         } else {
             Backend::template adamw_update<W, S>(ctx, k, g, m, v, w);
         }
+    }
+
+    /// step, unless G holds a NaN or an infinity: then nothing changes (W, M, V, master and counters
+    /// keep their bits) and it returns false. h and G's shape are validated first either way. Cost:
+    /// one read of G and one synchronisation (check.found) more than step.
+    template <class W, class S>
+    static bool step_if_finite(const typename Backend::context& ctx, const adamw_params& h,
+                               nonfinite_check<Backend>& check, matrix_view<W> w, const_matrix_view<W> g,
+                               matrix_view<S> m, matrix_view<S> v, adam_counters& counters,
+                               matrix_view<S> master = {})
+    {
+        constexpr const char* where = "adamw::step_if_finite";
+        detail::check_view(w, where, "W");
+        detail::check_shape(g, w.rows, w.cols, where, "G");
+        detail::adam_step_coefficients(h, counters.step + 1, 1.0, where);
+        if (!check.all_finite(ctx, g)) return false;
+        step(ctx, h, w, g, m, v, counters, master);
+        return true;
     }
 
     /// Bytes of M and V for a (rows, cols) parameter.
@@ -273,6 +355,23 @@ public:
         if (with_master) Backend::template axpby<State, Scalar>(ctx, 1.0, master, 0.0, w);
     }
 
+    /// step, unless G_sub (grads.weight) holds a NaN or an infinity: then nothing changes (W, M, V,
+    /// master and counters keep their bits) and it returns false. h and the gradient are validated
+    /// first either way. Cost: one read of G_sub and one synchronisation more than step.
+    bool step_if_finite(const context& ctx, const adamw_params& h, nonfinite_check<Backend>& check,
+                        const source_type& p, matrix_view<Scalar> w, const layer_gradient<Scalar>& grads,
+                        matrix_view<State> m, matrix_view<State> v, adam_counters& counters, workspace ws,
+                        matrix_view<State> master = {}) const
+    {
+        constexpr const char* where = "subspace_adamw::step_if_finite";
+        COMPACT_REQUIRE(grads.written, where, "the gradient was not written by a backward since it was made");
+        detail::check_shape(grads.weight, out_, projection_.rank(), where, "G_sub (grads.weight)");
+        detail::adam_step_coefficients(h, counters.step + 1, h.alpha, where);
+        if (!check.all_finite(ctx, grads.weight)) return false;
+        step(ctx, h, p, w, grads, m, v, counters, ws, master);
+        return true;
+    }
+
 private:
     void change_epoch(const context& ctx, const source_type& p, matrix_view<State> m, matrix_view<State> v,
                       adam_counters& counters, std::uint64_t epoch, detail::workspace_carver& carve) const
@@ -344,6 +443,22 @@ public:
             COMPACT_REQUIRE(grads.written, "adamw::step", "the gradient was not written by a backward since it was made");
             adamw<backend_type>::step(ctx, h, w, const_matrix_view<scalar_type>(grads.weight), m, v, counters, master);
         }
+    }
+
+    /// step, unless grads.weight holds a NaN or an infinity: then nothing changes and it returns false
+    /// (see subspace_adamw::step_if_finite).
+    bool step_if_finite(const context& ctx, const adamw_params& h, nonfinite_check<backend_type>& check,
+                        const Compressor& compressor, matrix_view<scalar_type> w,
+                        const layer_gradient<scalar_type>& grads, matrix_view<State> m, matrix_view<State> v,
+                        adam_counters& counters, workspace ws, matrix_view<State> master = {}) const
+    {
+        constexpr const char* where = "compressed_adamw::step_if_finite";
+        COMPACT_REQUIRE(grads.written, where, "the gradient was not written by a backward since it was made");
+        detail::check_shape(grads.weight, out_, cols_, where, "grads.weight");
+        detail::adam_step_coefficients(h, counters.step + 1, Compressor::subspace ? h.alpha : 1.0, where);
+        if (!check.all_finite(ctx, grads.weight)) return false;
+        step(ctx, h, compressor, w, grads, m, v, counters, ws, master);
+        return true;
     }
 
 private:

@@ -92,6 +92,8 @@ inline constexpr std::int64_t max_counter_word = std::int64_t{1} << 32;
 /// Validates a spec; every entry point that generates P calls this first.
 inline void check_projection(const projection_spec& p, const char* where)
 {
+    COMPACT_REQUIRE(static_cast<unsigned>(p.dist) <= static_cast<unsigned>(distribution::identity), where,
+                    "distribution ", static_cast<unsigned>(p.dist), " is not gaussian, rademacher or identity");
     COMPACT_REQUIRE(p.n >= 1 && p.n < max_counter_word, where, "projection input size n=", p.n,
                     " must be in [1, 2^32)");
     COMPACT_REQUIRE(p.r >= 1 && p.r <= p.n, where, "projection rank r=", p.r, " must be in [1, n=", p.n, "]");

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "compact/core/config.hpp"
+#include "compact/core/error.hpp"
 #include "compact/core/matrix_view.hpp"
 #include "compact/random/normal.hpp"
 #include "compact/random/philox.hpp"
@@ -20,6 +21,8 @@ template <class T>
 void fill_uniform(matrix_view<T> out, double low, double high, std::uint64_t seed, std::uint64_t stream)
 {
     detail::check_view(out, "fill_uniform", "out");
+    COMPACT_REQUIRE(std::isfinite(low) && std::isfinite(high) && low < high, "fill_uniform", "[low, high) = [", low,
+                    ", ", high, ") must be a non-empty finite interval");
     constexpr std::uint32_t salt = 0x5EED1417u; // keeps these keys apart from projection keys
     const philox_key key{{static_cast<std::uint32_t>(seed) ^ salt, static_cast<std::uint32_t>(seed >> 32)}};
     for (index_t i = 0; i < out.rows; ++i)

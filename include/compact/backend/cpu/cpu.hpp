@@ -20,10 +20,12 @@
 #include "compact/backend/store_scheme.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <new>
 #include <vector>
@@ -105,8 +107,15 @@ struct cpu {
     template <class T>
     using buffer = std::vector<T, detail::aligned_allocator<T>>;
 
-    static int thread_count(const context& ctx) noexcept
+    /// The most threads a context may ask for: beyond it the OpenMP runtime fails (or crashes) creating them.
+    static constexpr int max_threads = 1024;
+
+    /// The threads a call uses: ctx.threads, or OpenMP's default for 0. A count outside [0, max_threads]
+    /// is an error (every primitive checks it before touching memory).
+    static int thread_count(const context& ctx)
     {
+        COMPACT_REQUIRE(ctx.threads >= 0 && ctx.threads <= max_threads, "cpu::context", "threads=", ctx.threads,
+                        " must be in [0, ", max_threads, "] (0: OpenMP's default)");
 #if COMPACT_HAS_OPENMP
         return ctx.threads > 0 ? ctx.threads : omp_get_max_threads();
 #else
@@ -119,15 +128,15 @@ struct cpu {
     template <class F>
     static void parallel_for(const context& ctx, index_t parts, F&& f)
     {
-#if COMPACT_HAS_OPENMP
         const int threads = thread_count(ctx);
+#if COMPACT_HAS_OPENMP
         if (threads > 1 && parts > 1) {
             COMPACT_PRAGMA(omp parallel for num_threads(threads) schedule(static))
             for (index_t p = 0; p < parts; ++p) f(p);
             return;
         }
 #else
-        (void)ctx;
+        (void)threads;
 #endif
         for (index_t p = 0; p < parts; ++p) f(p);
     }
@@ -149,6 +158,14 @@ struct cpu {
     static void gemm(const context& ctx, op ta, op tb, double alpha_d, const_matrix_view<T> a,
                      const_matrix_view<T> b, double beta_d, matrix_view<T> c)
     {
+        // gemm is public (trainers call it for their own products): it validates like the layers do.
+        constexpr const char* where = "cpu::gemm";
+        thread_count(ctx);
+        detail::check_view(a, where, "A");
+        detail::check_view(b, where, "B");
+        detail::check_view(c, where, "C");
+        detail::check_no_overlap(c, "C", a, "A", where);
+        detail::check_no_overlap(c, "C", b, "B", where);
         const T alpha = static_cast<T>(alpha_d), beta = static_cast<T>(beta_d);
         const index_t m = c.rows, n = c.cols;
         const index_t k = ta == op::none ? a.cols : a.rows;
@@ -306,6 +323,27 @@ struct cpu {
         });
     }
 
+    /// *flag = 1 when x holds a NaN or an infinity; otherwise *flag is left as it is. Each part ORs its
+    /// rows without an early exit (so the loop vectorises); the parts meet in one relaxed atomic.
+    template <class T>
+    static void flag_nonfinite(const context& ctx, const_matrix_view<T> x, std::uint32_t* flag)
+    {
+        if (x.empty()) return;
+        constexpr T largest = std::numeric_limits<T>::max();
+        std::atomic<bool> found{false};
+        parallel_for(ctx, row_parts(x.rows, x.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, x.rows, x.cols);
+            unsigned bad = 0;
+            for (index_t i = begin; i < end; ++i) {
+                const T* COMPACT_RESTRICT row = x.row(i);
+                // |x| <= max is false exactly for NaN and +-inf.
+                for (index_t j = 0; j < x.cols; ++j) bad |= std::abs(row[j]) <= largest ? 0u : 1u;
+            }
+            if (bad != 0) found.store(true, std::memory_order_relaxed);
+        });
+        if (found.load(std::memory_order_relaxed)) *flag = 1;
+    }
+
     // ------------------------------------------------------------------- quantized stores and masks
 
     /// Copies `count` elements from backend memory to host memory, and back (checkpoints). On the CPU
@@ -379,6 +417,7 @@ private:
     {
         const S b1 = static_cast<S>(k.beta1), b2 = static_cast<S>(k.beta2), eps = static_cast<S>(k.eps);
         const S c1 = static_cast<S>(1.0 - k.beta1), c2 = static_cast<S>(1.0 - k.beta2);
+        const S scale = static_cast<S>(k.grad_scale);
         parallel_for(ctx, row_parts(g.rows, g.cols), [&](index_t p) {
             const auto [begin, end] = row_range(p, g.rows, g.cols);
             for (index_t i = begin; i < end; ++i) {
@@ -386,7 +425,7 @@ private:
                 S* COMPACT_RESTRICT mr = m.row(i);
                 S* COMPACT_RESTRICT vr = v.row(i);
                 for (index_t j = 0; j < g.cols; ++j) {
-                    const S gj = static_cast<S>(gr[j]);
+                    const S gj = static_cast<S>(gr[j]) * scale;
                     mr[j] = b1 * mr[j] + c1 * gj;
                     vr[j] = b2 * vr[j] + c2 * gj * gj;
                     emit(i, j, mr[j] / (std::sqrt(vr[j]) + eps));

@@ -25,6 +25,8 @@
 // - add_row_vector, fill, axpby, adam_direction, adamw_update: one thread per element on a 2-D grid
 //   (columns in x, rows in y: no index division), evaluating the CPU backend's expressions in its
 //   order with each operation rounded separately (no FMA).
+// - flag_nonfinite: the same grid, striding; a block that saw a NaN or an infinity stores 1 into the
+//   caller's device flag (no atomics, no synchronisation: the caller reads the flag once).
 // - quantize, dequantize, relu_mask, dropout_mask, apply_mask: the kernels of quantize.cuh (one block per
 //   group, one thread per mask byte), writing the CPU backend's bytes; scheme full is a device copy.
 //
@@ -236,6 +238,18 @@ struct cuda {
         detail::check_launch(ctx.stream, "cuda::adamw_update");
     }
 
+    /// *flag = 1 when x holds a NaN or an infinity, else *flag is left alone; flag is one device
+    /// std::uint32_t. Launches and returns: the caller zeroes the flag (fill), flags any number of
+    /// tensors into it, and reads it once (copy_to_host, the one synchronisation).
+    template <class T>
+    static void flag_nonfinite(const context& ctx, const_matrix_view<T> x, std::uint32_t* flag)
+    {
+        if (x.empty()) return;
+        detail::flag_nonfinite_kernel<T><<<detail::element_grid(x.rows, x.cols), detail::cuda_block, 0, ctx.stream>>>(
+            x, flag);
+        detail::check_launch(ctx.stream, "cuda::flag_nonfinite");
+    }
+
     // ------------------------------------------------------------------- quantized stores and masks
     // The kernels are in backend/cuda/detail/store_kernels.cuh; they write the bytes the CPU backend writes.
 
@@ -325,7 +339,7 @@ private:
         using SC = detail::compute_t<S>;
         // Rounded to S first, as cpu::adam_rows does (static_cast<S>), then widened for the kernel.
         auto r = [](double x) { return static_cast<SC>(detail::to_compute(detail::from_double<S>(x))); };
-        return {r(k.beta1), r(k.beta2), r(k.eps), r(1.0 - k.beta1), r(1.0 - k.beta2)};
+        return {r(k.beta1), r(k.beta2), r(k.eps), r(1.0 - k.beta1), r(1.0 - k.beta2), r(k.grad_scale)};
     }
 };
 

@@ -251,10 +251,22 @@ __global__ void scale_kernel(matrix_view<T> c, compute_t<T> beta)
     });
 }
 
+/// *flag = 1 when x holds a NaN or an infinity (never cleared here). Each thread ORs its elements, the
+/// block combines them with __syncthreads_or and one thread stores: no atomics (every writer stores
+/// the same 1), no synchronisation with the host.
+template <class T>
+__global__ void flag_nonfinite_kernel(const_matrix_view<T> x, std::uint32_t* flag)
+{
+    int bad = 0;
+    for_each_element(x.rows, x.cols, [&](index_t i, index_t j) { bad |= isfinite(to_compute(x(i, j))) ? 0 : 1; });
+    if (__syncthreads_or(bad) && threadIdx.x == 0 && threadIdx.y == 0) *flag = 1u;
+}
+
 /// The per-kernel constants of an Adam update, rounded to the moments' compute type on the host.
 template <class S>
 struct adam_constants {
     S b1, b2, eps, c1, c2;
+    S grad_scale; ///< multiplies g (in S's compute type) before the moments
 };
 
 /// M, V updated from G; then either D = M / (sqrt(V) + eps) (Update false) or
@@ -265,7 +277,7 @@ __global__ void adam_kernel(adam_constants<compute_t<S>> k, C step, C decay, con
 {
     using SC = compute_t<S>;
     for_each_element(g.rows, g.cols, [&](index_t i, index_t j) {
-        const SC gj = static_cast<SC>(to_compute(g(i, j)));
+        const SC gj = mul(static_cast<SC>(to_compute(g(i, j))), k.grad_scale);
         const S mj = from_compute<S>(add(mul(k.b1, to_compute(m(i, j))), mul(k.c1, gj)));
         const S vj = from_compute<S>(add(mul(k.b2, to_compute(v(i, j))), mul(mul(k.c2, gj), gj)));
         m(i, j) = mj;

@@ -22,10 +22,12 @@
 //   scheme.hpp's stochastic_code / restored_value, which the kernels call, round every operation
 //   separately on the device (mul_rn / add_rn). Do not compile with --use_fast_math or -ftz=true:
 //   flushing subnormals changes codes.
-// - lo and hi of a group are those of the CPU's loop: the first value when it is NaN (it then sticks),
-//   otherwise the least (greatest) value that is not NaN, among equal values (a zero and a negative
-//   zero) the first in the CPU's order of visits (tie_rank). The block reduction orders (value, rank)
-//   pairs, which makes it commutative and associative, so any reduction tree gives that answer.
+// - lo and hi of a group are those of the CPU's loop: the least (greatest) value, among equal values (a
+//   zero and a negative zero) the first in the CPU's order of visits (tie_rank). The block reduction
+//   orders (value, rank) pairs, which makes it commutative and associative, so any reduction tree gives
+//   that answer. A group with a value (mean) that is not finite gets lo = hi = nonfinite_group_bound()
+//   instead, a constant, so its codes are 0 as on the CPU (store_scheme.hpp); the reduction carries
+//   that as a flag, OR-ed, so it too is independent of the tree.
 //
 // Cost: per value, quantize reads sizeof(T) bytes and writes b / 8 bytes plus 8 / G bytes of metadata;
 // dequantize reads b / 8 and writes sizeof(T); a mask kernel reads and writes sizeof(T) and writes or
@@ -235,49 +237,58 @@ COMPACT_HD inline int tie_rank(index_t k, index_t len)
                                       : k);
 }
 
-/// The least and greatest values seen, with their tie_rank (-1: none seen yet).
+/// The least and greatest finite values seen, with their tie_rank (-1: none seen yet), and whether a
+/// value that is not finite was seen.
 struct extremes {
     float lo, hi;
     int at_lo, at_hi;
+    bool nonfinite;
 };
 
-COMPACT_HD inline extremes no_extremes() { return {0.0f, 0.0f, -1, -1}; }
+COMPACT_HD inline extremes no_extremes() { return {0.0f, 0.0f, -1, -1, false}; }
 
 /// The least (greatest) of two, the lower rank among equal values: a total order of (value, rank),
-/// so that the combination is commutative and associative.
+/// so that the combination is commutative and associative; nonfinite is OR-ed.
 COMPACT_HD inline extremes combine(const extremes& a, const extremes& b)
 {
-    if (a.at_lo < 0) return b;
-    if (b.at_lo < 0) return a;
-    extremes r = a;
-    if (b.lo < a.lo || (!(a.lo < b.lo) && b.at_lo < a.at_lo)) {
-        r.lo = b.lo;
-        r.at_lo = b.at_lo;
+    extremes r = a.at_lo < 0 ? b : a;
+    if (a.at_lo >= 0 && b.at_lo >= 0) {
+        if (b.lo < a.lo || (!(a.lo < b.lo) && b.at_lo < a.at_lo)) {
+            r.lo = b.lo;
+            r.at_lo = b.at_lo;
+        }
+        if (b.hi > a.hi || (!(a.hi > b.hi) && b.at_hi < a.at_hi)) {
+            r.hi = b.hi;
+            r.at_hi = b.at_hi;
+        }
     }
-    if (b.hi > a.hi || (!(a.hi > b.hi) && b.at_hi < a.at_hi)) {
-        r.hi = b.hi;
-        r.at_hi = b.at_hi;
-    }
+    r.nonfinite = a.nonfinite || b.nonfinite;
     return r;
 }
 
-/// e with value x of rank `at`; NaN is skipped (after the first value the CPU's loop skips it).
+/// e with value x of rank `at`; a NaN or an infinity only marks e (the group's range is then unused).
 COMPACT_HD inline extremes include(const extremes& e, float x, int at)
 {
-    return x != x ? e : combine(e, {x, x, at, at});
+    if (nonfinite_probe(x) != 0.0f) {
+        extremes r = e;
+        r.nonfinite = true;
+        return r;
+    }
+    return combine(e, {x, x, at, at, false});
 }
 
 struct combine_extremes {
     COMPACT_HD extremes operator()(const extremes& a, const extremes& b) const { return combine(a, b); }
 };
 
-/// The group's {lo, hi}: the CPU's, given the combination of all its values and its first value.
+/// The group's {lo, hi}: the CPU's, given the combination of all its values.
 struct group_range {
     float lo, hi;
 };
-COMPACT_HD inline group_range finish(const extremes& all, float first)
+COMPACT_HD inline group_range finish(const extremes& all)
 {
-    return first != first ? group_range{first, first} : group_range{all.lo, all.hi};
+    return all.nonfinite ? group_range{nonfinite_group_bound(), nonfinite_group_bound()}
+                         : group_range{all.lo, all.hi};
 }
 
 /// Where group g lies: tensor values [first, first + values), coding `coded` values (or means).
@@ -505,8 +516,8 @@ __global__ void __launch_bounds__(Threads)
             m = combine(m, s.kind == store_kind::average ? load_run(x, e, it, vector, buf)
                                                          : load_quad(x, e, it, vector, buf));
         const extremes all = block_reduce(scratch).Reduce(m, combine_extremes{});
-        if (tid == 0) { // buf[0] is thread 0's own first item
-            range = finish(all, buf[0]);
+        if (tid == 0) { // the reduction's result is valid in thread 0
+            range = finish(all);
             meta[2 * g] = range.lo;
             meta[2 * g + 1] = range.hi;
         }
