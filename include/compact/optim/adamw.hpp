@@ -272,10 +272,9 @@ public:
     }
 
     /// Workspace for step(): P (counted even when the step's source keeps it: an upper bound) and the
-    /// update direction, plus P_old,
-    /// P_new, P_old^T P_new and M P for the transfer policy; none for the identity, which is plain AdamW
-    /// in place. with_master: for steps given a master copy of W, whose direction (m, r) and P (n, r) are
-    /// also needed in State.
+    /// update direction, plus P_old, P_new, P_old^T P_new and M P for the transfer policy; none for the
+    /// identity, which is plain AdamW in place. with_master: for steps given a master copy of W, whose
+    /// direction (m, r) and P (n, r) are also needed in State.
     std::size_t workspace_bytes(bool with_master = false) const noexcept
     {
         if (projection_.is_identity()) return 0; // plain AdamW in place
