@@ -223,15 +223,7 @@ private:
     {
         COMPACT_REQUIRE(in >= 1, where, "in=", in, " must be positive");
         checked_out(out, where);
-        compressor_setup s;
-        s.in = in;
-        s.out = out;
-        s.seed = seed;
-        s.layer = layer;
-        s.dist = dist;
-        s.resample = resample;
-        s.where = where;
-        return s;
+        return {in, out, seed, layer, dist, resample, where};
     }
 
     void check_forward(const_matrix_view<Scalar> x, const_matrix_view<Scalar> w, const_matrix_view<Scalar> b,
@@ -308,15 +300,7 @@ private:
             total += m;
         }
         COMPACT_REQUIRE(in >= 1, "input_group", "in=", in, " must be positive");
-        compressor_setup s;
-        s.in = in;
-        s.out = total;
-        s.seed = seed;
-        s.layer = id;
-        s.dist = dist;
-        s.resample = resample;
-        s.where = "input_group";
-        return s;
+        return {in, total, seed, id, dist, resample, "input_group"};
     }
 
     compressor_type compressor_;
