@@ -123,6 +123,22 @@ void check_no_overlap(const matrix_view<A>& out, const char* out_name, const mat
                     shape_string(in), " in memory; in-place use is not supported here");
 }
 
+/// True for the default-constructed view ({}) that an optional argument passes to mean "none".
+template <class T>
+constexpr bool absent(const matrix_view<T>& v) noexcept
+{
+    return v.data == nullptr && v.rows == 0 && v.cols == 0;
+}
+
+/// An optional view argument: absent ({}), or exactly (rows, cols). Returns whether it is present.
+template <class T>
+bool check_optional_shape(const matrix_view<T>& v, index_t rows, index_t cols, const char* where, const char* name)
+{
+    if (absent(v)) return false;
+    check_shape(v, rows, cols, where, name);
+    return true;
+}
+
 /// A plain pointer argument that must hold `count` elements.
 template <class T>
 void check_pointer(const T* p, index_t count, const char* where, const char* name)

@@ -51,19 +51,6 @@
 
 COMPACT_NAMESPACE_BEGIN
 
-namespace detail {
-
-/// A bias view is empty (no bias) or (1, m).
-template <class T>
-bool check_bias(const matrix_view<T>& b, index_t m, const char* where, const char* name)
-{
-    if (b.rows == 0 && b.cols == 0 && b.data == nullptr) return false;
-    check_shape(b, 1, m, where, name);
-    return true;
-}
-
-} // namespace detail
-
 template <class Scalar, class Policy, class Backend>
 class compressed_linear {
 public:
@@ -162,8 +149,8 @@ public:
         COMPACT_REQUIRE(dy.cols == out_, where, "dY is ", shape_string(dy), " but the layer expects (N, ", out_, ")");
         detail::check_shape(w, out_, in(), where, "W");
         detail::check_shape(grads.weight, out_, rank(), where, subspace ? "G_sub (grads.weight)" : "G (grads.weight)");
-        const bool has_db = detail::check_bias(grads.bias, out_, where, "db (grads.bias)");
-        const bool skip_dx = dx.data == nullptr && dx.rows == 0 && dx.cols == 0;
+        const bool has_db = detail::check_optional_shape(grads.bias, 1, out_, where, "db (grads.bias)");
+        const bool skip_dx = detail::absent(dx);
         if (!skip_dx) {
             detail::check_shape(dx, dy.rows, in(), where, "dX");
             detail::check_no_overlap(dx, "dX", dy, "dY", where);
@@ -232,7 +219,7 @@ private:
         detail::check_view(x, where, "X");
         COMPACT_REQUIRE(x.cols == in(), where, "X is ", shape_string(x), " but the layer expects (N, ", in(), ")");
         detail::check_shape(w, out_, in(), where, "W");
-        detail::check_bias(b, out_, where, "b");
+        detail::check_optional_shape(b, 1, out_, where, "b");
         detail::check_shape(y, x.rows, out_, where, "Y");
         detail::check_no_overlap(y, "Y", x, "X", where);
         detail::check_no_overlap(y, "Y", w, "W", where);

@@ -208,15 +208,11 @@ public:
 
     /// True between a backward and the step that consumes its gradient (a checkpoint is taken after
     /// step(), so that no accumulated gradient is lost).
-    bool gradient_pending() const noexcept { return has_gradient_; }
+    bool gradient_pending() const noexcept { return grads_.written; }
 
     /// Drops the gradient accumulated since the last step (for example after a sensitivity probe's
     /// backward pass, which must not reach the optimizer); the next backward overwrites.
-    void discard_gradient() noexcept
-    {
-        has_gradient_ = false;
-        grads_.written = false;
-    }
+    void discard_gradient() noexcept { grads_.written = false; }
 
     /// Sets the counters of a restored state, for checkpoint loading: the completed updates (which select
     /// P's epoch) and the counters of W's and b's moments. Write the weights and moments through the
@@ -240,7 +236,6 @@ public:
         updates_ = updates;
         counters_ = weight;
         bias_counters_ = bias;
-        has_gradient_ = false;
         grads_.written = false;
         rows_ = -1;
         saved_ = {};
@@ -290,10 +285,9 @@ public:
         detail::check_view(dy, where, "dY");
         COMPACT_REQUIRE(dy.rows == rows_ && dy.cols == out(), where, "dY is ", shape_string(dy), " but (", rows_, ", ",
                         out(), ") is required (the rows of the last forward)");
-        if (!(dx.data == nullptr && dx.rows == 0 && dx.cols == 0)) detail::check_shape(dx, rows_, in(), where, "dX");
-        const write_mode mode = has_gradient_ ? write_mode::accumulate : write_mode::overwrite;
+        detail::check_optional_shape(dx, rows_, in(), where, "dX");
+        const write_mode mode = grads_.written ? write_mode::accumulate : write_mode::overwrite;
         layer_.backward(ctx, dy, weight(), saved_, dx, grads_, ws(), mode);
-        has_gradient_ = true;
         rows_ = -1;
     }
 
@@ -301,7 +295,7 @@ public:
     /// all its layers' gradients with one check.found() and skips them together (discard_gradient).
     void check_gradients(const context& ctx, nonfinite_check<Backend>& check) const
     {
-        COMPACT_REQUIRE(has_gradient_, "linear_layer::check_gradients", "no gradient since the last step");
+        COMPACT_REQUIRE(grads_.written, "linear_layer::check_gradients", "no gradient since the last step");
         check.add(ctx, const_matrix_view<Scalar>(g_.data(), out(), rank()));
         if (options_.bias) check.add(ctx, const_matrix_view<Scalar>(db_.data(), 1, out()));
     }
@@ -318,7 +312,7 @@ public:
     /// The same with the bias's own hyper-parameters (commonly weight_decay = 0; alpha is not used).
     bool step(const context& ctx, const adamw_params& h, const adamw_params& bias_h)
     {
-        COMPACT_REQUIRE(has_gradient_, "linear_layer::step", "no gradient since the last step");
+        COMPACT_REQUIRE(grads_.written, "linear_layer::step", "no gradient since the last step");
         // Both hyper-parameter sets are validated before W changes, so a bad bias_h cannot leave W updated
         // and the gradient pending (a retry would apply W's update twice).
         detail::adam_step_coefficients(h, counters_.step + 1, h.alpha, "linear_layer::step (weight)");
@@ -342,7 +336,6 @@ public:
                                  matrix_view<State>(bias_v_.data(), 1, out()), bias_counters_,
                                  options_.master_weights ? matrix_view<State>(master_bias_.data(), 1, out())
                                                          : matrix_view<State>{});
-        has_gradient_ = false;
         grads_.written = false;
         ++updates_;
         return true;
@@ -383,7 +376,6 @@ private:
     std::optional<nonfinite_check<Backend>> check_; // with options.skip_nonfinite
     std::uint64_t updates_ = 0, skipped_ = 0;
     index_t rows_ = -1;
-    bool has_gradient_ = false;
     bool master_valid_ = false;
 };
 

@@ -124,10 +124,9 @@ inline adam_coefficients adam_step_coefficients(const adamw_params& h, std::uint
 template <class S>
 void check_master(const matrix_view<S>& master, index_t rows, index_t cols, const char* where)
 {
-    if (master.rows == 0 && master.cols == 0 && master.data == nullptr) return;
-    COMPACT_REQUIRE(master.data != nullptr, where, "master is null but has shape ", shape_string(master),
-                    " (pass an empty view for no master weights)");
-    check_shape(master, rows, cols, where, "master (the master copy of W)");
+    COMPACT_REQUIRE(absent(master) || master.data != nullptr, where, "master is null but has shape ",
+                    shape_string(master), " (pass an empty view for no master weights)");
+    check_optional_shape(master, rows, cols, where, "master (the master copy of W)");
 }
 
 template <class S>
