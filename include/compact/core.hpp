@@ -3,7 +3,8 @@
 //
 // The folders, in the order a reader learns the library and the only order in which they include each
 // other (a header includes only its own folder and the folders above it in this list; a test checks):
-//   core/      config, errors, matrix_view, workspace, checked sizes, named shapes, rank policies
+//   core/      config, errors, matrix_view, workspace, checked sizes, named shapes, rank policies, the
+//              memory tracker
 //   random/    Philox4x32-10, the uniform-to-normal conversion, uniform initialisation, and P's
 //              definition (random/projection.hpp): the one function both backends call for P
 //   backend/   the backend concept (backend.hpp) and the stores' byte format (store_scheme.hpp) that its
@@ -23,6 +24,7 @@
 #include "compact/core/shape.hpp"
 #include "compact/core/workspace.hpp"
 #include "compact/core/rank_policy.hpp"
+#include "compact/core/memory_tracker.hpp"
 #include "compact/random/philox.hpp"
 #include "compact/random/normal.hpp"
 #include "compact/random/uniform.hpp"
