@@ -10,8 +10,9 @@
 //   backend/   the backend concept (backend.hpp) and the stores' byte format (store_scheme.hpp) that its
 //              primitives implement; cpu/ and cuda/ are its models, each with internals in detail/
 //   compress/  the compressor concept (compressor.hpp) and its models: the seeded random projection
-//              (random_projection.hpp, owning P through projection_source.hpp) and activation stores
-//              (store_compressor.hpp); 1-bit masks, bit allocation, sensitivity
+//              (random_projection.hpp, owning P through projection_source.hpp), activation stores
+//              (store_compressor.hpp), VeLoRA (velora.hpp) and WTA-CRS (wta_crs.hpp); 1-bit masks, bit
+//              allocation, sensitivity
 //   optim/     AdamW, subspace AdamW, the optimizer of a compressed layer's weight, and loss scaling
 //   nn/        compressed_linear and input_group (caller memory), linear_layer (owning)
 //   io/        checkpoints: a versioned, checksummed section file; linear_layer and allocation save/load
@@ -36,6 +37,8 @@
 #include "compact/compress/random_projection.hpp"
 #include "compact/compress/activation_store.hpp"
 #include "compact/compress/store_compressor.hpp"
+#include "compact/compress/velora.hpp"
+#include "compact/compress/wta_crs.hpp"
 #include "compact/compress/mask.hpp"
 #include "compact/compress/bit_allocation.hpp"
 #include "compact/compress/sensitivity.hpp"

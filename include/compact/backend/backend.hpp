@@ -48,6 +48,18 @@
 //     // until that read. Cost: one read of x.
 //     template <class T> static void flag_nonfinite(const context&, const_matrix_view<T> x,
 //                                                   std::uint32_t* flag);
+//     // Row reductions and gathers for the compressors (compress/velora.hpp, compress/wta_crs.hpp):
+//     //   row_sq_norms: out[i] = sum_j x(i, j)^2 + beta out[i], summed in A (beta == 0 never reads out;
+//     //                 out holds x.rows values of A, in the backend's memory). The order of the sum is
+//     //                 fixed by x's shape (deterministic), not necessarily the same on every backend.
+//     //   gather_rows:  out(k, j) = x(rows[k], j) weights[k] (weights null: an exact copy), computed in the
+//     //                 common type of T and W and rounded once to T. rows and weights hold out.rows values
+//     //                 in the backend's memory; every rows[k] lies in [0, x.rows); out must not overlap x.
+//     template <class T, class A> static void row_sq_norms(const context&, const_matrix_view<T> x, A beta,
+//                                                          A* out);
+//     template <class T, class W> static void gather_rows(const context&, const_matrix_view<T> x,
+//                                                         const index_t* rows, const W* weights,
+//                                                         matrix_view<T> out);
 //     // Copies count elements between the backend's memory and the host; synchronous (the copy has
 //     // landed when it returns: on CUDA it waits for the context's stream).
 //     template <class T> static void copy_to_host(const context&, const T* src, T* host, std::size_t count);

@@ -31,12 +31,33 @@
 //       // loading sets (validated first; see compressor_field)
 //       std::vector<compressor_field> checkpoint_fields() const;
 //       void load_checkpoint_fields(const std::vector<compressor_field>& fields, const char* where);
+//       // optional, for compressors with persistent state (see "Persistent state" below)
+//       std::size_t state_bytes(index_t max_rows) const;
+//       void bind_state(const context&, void* data, std::size_t bytes);
 //   };
 //
-// Determinism: compress must be a pure function of (X, step, the compressor's configuration); every
-// model must treat N = 0 as a no-op. saved_activation records the rows, the compressor's id and the epoch
-// forward used, so backward and the optimizer use what forward used by construction, and a caller who
-// mixes them up gets an error.
+// Determinism: compress must be a pure function of (X, step, the compressor's configuration and its
+// persistent state, if any); every model must treat N = 0 as a no-op. saved_activation records the rows,
+// the compressor's id and the epoch forward used, so backward and the optimizer use what forward used by
+// construction, and a caller who mixes them up gets an error.
+//
+// Persistent state (optional; compact::has_compressor_state<C> tells whether C has it). Some compressors
+// keep values from one step to the next: VeLoRA's direction v (compress/velora.hpp), WTA-CRS's row norms
+// of dY (compress/wta_crs.hpp). Like everything else in the library, that state lives in caller memory on
+// the backend's device:
+//   - state_bytes(max_rows): the bytes of state for layers whose forward sees at most max_rows rows (it
+//     may not depend on max_rows); the memory must be aligned to compressor_state_alignment;
+//   - bind_state(ctx, data, bytes): points the compressor at that memory and initialises it on ctx's
+//     stream (backend fills, no synchronisation); binding again re-initialises. compress() and
+//     weight_gradient() stay const: they read and write the state through the bound pointer.
+//   - copies of a compressor share the binding (they hold the same pointer): an input group's members,
+//     which hold copies of the group's compressor made at construction, are bound by the group's own
+//     bind_state (nn/compressed_linear.hpp), which binds the group's compressor and every member's copy.
+//   - a stateful compressor used before bind_state raises compact::error; the state's bytes are opaque
+//     to the caller, who saves and restores them verbatim (io/linear_layer_checkpoint.hpp does, through
+//     the backend's copy_to_host / copy_from_host), together with checkpoint_fields().
+// compressor_state_bytes(c, max_rows) and bind_compressor_state(c, ctx, data, bytes) below work for any
+// compressor: 0 bytes and a no-op for one without state.
 //
 // A layer's Policy template argument names its compressor: a rank policy (core/rank_policy.hpp) means
 // the seeded random projection (compress/random_projection.hpp); any other Policy says which compressor
@@ -162,6 +183,16 @@ struct has_checkpoint_fields<C, std::void_t<decltype(std::declval<const C&>().ch
                                                 std::declval<const std::vector<compressor_field>&>(), ""))>>
     : std::true_type {};
 
+template <class C, class = void>
+struct has_state_members : std::false_type {};
+template <class C>
+struct has_state_members<C, std::void_t<typename C::backend_type,
+                                        decltype(std::declval<const C&>().state_bytes(index_t{})),
+                                        decltype(std::declval<C&>().bind_state(
+                                            std::declval<const typename C::backend_type::context&>(),
+                                            static_cast<void*>(nullptr), std::size_t{}))>>
+    : std::true_type {};
+
 template <class C, bool = has_compressor_types<C>::value>
 struct saved_type_ok : std::false_type {};
 template <class C>
@@ -185,6 +216,39 @@ inline constexpr bool is_compressor =
     detail::has_compressor_types<C>::value && detail::saved_type_ok<C>::value &&
     detail::has_compressor_queries<C>::value && detail::has_compressor_calls<C>::value &&
     (!detail::declares_subspace<C>::value || detail::has_projection<C>::value) && std::is_copy_constructible_v<C>;
+
+/// True when the compressor C keeps persistent state in caller memory (state_bytes and bind_state above).
+template <class C>
+inline constexpr bool has_compressor_state = detail::has_state_members<C>::value;
+
+/// The alignment compressor state memory must have (Backend::buffer and cudaMalloc give more).
+inline constexpr std::size_t compressor_state_alignment = 16;
+
+/// Bytes of persistent state of `c` for at most max_rows rows per forward: 0 without state.
+template <class C>
+std::size_t compressor_state_bytes(const C& c, index_t max_rows)
+{
+    if constexpr (has_compressor_state<C>) return c.state_bytes(max_rows);
+    else return (void)c, (void)max_rows, std::size_t{0};
+}
+
+/// Binds `c` to `bytes` of state memory at `data` and initialises it on ctx's stream; a no-op for a
+/// compressor without state (then data may be null).
+template <class C, class Context>
+void bind_compressor_state(C& c, const Context& ctx, void* data, std::size_t bytes)
+{
+    if constexpr (has_compressor_state<C>) c.bind_state(ctx, data, bytes);
+    else (void)c, (void)ctx, (void)data, (void)bytes;
+}
+
+/// The checks a stateful compressor's bind_state makes of the memory it is given: `need` bytes, aligned.
+inline void check_state_memory(const void* data, std::size_t bytes, std::size_t need, const char* where)
+{
+    COMPACT_REQUIRE(bytes >= need && (need == 0 || data != nullptr), where, "the state memory holds ", bytes,
+                    " bytes at ", data, " but ", need, " are needed (ask state_bytes(max_rows))");
+    COMPACT_REQUIRE(reinterpret_cast<std::uintptr_t>(data) % compressor_state_alignment == 0, where,
+                    "the state memory ", data, " must be aligned to ", compressor_state_alignment, " bytes");
+}
 
 /// Checks the concept one requirement at a time, so that the first failing static_assert names what is
 /// missing.

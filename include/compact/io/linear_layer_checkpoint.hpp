@@ -28,6 +28,11 @@
 //                                       (the random projection's "distribution": 0 gaussian,
 //                                       1 rademacher, 2 identity) that must match, and state (a store's
 //                                       "store_kind", "store_bits", "store_group") that loading sets
+//   comp_state       u8       (bytes)   the compressor's persistent state (compress/compressor.hpp:
+//                                       VeLoRA's v, WTA-CRS's row norms), its bytes verbatim; absent for
+//                                       a compressor without state. Its size must match the loading
+//                                       layer's compressor_state_bytes() (for WTA-CRS, which keeps a norm
+//                                       per row, build the loading layer with the same max_rows)
 //
 // The enum codes are part of the format: they never change meaning. P is not stored: it is regenerated
 // from (seed, layer_id, epoch), which is what makes the restored moments belong to the right subspace.
@@ -125,7 +130,7 @@ inline constexpr const char* layer_fields[] = {
     "compressor",  "in",           "out",       "rank",      "seed",         "layer_id",     "moment_policy",
     "resample_gap", "keep_projection", "has_bias", "updates", "weight_step", "weight_epoch", "bias_step",
     "bias_epoch",  "weight",       "bias",      "weight_m",  "weight_v",     "bias_m",       "bias_v",
-    "master_weight", "master_bias"};
+    "master_weight", "master_bias", "comp_state"};
 
 /// The compressor's fields, when it declares any.
 template <class C>
@@ -174,6 +179,7 @@ template <class Scalar, class State>
 struct layer_state {
     host_values<Scalar> weight, bias;
     host_values<State> weight_m, weight_v, bias_m, bias_v, master_weight, master_bias;
+    host_values<std::uint8_t> compressor_state; ///< the compressor's state bytes (empty without state)
     bool has_weight = false, has_master = false;
     std::uint64_t updates = 0;
     adam_counters weight_counters{}, bias_counters{};
@@ -232,6 +238,20 @@ layer_state<Scalar, State> read_layer_state(const checkpoint_reader& r, std::str
         t.has_master = true;
         t.master_weight = read_values<State>(r, r.expect<State>(name("master_weight"), {m, n}), m * n, false, where);
         if (bias) t.master_bias = read_values<State>(r, r.expect<State>(name("master_bias"), {m}), m, false, where);
+    }
+
+    const auto state_bytes = static_cast<std::uint64_t>(layer.compressor_state_bytes());
+    if (state_bytes > 0) {
+        const checkpoint_section& st = r.find(name("comp_state"));
+        COMPACT_REQUIRE(st.type == dtype::u8 && st.shape.size() == 1 && st.count == state_bytes, where, "'",
+                        r.source(), "': section '", name("comp_state"), "' holds ", st.count,
+                        " bytes of compressor state but the layer's compressor keeps ", state_bytes,
+                        " (for a state sized by max_rows, build the layer with the saved one's max_rows)");
+        t.compressor_state.resize(static_cast<std::size_t>(state_bytes));
+        r.copy(st, t.compressor_state.data(), state_bytes);
+    } else {
+        COMPACT_REQUIRE(!r.contains(name("comp_state")), where, "'", r.source(), "': section '", name("comp_state"),
+                        "' holds compressor state but the layer's compressor keeps none");
     }
 
     for (const auto& [field, value] : layer_config(layer)) check_field(field, value);
@@ -334,6 +354,10 @@ void save_state(checkpoint_writer& w, std::string_view prefix,
         detail::add_tensor<Backend>(w, ctx, name("master_weight"), layer.master_weight().data, {m, n}, m * n);
         if (layer.bias()) detail::add_tensor<Backend>(w, ctx, name("master_bias"), layer.master_bias(), {m}, m);
     }
+    if (const std::size_t bytes = layer.compressor_state_bytes(); bytes > 0)
+        detail::add_tensor<Backend>(w, ctx, name("comp_state"),
+                                    reinterpret_cast<const std::uint8_t*>(layer.compressor_state()),
+                                    {static_cast<std::uint64_t>(bytes)}, static_cast<std::uint64_t>(bytes));
 }
 
 /// Checks that "<prefix>/..." of `r` is a complete state that `layer` can take (see the top of this
@@ -364,6 +388,8 @@ void load_state(const checkpoint_reader& r, std::string_view prefix,
         detail::store_tensor<Backend>(ctx, t.master_weight, layer.master_weight().data);
         if (!t.master_bias.empty()) detail::store_tensor<Backend>(ctx, t.master_bias, layer.master_bias());
     }
+    if (!t.compressor_state.empty())
+        detail::store_tensor<Backend>(ctx, t.compressor_state, reinterpret_cast<std::uint8_t*>(layer.compressor_state()));
     if constexpr (detail::has_checkpoint_fields<typename linear_layer<Scalar, Policy, Backend, State>::compressor_type>::value) {
         if (!t.restored.empty()) layer.compressor().load_checkpoint_fields(t.restored, "load_state");
     }

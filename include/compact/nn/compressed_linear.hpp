@@ -108,6 +108,18 @@ public:
     /// Workspace for forward and backward with up to `rows` rows.
     std::size_t workspace_bytes(index_t rows) const { return compressor_.workspace_bytes(rows); }
 
+    /// True when the compressor keeps persistent state (compress/compressor.hpp): bind it before forward.
+    static constexpr bool has_state = has_compressor_state<compressor_type>;
+    /// Bytes of the compressor's persistent state for forwards of at most max_rows rows (0 without).
+    std::size_t state_bytes(index_t max_rows) const { return compressor_state_bytes(compressor_, max_rows); }
+    /// Binds the compressor to `bytes` of state memory on the backend's device (aligned to
+    /// compressor_state_alignment) and initialises it on ctx's stream; the layer does not own it. A no-op
+    /// without state.
+    void bind_state(const context& ctx, void* data, std::size_t bytes)
+    {
+        bind_compressor_state(compressor_, ctx, data, bytes);
+    }
+
     /// Y = X W^T + b exactly, keeping nothing (inference). X: (N, n), W: (m, n), b: (1, m) or empty,
     /// Y: (N, m).
     void forward(const context& ctx, const_matrix_view<Scalar> x, const_matrix_view<Scalar> w,
@@ -258,7 +270,12 @@ public:
 
     const compressor_type& compressor() const noexcept { return compressor_; }
     /// The shared projection (subspace compressors only).
-    decltype(auto) projection() const noexcept { return compressor_.projection(); }
+    template <bool S = compressor_type::subspace>
+    decltype(auto) projection() const noexcept
+    {
+        static_assert(S, "compact: projection() is for subspace compressors (a rank policy's random projection)");
+        return compressor_.projection();
+    }
     const layer_type& layer(std::size_t k) const { return layers_.at(k); }
     std::size_t size() const noexcept { return layers_.size(); }
     index_t in() const noexcept { return compressor_.in(); }
@@ -267,6 +284,23 @@ public:
     /// Bytes kept for backward for N rows: one saved activation for the whole group.
     std::size_t saved_bytes(index_t rows) const { return compressor_.saved_bytes(rows); }
     std::size_t workspace_bytes(index_t rows) const { return compressor_.workspace_bytes(rows); }
+
+    /// True when the compressor keeps persistent state: bind it (bind_state) before compress.
+    static constexpr bool has_state = has_compressor_state<compressor_type>;
+    /// Bytes of the group's compressor state for forwards of at most max_rows rows (0 without state):
+    /// one state for the whole group, which its members share.
+    std::size_t state_bytes(index_t max_rows) const { return compressor_state_bytes(compressor_, max_rows); }
+    /// Binds the group's compressor and every member layer's copy of it to the same `bytes` of state
+    /// memory at `data` (backend memory, aligned to compressor_state_alignment, owned by the caller) and
+    /// initialises it on ctx's stream. A no-op without state. Bind before the first compress; binding
+    /// again re-initialises the state.
+    void bind_state(const context& ctx, void* data, std::size_t bytes)
+    {
+        bind_compressor_state(compressor_, ctx, data, bytes);
+        // Each member re-initialises the same memory to the same values (a few fills): cheap, and it
+        // leaves every copy's own record of the binding as the group's.
+        for (layer_type& l : layers_) l.bind_state(ctx, data, bytes);
+    }
 
     /// Compresses X once for all members; then call layer(k).forward(ctx, X, W_k, b_k, Y_k) (the
     /// inference overload) for each member, and layer(k).backward with this saved activation.

@@ -26,6 +26,12 @@
 // bit allocator raising a store's bits through compressor().settings()) makes the next forward regrow
 // the saved buffer: the one allocation outside the constructor.
 //
+// Compressor state (compress/compressor.hpp: VeLoRA's direction, WTA-CRS's row norms): the layer owns
+// compressor_state_bytes() = compressor().state_bytes(options.max_rows) bytes of it, allocated and bound in
+// the constructor (initialised on the default context, which the constructor then waits for, as it waits
+// for its other buffers' initial values); reset_compressor_state(ctx) re-initialises it. Checkpoints save
+// and restore its bytes. Compressors without state get none (0 bytes).
+//
 // Non-finite gradients (options.skip_nonfinite, for fp16 training with optim/loss_scaler.hpp): step()
 // first checks G and db (one synchronisation on CUDA); when either holds a NaN or an infinity the step
 // is skipped as mixed-precision trainers skip it: W, b, the moments, the masters and every counter
@@ -125,6 +131,15 @@ public:
         grads_.weight = {g_.data(), out.value, r};
         if (options.bias) grads_.bias = {db_.data(), 1, out.value};
         if (options.skip_nonfinite) check_.emplace();
+        if constexpr (layer_type::has_state) {
+            compressor_state_.assign(layer_.state_bytes(options.max_rows), std::byte{0});
+            const context ctx{};
+            reset_compressor_state(ctx);
+            if (!compressor_state_.empty()) { // wait for the initialisation (a synchronous one-byte copy)
+                std::byte first{};
+                Backend::copy_to_host(ctx, compressor_state_.data(), &first, 1);
+            }
+        }
     }
 
     // What forward saved points into this layer's own buffers: a copy would share them.
@@ -204,6 +219,20 @@ public:
             Backend::template axpby<Scalar, State>(ctx, 1.0, const_matrix_view<Scalar>(bias_.data(), 1, out()), 0.0,
                                                    matrix_view<State>(master_bias_.data(), 1, out()));
         master_valid_ = true;
+    }
+
+    /// The compressor's persistent state (compress/compressor.hpp), in the backend's memory: its bytes
+    /// (0 for a compressor without state) and where they are, for checkpoints.
+    std::size_t compressor_state_bytes() const noexcept { return compressor_state_.size(); }
+    std::byte* compressor_state() noexcept { return compressor_state_.data(); }
+    const std::byte* compressor_state() const noexcept { return compressor_state_.data(); }
+    /// Re-initialises the compressor's state on ctx's stream (as a new layer's), e.g. to restart it. A
+    /// no-op without state.
+    void reset_compressor_state(const context& ctx)
+    {
+        if constexpr (layer_type::has_state)
+            layer_.bind_state(ctx, compressor_state_.data(), compressor_state_.size());
+        else (void)ctx;
     }
 
     /// True between a backward and the step that consumes its gradient (a checkpoint is taken after
@@ -370,6 +399,7 @@ private:
     buffer<State> m_, v_, bias_m_, bias_v_;
     buffer<State> master_weight_, master_bias_; // (m, n) and (m), with options.master_weights only
     buffer<std::byte> workspace_, saved_memory_;
+    buffer<std::byte> compressor_state_; // compressor().state_bytes(max_rows), bound to the compressor
     saved_type saved_{};
     layer_gradient<Scalar> grads_{};
     adam_counters counters_{}, bias_counters_{};

@@ -344,6 +344,48 @@ struct cpu {
         if (found.load(std::memory_order_relaxed)) *flag = 1;
     }
 
+    // ------------------------------------------------------------------------ row reductions, gathers
+
+    /// out[i] = sum_j x(i, j)^2 (in A, j in order) + beta out[i]; beta == 0 never reads out.
+    template <class T, class A>
+    static void row_sq_norms(const context& ctx, const_matrix_view<T> x, A beta, A* out)
+    {
+        if (x.rows == 0) return;
+        parallel_for(ctx, row_parts(x.rows, x.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, x.rows, x.cols);
+            for (index_t i = begin; i < end; ++i) {
+                const T* COMPACT_RESTRICT row = x.row(i);
+                A sum = A(0);
+                for (index_t j = 0; j < x.cols; ++j) {
+                    const A v = static_cast<A>(row[j]);
+                    sum += v * v;
+                }
+                out[i] = beta == A(0) ? sum : sum + beta * out[i];
+            }
+        });
+    }
+
+    /// out(k, j) = x(rows[k], j) weights[k] (weights null: a copy).
+    template <class T, class W>
+    static void gather_rows(const context& ctx, const_matrix_view<T> x, const index_t* rows, const W* weights,
+                            matrix_view<T> out)
+    {
+        using C = std::common_type_t<T, W>;
+        parallel_for(ctx, row_parts(out.rows, out.cols), [&](index_t p) {
+            const auto [begin, end] = row_range(p, out.rows, out.cols);
+            for (index_t k = begin; k < end; ++k) {
+                const T* COMPACT_RESTRICT src = x.row(rows[k]);
+                T* COMPACT_RESTRICT dst = out.row(k);
+                if (weights == nullptr) {
+                    std::copy(src, src + out.cols, dst);
+                } else {
+                    const C w = static_cast<C>(weights[k]);
+                    for (index_t j = 0; j < out.cols; ++j) dst[j] = static_cast<T>(static_cast<C>(src[j]) * w);
+                }
+            }
+        });
+    }
+
     // ------------------------------------------------------------------- quantized stores and masks
 
     /// Copies `count` elements from backend memory to host memory, and back (checkpoints). On the CPU

@@ -27,6 +27,10 @@
 //   order with each operation rounded separately (no FMA).
 // - flag_nonfinite: the same grid, striding; a block that saw a NaN or an infinity stores 1 into the
 //   caller's device flag (no atomics, no synchronisation: the caller reads the flag once).
+// - row_sq_norms: one warp per row, each lane summing a strided slice of the row in A, then a fixed
+//   butterfly of shuffles (row_kernels.cuh): deterministic, no atomics; not the CPU's summation order.
+// - gather_rows: the element grid over the output, one multiply in the common compute type (the CPU's
+//   expression, so the same bits for float and double).
 // - quantize, dequantize, relu_mask, dropout_mask, apply_mask: the kernels of quantize.cuh (one block per
 //   group, one thread per mask byte), writing the CPU backend's bytes; scheme full is a device copy.
 //
@@ -38,6 +42,7 @@
 #include "compact/backend/cuda/device_buffer.cuh"
 #include "compact/backend/cuda/error.cuh"
 #include "compact/backend/cuda/detail/kernels.cuh"
+#include "compact/backend/cuda/detail/row_kernels.cuh"
 #include "compact/backend/cuda/detail/store_kernels.cuh"
 #include "compact/backend/cuda/scalar.cuh"
 #include "compact/backend/store_scheme.hpp"
@@ -248,6 +253,33 @@ struct cuda {
         detail::flag_nonfinite_kernel<T><<<detail::element_grid(x.rows, x.cols), detail::cuda_block, 0, ctx.stream>>>(
             x, flag);
         detail::check_launch(ctx.stream, "cuda::flag_nonfinite");
+    }
+
+    // ------------------------------------------------------------------------ row reductions, gathers
+
+    /// out[i] = sum_j x(i, j)^2 + beta out[i] in A (float or double); out holds x.rows device values of
+    /// A; beta == 0 never reads out.
+    template <class T, class A>
+    static void row_sq_norms(const context& ctx, const_matrix_view<T> x, A beta, A* out)
+    {
+        static_assert(std::is_same_v<A, float> || std::is_same_v<A, double>, "cuda::row_sq_norms sums in float or double");
+        if (x.rows == 0) return;
+        detail::row_sq_norms_kernel<T, A>
+            <<<detail::row_norm_grid(x.rows), detail::row_norm_warps * 32, 0, ctx.stream>>>(x, beta, out);
+        detail::check_launch(ctx.stream, "cuda::row_sq_norms");
+    }
+
+    /// out(k, j) = x(rows[k], j) weights[k] (weights null: a copy); rows and weights are device arrays
+    /// of out.rows values.
+    template <class T, class W>
+    static void gather_rows(const context& ctx, const_matrix_view<T> x, const index_t* rows, const W* weights,
+                            matrix_view<T> out)
+    {
+        if (out.empty()) return;
+        using C = std::common_type_t<detail::compute_t<T>, detail::compute_t<W>>;
+        detail::gather_rows_kernel<T, W, C>
+            <<<detail::element_grid(out.rows, out.cols), detail::cuda_block, 0, ctx.stream>>>(x, rows, weights, out);
+        detail::check_launch(ctx.stream, "cuda::gather_rows");
     }
 
     // ------------------------------------------------------------------- quantized stores and masks
