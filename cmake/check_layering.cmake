@@ -2,8 +2,9 @@
 # include/compact/core.hpp documents: a header under include/compact/<folder>/ may include headers of
 # its own folder and of the folders before it, never of a later one; backend/cpu and backend/cuda never
 # include each other; nothing outside backend/cuda includes CUDA headers and nothing outside
-# backend/cpu includes Eigen; a file under a detail/ folder is included only from its own component.
-# The umbrellas (compact.hpp, core.hpp, cuda.cuh) are exempt.
+# backend/cpu includes Eigen; MPI is included only under distributed/, and NCCL (with CUDA beside it)
+# only by distributed/'s .cuh headers; a file under a detail/ folder is included only from its own
+# component. The umbrellas (compact.hpp, core.hpp, cuda.cuh, distributed.hpp) are exempt.
 #
 #   cmake -DCOMPACT_INCLUDE_DIR=<repo>/include -P cmake/check_layering.cmake
 cmake_minimum_required(VERSION 3.21)
@@ -12,7 +13,7 @@ if(NOT COMPACT_INCLUDE_DIR)
   message(FATAL_ERROR "check_layering: set COMPACT_INCLUDE_DIR")
 endif()
 
-set(order core random backend compress optim nn io)
+set(order core random backend compress optim nn io distributed)
 
 function(compact_component path out_folder out_component)
   string(REGEX MATCH "^compact/([a-z_]+)/" _ "${path}")
@@ -65,9 +66,17 @@ foreach(header IN LISTS headers)
       if(NOT component STREQUAL "backend/cpu")
         list(APPEND violations "${header} includes Eigen outside backend/cpu")
       endif()
-    elseif(line MATCHES "^#include <(cuda|cublas|cub/|thrust/|nccl)")
-      if(NOT component STREQUAL "backend/cuda")
+    elseif(line MATCHES "^#include <nccl")
+      if(NOT header MATCHES "^compact/distributed/.*\\.cuh$")
+        list(APPEND violations "${header} includes NCCL outside the .cuh headers of distributed/")
+      endif()
+    elseif(line MATCHES "^#include <(cuda|cublas|cub/|thrust/)")
+      if(NOT component STREQUAL "backend/cuda" AND NOT header MATCHES "^compact/distributed/.*\\.cuh$")
         list(APPEND violations "${header} includes a CUDA header outside backend/cuda")
+      endif()
+    elseif(line MATCHES "^#include <mpi")
+      if(NOT component STREQUAL "distributed")
+        list(APPEND violations "${header} includes MPI outside distributed/")
       endif()
     endif()
   endforeach()
