@@ -56,7 +56,7 @@ started=$(date +%s)
 finished=$(date +%s)
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
-gnuplot -e "full='$run_dir/curve.full.csv'; compressed='$run_dir/curve.compressed.csv'; out='$png'; \
+gnuplot -e "full='$run_dir/curve.full.csv'; compressed='$run_dir/curve.n4.csv'; out='$png'; \
             label='r = n/4'" bench/plot_char_transformer.gp
 
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)

@@ -13,17 +13,30 @@
 //   logits = (RMSNorm(X) gf) E^T                  the output head is tied to the embedding
 //   loss = mean softmax cross-entropy against the next character
 //
-// The linear layers go through compact (SPEC section 2). q, k and v read one input, so they form one
-// compact::input_group: one projection P (C, r) and one saved Z = H P (N, r) for all three, each member
-// with its own W and its own subspace-AdamW state built from the group's projection; gate and up form
-// another group; down is compressed on its own. The attention output projection is not compressed (the
-// paper's setup) unless --compress-attn-out. The uncompressed baseline is compact::rank::full through
-// the same code: P = I, r = n, Z a copy of the layer input, exact gradients and plain AdamW. Embeddings
-// and norm gains use compact::adamw.
+// The linear layers go through compact (SPEC section 2), each kind of group with the compressor the
+// run's plan names (--compress): the seeded projection (CompAct) at r = n/2, n/4 or n/8, a quantized
+// store (GACT-style B-bit, or ALAM's average quantization), VeLoRA or WTA-CRS; switching is one template
+// argument of the group (any_linear_group maps the plan's names to them). q, k and v read one input, so
+// they form one compact::input_group: one compressor and one saved activation for all three, each member
+// with its own W and its own optimizer (subspace AdamW built from the group's projection, or plain AdamW
+// for the compressors whose gradient is full-shape); gate and up form another group; down is compressed
+// on its own. The attention output projection is not compressed (the paper's setup) unless the plan or
+// --compress-attn-out says so. The uncompressed baseline is compact::rank::full through the same code:
+// P = I, r = n, Z a copy of the layer input, exact gradients and plain AdamW. Embeddings and norm gains use
+// compact::adamw.
+//
+// The rest of the model's saved tensors can be compressed too (the plan's attn, mlp, norm and head keys):
+// attention's Q, K, V, the SwiGLU pre-activations and the RMSNorm inputs through compact::activation_store
+// (encoded as soon as forward has used them, decoded just before backward needs them; their memory is
+// then scratch shared by every layer), and the tied head's input recomputed in backward from the final
+// norm's input instead of kept.
 //
 // Memory is planned once (plan_activations): every tensor the forward pass keeps for backward, and
-// every scratch tensor, is carved from one allocation, and the byte counts reported are those of the
-// plan (the linear groups' Z from the library's saved_bytes queries). Attention keeps only Q, K, V and
+// every scratch tensor, is carved from two allocations (kept, scratch), and the byte counts reported are
+// those of the plan (the linear groups' saved activations from the compressors' saved_bytes queries).
+// Every buffer of the model is allocated through compact::tracking_allocator under its category
+// (weights, gradients, optimizer state, saved for backward, compressor state, scratch), so the report
+// also gives the exact peak of training memory and what it was made of. Attention keeps only Q, K, V and
 // each score row's log-sum-exp; backward recomputes the probabilities from them (as FlashAttention
 // does), so no (B, H, T, T) tensor is kept.
 //
@@ -33,9 +46,18 @@
 //   --text PATH         train on this file (default: the text of Debian's fortunes package, from
 //                       /usr/share/games/fortunes; without it, a short built-in text, with a warning)
 //   --steps S           optimizer steps per configuration (default 300)
-//   --rank n/2|n/4|n/8  the compressed configuration's rank (default n/4)
-//   --runs both|full|compressed   which configurations to train (default both)
-//   --compress-attn-out also compress the attention output projection
+//   --compress PLAN     a compressed configuration; repeat for several (default n/4). PLAN is one
+//                       compressor for q/k/v, gate/up and down (full, n/2, n/4, n/8: the projection;
+//                       int8, int4, int2, int1: GACT-style group quantization; alam: ALAM's average
+//                       quantization; velora[/S]: VeLoRA, sub-tokens of S values, default 4; wta[/R]:
+//                       WTA-CRS keeping R N rows, default 0.25), or a list of KEY=VALUE: qkv, out,
+//                       gate_up, down (a compressor for that group), linear (one for qkv, gate_up and
+//                       down), attn, mlp, norm (a store for Q K V, the SwiGLU pre-activations, the norm
+//                       inputs: full, int8, int4, int2, int1 or alam), head=recompute; what a list does
+//                       not name stays uncompressed. Example: linear=n/4,attn=int8,mlp=int4,norm=int8,
+//                       head=recompute. --rank R is --compress R.
+//   --runs both|full|compressed   the uncompressed run, the compressed ones, or both (default both)
+//   --compress-attn-out a one-compressor PLAN also compresses the attention output projection
 //   --lr X              peak learning rate of every uncompressed parameter, the baseline's linear
 //                       layers included (default 3e-3)
 //   --lr-compressed X   peak learning rate of the compressed groups (default: --lr)
@@ -47,17 +69,25 @@
 //   --channels C --layers L --heads H --hidden F --context T --batch B   model and batch shape
 //   --eval-every S      steps between validation evaluations (default 100)
 //   --eval-windows W    validation windows per periodic evaluation (default 256)
+//   --final-windows W   windows of the final evaluation, from each split (default: the whole validation
+//                       split without overlap, and as many training windows)
 //   --threads N         CPU threads (default 0: all OpenMP threads)
 //   --seed S            initialisation, batch order, projections and sampling (default 1234)
 //   --sample N          characters to sample at the end (default 400); --temperature X (default 0.8)
 //   --markdown PATH     write the configuration, the results table and the samples as markdown
-//   --curves PREFIX     write the loss curves to PREFIX.full.csv and PREFIX.compressed.csv (columns step,
-//                       train_loss: the mean batch loss since the previous row, val_loss)
+//   --csv PATH          write one line per run: name, losses, saved bytes, optimizer state, peak RSS, tokens/s
+//   --memory-only       build each configuration and report its memory plan and tracked peak, without
+//                       training (a second each: the plan allocates everything up front)
+//   --curves PREFIX     write each run's loss curve to PREFIX.<plan>.csv, the plan's name without '/'
+//                       (PREFIX.full.csv, PREFIX.n4.csv, ...; columns step, train_loss: the mean batch
+//                       loss since the previous row, val_loss)
 //   --gradcheck         only check the hand-written backward against finite differences (float64)
-//   --smoke             the gradient check on a tinier model, then 200 steps of both configurations of
-//                       a small model on the built-in text (needs no package), checking that the
-//                       training loss falls below the text's unigram entropy, i.e. that the model learns
-//                       from context; single-threaded unless --threads says otherwise
+//   --smoke             the gradient check on a tinier model, then 200 steps of a small model on the
+//                       built-in text (needs no package), uncompressed and with every compressor and the
+//                       stores (unless --compress says which), checking that each training loss falls
+//                       below the text's unigram entropy, i.e. that the model learns from context, and
+//                       that full-precision stores and the recomputed head change no bit of training;
+//                       single-threaded unless --threads says otherwise
 #include <compact/compact.hpp>
 
 #include <algorithm>
@@ -72,11 +102,14 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <variant>
 #include <vector>
 
 #include <sys/wait.h>
@@ -93,8 +126,22 @@ using compact::op;
 using cpu = compact::cpu;
 using context = compact::cpu::context;
 using clock_type = std::chrono::steady_clock;
+using compact::memory_category;
+
+// Every buffer of the model counts into this process's tracker, under what it is for (each configuration
+// trains in its own process, so the tracker's peak is that configuration's).
+compact::memory_tracker& tracker()
+{
+    static compact::memory_tracker t;
+    return t;
+}
 template <class T>
-using buffer = cpu::buffer<T>;
+using buffer = std::vector<T, compact::tracking_allocator<T>>;
+template <class T>
+buffer<T> make_buffer(memory_category category, std::size_t count = 0, T value = T(0))
+{
+    return buffer<T>(count, value, compact::tracking_allocator<T>(tracker(), category));
+}
 template <class T>
 using mat = compact::matrix_view<T>;
 template <class T>
@@ -434,7 +481,10 @@ struct dense_parameter {
     compact::adam_counters counters{};
 
     dense_parameter(index_t r, index_t c)
-        : rows(r), cols(c), value(count(r, c)), grad(count(r, c)), m(count(r, c), 0.0f), v(count(r, c), 0.0f)
+        : rows(r), cols(c), value(make_buffer<T>(memory_category::weights, count(r, c))),
+          grad(make_buffer<T>(memory_category::gradients, count(r, c))),
+          m(make_buffer<float>(memory_category::optimizer_state, count(r, c))),
+          v(make_buffer<float>(memory_category::optimizer_state, count(r, c)))
     {
     }
     static std::size_t count(index_t r, index_t c) { return static_cast<std::size_t>(r * c); }
@@ -452,41 +502,49 @@ struct dense_parameter {
 };
 
 // Linear layers without bias that read one input X (N, n): q, k and v; gate and up; or one layer alone.
-// The compact::input_group compresses X once into Z = X P (N, r), the only thing the group keeps for
-// backward; each member k has its own W_k (m_k, n), subspace gradient G_k = dY_k^T Z (m_k, r) and
-// subspace-AdamW moments (m_k, r), its optimizer built from the group's projection. Outputs are side by
-// side: Y = [X W_0^T | X W_1^T | ...] (N, sum m_k). With rank::full, P = I and r = n: Z is a copy of X,
-// G_k the exact gradient and the optimizer plain AdamW. The group draws a new P every `resample.gap`
-// updates: forward takes the completed updates (step), and each gradient records the epoch of the P that
-// compressed it, which the optimizer then applies.
+// A compact::input_group runs X once through its compressor, whose saved activation is the only thing
+// the group keeps for backward; each member k has its own W_k (m_k, n), weight gradient G_k and AdamW
+// moments. Outputs are side by side: Y = [X W_0^T | X W_1^T | ...] (N, sum m_k). With a rank policy the
+// compressor is the random projection: Z = X P (N, r), G_k = dY_k^T Z (m_k, r) and subspace AdamW built
+// from the group's projection (rank::full: P = I and r = n, Z a copy of X, exact gradients, plain
+// AdamW). With any other compressor (a quantized store, VeLoRA, WTA-CRS) G_k is the full (m_k, n)
+// gradient the compressor estimates and the optimizer plain AdamW: compact::compressed_adamw picks. The
+// projection is redrawn every `resample.gap` updates: forward takes the completed updates (step), and
+// each gradient records the epoch of the P that compressed it, which the optimizer then applies.
 template <class T, class Policy>
 class linear_group {
 public:
     using group_type = compact::input_group<T, Policy, cpu>;
-    using saved_type = typename group_type::saved_type; // Z over the caller's bytes, and its epoch
-    using optimizer_type = compact::subspace_adamw<T, cpu, float>;
+    using compressor_type = typename group_type::compressor_type;
+    using saved_type = typename group_type::saved_type; // the caller's bytes, and what forward wrote there
+    using optimizer_type = compact::compressed_adamw<compressor_type, float>;
 
     linear_group(index_t in, const std::vector<index_t>& outs, std::uint64_t seed, std::uint64_t id,
-                 compact::moment_policy moments, compact::resampling resample)
-        : group_(compact::in_features{in}, outs, seed, id, Policy{}, compact::distribution::gaussian, resample)
+                 const Policy& policy, compact::moment_policy moments, compact::resampling resample)
+        : group_(compact::in_features{in}, outs, seed, id, policy, compact::distribution::gaussian, resample)
     {
         index_t offset = 0;
         for (index_t m : outs) {
-            members_.emplace_back(m, offset, in, group_.rank(), group_.projection(), moments);
+            members_.emplace_back(m, offset, in, group_.rank(), group_.compressor(), moments);
             offset += m;
         }
     }
 
     index_t in() const { return group_.in(); }
     index_t out() const { return members_.back().offset + members_.back().out; }
+    /// Columns of each weight gradient: r for the projection, n for every other compressor.
     index_t rank() const { return group_.rank(); }
-    bool compressed() const { return !group_.projection().is_identity(); }
+    /// False only for rank::full (P = I): the group then keeps X itself and computes exact gradients.
+    bool compressed() const { return !std::is_same_v<Policy, compact::rank::full>; }
     std::size_t size() const { return members_.size(); }
     mat<T> weight(std::size_t k) { return members_[k].w(); }
     cmat<T> gradient(std::size_t k) const { return members_[k].grads.weight; }
 
-    /// Bytes kept for backward for N rows: one Z for the whole group (the library's query).
+    /// Bytes kept for backward for N rows: one saved activation for the whole group (the library's query).
     std::size_t saved_bytes(index_t rows) const { return group_.saved_bytes(rows); }
+    /// Bytes the compressor keeps between steps for batches of up to N rows (VeLoRA's direction, WTA-CRS's
+    /// row norms; 0 for the others).
+    std::size_t compressor_state_bytes(index_t rows) const { return group_.state_bytes(rows); }
     std::size_t workspace_bytes(index_t rows) const
     {
         std::size_t bytes = group_.workspace_bytes(rows);
@@ -501,56 +559,68 @@ public:
     }
     index_t parameter_count() const { return out() * in(); }
 
-    /// Y (N, sum m_k) from X (N, n); with a saved activation, also Z = X P (N, r) for backward, with the
-    /// P of the epoch that `step` completed updates fall in.
-    void forward(const context& ctx, cmat<T> x, mat<T> y, saved_type* saved, std::uint64_t step,
-                 compact::workspace ws)
+    /// Gives the group the planned memory for what forward keeps (saved_bytes(N) bytes), and allocates
+    /// and binds the compressor's own state for batches of up to N rows.
+    void bind(const context& ctx, std::byte* saved, std::size_t saved_bytes, index_t rows)
     {
-        if (saved) group_.compress(ctx, x, step, *saved, ws);
+        saved_ = compact::bind_saved<saved_type>(saved, saved_bytes);
+        state_.assign(group_.state_bytes(rows), std::byte{0});
+        group_.bind_state(ctx, state_.data(), state_.size());
+    }
+
+    /// Y (N, sum m_k) from X (N, n); in training, also the compressor's record of X for backward, keyed
+    /// by `step` (the completed updates).
+    void forward(const context& ctx, cmat<T> x, mat<T> y, bool training, std::uint64_t step, compact::workspace ws)
+    {
+        if (training) group_.compress(ctx, x, step, saved_, ws);
         for (std::size_t k = 0; k < members_.size(); ++k)
             group_.layer(k).forward(ctx, x, members_[k].w(), {}, columns(y, k)); // no bias
     }
 
-    /// From dY (N, sum m_k) and forward's Z: G_k = dY_k^T Z for every member, and dX = sum_k dY_k W_k
-    /// (N, n), overwritten.
-    void backward(const context& ctx, cmat<T> dy, const saved_type& saved, mat<T> dx, compact::workspace ws)
+    /// From dY (N, sum m_k) and what forward kept: every member's G_k, and dX = sum_k dY_k W_k (N, n),
+    /// overwritten.
+    void backward(const context& ctx, cmat<T> dy, mat<T> dx, compact::workspace ws)
     {
         for (std::size_t k = 0; k < members_.size(); ++k) {
             member& layer = members_[k];
-            group_.layer(k).backward(ctx, columns(dy, k), layer.w(), saved, dx, layer.grads, ws,
+            group_.layer(k).backward(ctx, columns(dy, k), layer.w(), saved_, dx, layer.grads, ws,
                                      compact::write_mode::overwrite,
                                      k == 0 ? compact::write_mode::overwrite : compact::write_mode::accumulate);
         }
     }
 
-    /// One subspace-AdamW update of every member, under the projection its gradient was computed with.
+    /// One AdamW update of every member: subspace AdamW under the projection its gradient was computed
+    /// with, or plain AdamW on the compressor's full-shape estimate.
     void step(const context& ctx, const compact::adamw_params& h, compact::workspace ws)
     {
         for (member& layer : members_)
-            layer.optimizer.step(ctx, h, group_.projection(), layer.w(), layer.grads, layer.first_moment(),
+            layer.optimizer.step(ctx, h, group_.compressor(), layer.w(), layer.grads, layer.first_moment(),
                                  layer.second_moment(), layer.counters, ws);
     }
 
 private:
     struct member {
-        member(index_t out_features, index_t column, index_t in, index_t r,
-               const typename optimizer_type::source_type& projection, compact::moment_policy moments)
-            : out(out_features), offset(column), in_features(in), rank(r),
-              optimizer(compact::out_features{out_features}, projection, moments), weight(size(out_features, in)),
-              gradient(size(out_features, r)), m(size(out_features, r), 0.0f), v(size(out_features, r), 0.0f)
+        member(index_t out_features, index_t column, index_t in, index_t cols, const compressor_type& compressor,
+               compact::moment_policy moments)
+            : out(out_features), offset(column), in_features(in), gradient_cols(cols),
+              optimizer(compact::out_features{out_features}, compressor, moments),
+              weight(make_buffer<T>(memory_category::weights, size(out_features, in))),
+              gradient(make_buffer<T>(memory_category::gradients, size(out_features, cols))),
+              m(make_buffer<float>(memory_category::optimizer_state, size(out_features, cols))),
+              v(make_buffer<float>(memory_category::optimizer_state, size(out_features, cols)))
         {
-            grads.weight = {gradient.data(), out, rank};
+            grads.weight = {gradient.data(), out, gradient_cols};
         }
         static std::size_t size(index_t rows, index_t cols) { return static_cast<std::size_t>(rows * cols); }
         mat<T> w() { return {weight.data(), out, in_features}; }
-        mat<float> first_moment() { return {m.data(), out, rank}; }
-        mat<float> second_moment() { return {v.data(), out, rank}; }
+        mat<float> first_moment() { return {m.data(), out, gradient_cols}; }
+        mat<float> second_moment() { return {v.data(), out, gradient_cols}; }
 
-        index_t out, offset, in_features, rank; // m_k, first column in Y, n, r
+        index_t out, offset, in_features, gradient_cols; // m_k, first column in Y, n, r or n
         optimizer_type optimizer;
         buffer<T> weight;   // W_k (m_k, n)
-        buffer<T> gradient; // G_k (m_k, r)
-        buffer<float> m, v; // (m_k, r): subspace-AdamW moments
+        buffer<T> gradient; // G_k (m_k, r or n)
+        buffer<float> m, v; // (m_k, r or n): AdamW moments
         compact::layer_gradient<T> grads; // G_k's view and the epoch backward computed it under
         compact::adam_counters counters{};
     };
@@ -563,6 +633,243 @@ private:
 
     group_type group_;
     std::vector<member> members_;
+    saved_type saved_{};          // over the activation plan's bytes (bind)
+    buffer<std::byte> state_ = make_buffer<std::byte>(memory_category::compressor_state); // (bind)
+};
+
+// ------------------------------------------------------------------------------ compressor choices
+
+// What one linear group compresses with, chosen at run time: the kind, and its one parameter.
+struct compressor_choice {
+    enum class kind { full, projection, store, velora, wta_crs };
+    kind what = kind::full;
+    int denominator = 1;                                        // projection: r = n / denominator
+    compact::store_scheme scheme = compact::store_scheme::full_precision(); // store
+    index_t subtoken = 4;                                       // velora: sub-token length s (G = n / s)
+    double ratio = 0.25;                                        // wta_crs: kept rows k = ratio N
+    std::string name = "full";
+
+    bool compressed() const { return what != kind::full; }
+};
+
+// Parses one choice: full | n/2 | n/4 | n/8 | int8 | int4 | int2 | int1 | alam | velora[/S] | wta[/R]
+// (intB: GACT-style B-bit group quantization, groups of 256; alam: ALAM's average quantization; velora/S:
+// sub-tokens of S values, default 4; wta/R: WTA-CRS keeping R N rows, default 0.25).
+compressor_choice parse_choice(const std::string& text)
+{
+    compressor_choice c;
+    c.name = text;
+    auto parameter = [&](const std::string& prefix) -> std::string {
+        if (text.size() == prefix.size()) return "";
+        if (text[prefix.size()] != '/') throw std::invalid_argument("unknown compressor '" + text + "'");
+        return text.substr(prefix.size() + 1);
+    };
+    auto number = [&](const std::string& v) {
+        char* end = nullptr;
+        const double x = std::strtod(v.c_str(), &end);
+        if (v.empty() || *end != '\0' || !std::isfinite(x) || x <= 0)
+            throw std::invalid_argument("compressor '" + text + "': '" + v + "' is not a positive number");
+        return x;
+    };
+    if (text == "full") {
+        c.what = compressor_choice::kind::full;
+    } else if (text == "n/2" || text == "n/4" || text == "n/8") {
+        c.what = compressor_choice::kind::projection;
+        c.denominator = text[2] - '0';
+    } else if (text == "int8" || text == "int4" || text == "int2" || text == "int1") {
+        c.what = compressor_choice::kind::store;
+        c.scheme = compact::store_scheme::quantized(text[3] - '0', 256);
+    } else if (text == "alam") {
+        c.what = compressor_choice::kind::store;
+        c.scheme = compact::store_scheme::average(128);
+    } else if (text.rfind("velora", 0) == 0) {
+        c.what = compressor_choice::kind::velora;
+        const std::string v = parameter("velora");
+        if (!v.empty()) {
+            const double s = number(v);
+            if (s != std::floor(s)) throw std::invalid_argument("compressor '" + text + "': S must be an integer");
+            c.subtoken = static_cast<index_t>(s);
+        }
+        c.name = "velora/" + std::to_string(c.subtoken);
+    } else if (text.rfind("wta", 0) == 0) {
+        c.what = compressor_choice::kind::wta_crs;
+        const std::string v = parameter("wta");
+        if (!v.empty()) c.ratio = number(v);
+        if (c.ratio > 1) throw std::invalid_argument("compressor '" + text + "': R must be in (0, 1]");
+        char name[32];
+        std::snprintf(name, sizeof name, "wta/%g", c.ratio);
+        c.name = name;
+    } else {
+        throw std::invalid_argument("unknown compressor '" + text +
+                                    "' (full, n/2, n/4, n/8, int8, int4, int2, int1, alam, velora[/S], wta[/R])");
+    }
+    return c;
+}
+
+// A scheme for one of the tensors the program itself keeps for backward: full (the values), int8, int4,
+// int2, int1 (group quantization with stochastic rounding, groups of 256) or alam (average quantization).
+compact::store_scheme parse_scheme(const std::string& text, const std::string& what)
+{
+    if (text == "full") return compact::store_scheme::full_precision();
+    if (text == "int8" || text == "int4" || text == "int2" || text == "int1")
+        return compact::store_scheme::quantized(text[3] - '0', 256);
+    if (text == "alam") return compact::store_scheme::average(128);
+    throw std::invalid_argument(what + "=" + text + ": expected full, int8, int4, int2, int1 or alam");
+}
+
+// What one configuration compresses: each kind of linear group's compressor, and how the program keeps
+// the tensors that are not linear inputs. `stores`: Q, K, V for attention's backward (attn), the SwiGLU
+// pre-activations (mlp), the RMSNorm inputs (norm: the residual stream at each norm) through
+// compact::activation_store, or kept whole (nullopt). `recompute_head`: the tied head's input is
+// recomputed in backward from the final norm's input instead of kept.
+struct compression_plan {
+    compressor_choice qkv, attn_out, gate_up, down;
+    std::optional<compact::store_scheme> attn, mlp, norm;
+    bool recompute_head = false;
+    std::string name = "full";
+
+    const compressor_choice& operator[](int k) const
+    {
+        const compressor_choice* all[4] = {&qkv, &attn_out, &gate_up, &down};
+        return *all[k];
+    }
+    compressor_choice& operator[](int k) { return const_cast<compressor_choice&>(std::as_const(*this)[k]); }
+    bool stores_any() const { return attn || mlp || norm || recompute_head; }
+};
+
+constexpr const char* group_names[4] = {"qkv", "out", "gate_up", "down"};
+
+// A plan from `C` (qkv, gate_up and down use compressor C; the attention output stays uncompressed as in
+// the paper, unless `attn_out`) or from a list of KEY=VALUE items: qkv, out, gate_up, down = a compressor
+// for that group; linear = one for qkv, gate_up and down; attn, mlp, norm = a store scheme for those
+// tensors; head = recompute or keep. Groups and tensors not named stay uncompressed. Example:
+// linear=n/4,attn=int8,mlp=int4,norm=int8,head=recompute.
+compression_plan parse_plan(const std::string& text, bool attn_out)
+{
+    compression_plan plan;
+    plan.name = text;
+    if (text.find('=') == std::string::npos) {
+        const compressor_choice c = parse_choice(text);
+        plan.qkv = plan.gate_up = plan.down = c;
+        if (attn_out) plan.attn_out = c;
+        return plan;
+    }
+    std::stringstream list(text);
+    std::string item;
+    while (std::getline(list, item, ',')) {
+        const auto eq = item.find('=');
+        if (eq == std::string::npos) throw std::invalid_argument("'" + item + "' in '" + text + "' is not KEY=VALUE");
+        const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+        int k = 0;
+        while (k < 4 && key != group_names[k]) ++k;
+        if (k < 4) {
+            plan[k] = parse_choice(value);
+        } else if (key == "linear") {
+            plan.qkv = plan.gate_up = plan.down = parse_choice(value);
+            if (attn_out) plan.attn_out = plan.qkv;
+        } else if (key == "attn") {
+            plan.attn = parse_scheme(value, key);
+        } else if (key == "mlp") {
+            plan.mlp = parse_scheme(value, key);
+        } else if (key == "norm") {
+            plan.norm = parse_scheme(value, key);
+        } else if (key == "head") {
+            if (value != "recompute" && value != "keep")
+                throw std::invalid_argument("head=" + value + ": expected recompute or keep");
+            plan.recompute_head = value == "recompute";
+        } else {
+            throw std::invalid_argument("unknown key '" + key + "' in '" + text +
+                                        "' (qkv, out, gate_up, down, linear, attn, mlp, norm, head)");
+        }
+    }
+    return plan;
+}
+
+// One linear group of any of the compressors above: each alternative is a linear_group of one compressor
+// type; the model calls through the same interface whichever it holds.
+template <class T>
+class any_linear_group {
+public:
+    any_linear_group(index_t in, const std::vector<index_t>& outs, std::uint64_t seed, std::uint64_t id,
+                     const compressor_choice& c, compact::moment_policy moments, compact::resampling resample)
+        : group_(make(in, outs, seed, id, c, moments, resample)), choice_(c)
+    {
+    }
+
+    const compressor_choice& choice() const { return choice_; }
+    index_t in() const { return visit([](const auto& g) { return g.in(); }); }
+    index_t rank() const { return visit([](const auto& g) { return g.rank(); }); }
+    bool compressed() const { return choice_.compressed(); }
+    std::size_t size() const { return visit([](const auto& g) { return g.size(); }); }
+    mat<T> weight(std::size_t k) { return visit([k](auto& g) { return g.weight(k); }); }
+    cmat<T> gradient(std::size_t k) const { return visit([k](const auto& g) { return g.gradient(k); }); }
+    std::size_t saved_bytes(index_t rows) const { return visit([rows](const auto& g) { return g.saved_bytes(rows); }); }
+    std::size_t compressor_state_bytes(index_t rows) const
+    {
+        return visit([rows](const auto& g) { return g.compressor_state_bytes(rows); });
+    }
+    std::size_t workspace_bytes(index_t rows) const
+    {
+        return visit([rows](const auto& g) { return g.workspace_bytes(rows); });
+    }
+    std::size_t state_bytes() const { return visit([](const auto& g) { return g.state_bytes(); }); }
+    index_t parameter_count() const { return visit([](const auto& g) { return g.parameter_count(); }); }
+
+    void bind(const context& ctx, std::byte* saved, std::size_t bytes, index_t rows)
+    {
+        visit([&](auto& g) { g.bind(ctx, saved, bytes, rows); });
+    }
+    void forward(const context& ctx, cmat<T> x, mat<T> y, bool training, std::uint64_t step, compact::workspace ws)
+    {
+        visit([&](auto& g) { g.forward(ctx, x, y, training, step, ws); });
+    }
+    void backward(const context& ctx, cmat<T> dy, mat<T> dx, compact::workspace ws)
+    {
+        visit([&](auto& g) { g.backward(ctx, dy, dx, ws); });
+    }
+    void step(const context& ctx, const compact::adamw_params& h, compact::workspace ws)
+    {
+        visit([&](auto& g) { g.step(ctx, h, ws); });
+    }
+
+private:
+    using variant = std::variant<linear_group<T, compact::rank::full>, linear_group<T, compact::rank::ratio<1, 2>>,
+                                 linear_group<T, compact::rank::ratio<1, 4>>, linear_group<T, compact::rank::ratio<1, 8>>,
+                                 linear_group<T, compact::quantized>, linear_group<T, compact::velora>,
+                                 linear_group<T, compact::wta_crs>>;
+
+    template <class F>
+    decltype(auto) visit(F&& f) { return std::visit(std::forward<F>(f), group_); }
+    template <class F>
+    decltype(auto) visit(F&& f) const { return std::visit(std::forward<F>(f), group_); }
+
+    static variant make(index_t in, const std::vector<index_t>& outs, std::uint64_t seed, std::uint64_t id,
+                        const compressor_choice& c, compact::moment_policy moments, compact::resampling resample)
+    {
+        using kind = compressor_choice::kind;
+        auto group = [&](auto policy) {
+            return variant(std::in_place_type<linear_group<T, decltype(policy)>>, in, outs, seed, id, policy, moments,
+                           resample);
+        };
+        switch (c.what) {
+        case kind::full: return group(compact::rank::full{});
+        case kind::projection:
+            if (c.denominator == 2) return group(compact::rank::ratio<1, 2>{});
+            if (c.denominator == 4) return group(compact::rank::ratio<1, 4>{});
+            return group(compact::rank::ratio<1, 8>{});
+        case kind::store: return group(compact::quantized{c.scheme});
+        case kind::velora:
+            if (in % c.subtoken != 0)
+                throw std::invalid_argument("velora/" + std::to_string(c.subtoken) + ": the sub-token length must divide "
+                                            "the group's input width n=" + std::to_string(in));
+            return group(compact::velora{in / c.subtoken});
+        case kind::wta_crs: return group(compact::wta_crs{c.ratio});
+        }
+        throw std::logic_error("compressor_choice: unknown kind");
+    }
+
+    variant group_;
+    compressor_choice choice_;
 };
 
 // -------------------------------------------------------------------------------------------- model
@@ -580,14 +887,17 @@ struct model_config {
 
 // What the activation plan and the optimizer keep, in bytes, for one training step of N = B T rows.
 struct memory_report {
-    std::size_t saved_program = 0;        // kept for backward by this program's own code
+    std::size_t saved_program = 0;        // kept for backward by this program's own code, whole
+    std::size_t saved_stores = 0;         // kept for backward by this program's own code, through stores
+    std::size_t saved_stores_x = 0;       // what those tensors would take whole
     std::size_t saved_compressed = 0;     // Z of the compressed groups (saved_bytes queries)
     std::size_t saved_compressed_x = 0;   // what those groups would keep uncompressed: N n per group
     std::size_t saved_uncompressed = 0;   // Z = X of the groups with P = I (saved_bytes queries)
     std::size_t scratch = 0;              // reused within a step, not kept between forward and backward
     std::size_t parameters = 0;           // weights
     std::size_t optimizer = 0;            // AdamW moments, full-shape and subspace
-    std::size_t saved() const { return saved_program + saved_compressed + saved_uncompressed; }
+    std::size_t compressor_state = 0;     // kept by compressors between steps (VeLoRA's v, WTA-CRS's norms)
+    std::size_t saved() const { return saved_program + saved_stores + saved_compressed + saved_uncompressed; }
 };
 
 // A scalar parameter tensor seen as flat values with its gradient (the gradient check walks these).
@@ -599,22 +909,23 @@ struct parameter_ref {
     index_t count;
 };
 
-template <class T, class Policy, class OutPolicy>
+template <class T>
 class transformer {
 public:
     struct block {
         dense_parameter<T> norm1, norm2;      // (1, C) RMSNorm gains
-        linear_group<T, Policy> qkv;          // W_q, W_k, W_v (C, C): one input, one Z
-        linear_group<T, OutPolicy> attn_out;  // W_o (C, C)
-        linear_group<T, Policy> gate_up;      // W_gate, W_up (F, C): one input, one Z
-        linear_group<T, Policy> down;         // W_down (C, F)
+        any_linear_group<T> qkv;              // W_q, W_k, W_v (C, C): one input, one saved activation
+        any_linear_group<T> attn_out;         // W_o (C, C)
+        any_linear_group<T> gate_up;          // W_gate, W_up (F, C): one input, one saved activation
+        any_linear_group<T> down;             // W_down (C, F)
     };
 
-    /// `resample`: the linear groups draw a new P every resample.gap updates (0: one P for the run).
-    transformer(const model_config& cfg, std::uint64_t seed, compact::moment_policy moments,
-                compact::resampling resample, int threads)
-        : cfg_(cfg), token_embedding_(cfg.vocab, cfg.channels), position_embedding_(cfg.context, cfg.channels),
-          final_norm_(1, cfg.channels)
+    /// `plan`: each kind of group's compressor. `resample`: projections are redrawn every resample.gap
+    /// updates (0: one P for the run).
+    transformer(const model_config& cfg, const compression_plan& plan, std::uint64_t seed,
+                compact::moment_policy moments, compact::resampling resample, int threads)
+        : cfg_(cfg), plan_(plan), token_embedding_(cfg.vocab, cfg.channels),
+          position_embedding_(cfg.context, cfg.channels), final_norm_(1, cfg.channels)
     {
         const index_t c = cfg.channels, f = cfg.hidden;
         if (cfg.vocab < 2 || c < 1 || cfg.layers < 1 || cfg.heads < 1 || c % cfg.heads != 0 || f < 1 ||
@@ -625,14 +936,15 @@ public:
             // Projection ids: one per group, unique in the run (SPEC section 1).
             const auto id = static_cast<std::uint64_t>(4 * l);
             blocks_.push_back(block{dense_parameter<T>(1, c), dense_parameter<T>(1, c),
-                                    linear_group<T, Policy>(c, {c, c, c}, seed, id + 1, moments, resample),
-                                    linear_group<T, OutPolicy>(c, {c}, seed, id + 2, moments, resample),
-                                    linear_group<T, Policy>(c, {f, f}, seed, id + 3, moments, resample),
-                                    linear_group<T, Policy>(f, {c}, seed, id + 4, moments, resample)});
+                                    any_linear_group<T>(c, {c, c, c}, seed, id + 1, plan.qkv, moments, resample),
+                                    any_linear_group<T>(c, {c}, seed, id + 2, plan.attn_out, moments, resample),
+                                    any_linear_group<T>(c, {f, f}, seed, id + 3, plan.gate_up, moments, resample),
+                                    any_linear_group<T>(f, {c}, seed, id + 4, plan.down, moments, resample)});
         }
+        seed_ = seed;
         initialise(seed);
         threads_ = cpu::thread_count(context{threads});
-        plan_activations();
+        plan_activations(context{threads});
         std::size_t ws = 0;
         const index_t n = cfg.rows();
         for (auto& b : blocks_)
@@ -668,24 +980,33 @@ public:
                                         std::to_string(cfg_.batch) + ", T=" + std::to_string(cfg_.context));
         batch_ = batch, length_ = length;
         const auto rows = [n](mat<T> m) { return m.row_block(0, n); };
-        const auto z = [&](saved_z& saved) { return training ? &saved : nullptr; };
         activations& a = acts_;
 
+        // In training, a tensor kept through a store is encoded as soon as it is complete: its memory is
+        // scratch that the next block overwrites (the residual stream's two buffers, Q K V, gate/up).
+        const auto keep = [&](stored_tensor& t, mat<T> x) {
+            if (training && t.store) t.store->compress(ctx, x, step, t.saved);
+        };
         embed(tokens, rows(a.residual[0]));
         for (std::size_t l = 0; l < blocks_.size(); ++l) {
             block& b = blocks_[l];
+            keep(a.stored_residual[l], rows(a.residual[l]));
             rmsnorm_forward<T>(ctx, rows(a.residual[l]), b.norm1.value.data(), rows(a.normed), a.rstd1[l].data);
-            b.qkv.forward(ctx, rows(a.normed), rows(a.qkv[l]), z(a.z_qkv[l]), step, ws());
+            b.qkv.forward(ctx, rows(a.normed), rows(a.qkv[l]), training, step, ws());
             attention_forward<T>(ctx, rows(a.qkv[l]), batch, length, cfg_.heads, rows(a.attn), rows(a.lse[l]),
                                  a.scores);
-            b.attn_out.forward(ctx, rows(a.attn), rows(a.proj), z(a.z_out[l]), step, ws());
+            keep(a.stored_qkv[l], rows(a.qkv[l]));
+            b.attn_out.forward(ctx, rows(a.attn), rows(a.proj), training, step, ws());
             add<T>(ctx, rows(a.residual[l]), rows(a.proj), rows(a.mid[l]));
+            keep(a.stored_mid[l], rows(a.mid[l]));
             rmsnorm_forward<T>(ctx, rows(a.mid[l]), b.norm2.value.data(), rows(a.normed), a.rstd2[l].data);
-            b.gate_up.forward(ctx, rows(a.normed), rows(a.gate_up[l]), z(a.z_gate_up[l]), step, ws());
+            b.gate_up.forward(ctx, rows(a.normed), rows(a.gate_up[l]), training, step, ws());
             swiglu_forward<T>(ctx, rows(a.gate_up[l]), rows(a.act));
-            b.down.forward(ctx, rows(a.act), rows(a.proj), z(a.z_down[l]), step, ws());
+            keep(a.stored_gate_up[l], rows(a.gate_up[l]));
+            b.down.forward(ctx, rows(a.act), rows(a.proj), training, step, ws());
             add<T>(ctx, rows(a.mid[l]), rows(a.proj), rows(a.residual[l + 1]));
         }
+        keep(a.stored_residual.back(), rows(a.residual.back()));
         rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), rows(a.final_normed),
                            a.final_rstd.data);
         cpu::gemm<T>(ctx, op::none, op::transpose, 1.0, rows(a.final_normed), token_embedding_.w(), 0.0,
@@ -703,7 +1024,15 @@ public:
         const index_t n = batch_ * length_;
         const auto rows = [n](mat<T> m) { return m.row_block(0, n); };
         activations& a = acts_;
+        // A tensor kept through a store is decoded into its scratch just before backward reads it.
+        const auto bring_back = [&](const stored_tensor& t, mat<T> x) {
+            if (t.store) t.store->restore(ctx, t.saved, x);
+        };
 
+        bring_back(a.stored_residual.back(), rows(a.residual.back()));
+        if (plan_.recompute_head) // Hf = RMSNorm(X_L) gf, as forward computed it
+            rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), rows(a.final_normed),
+                               a.final_rstd.data);
         // Head (tied): dHf = dlogits E (N, C); dE = dlogits^T Hf (V, C), overwritten here, and the
         // embedding's own gradient is added at the end.
         cpu::gemm<T>(ctx, op::none, op::none, 1.0, rows(a.logits), token_embedding_.w(), 0.0, rows(a.d_normed));
@@ -714,16 +1043,20 @@ public:
         for (std::size_t l = blocks_.size(); l-- > 0;) {
             block& b = blocks_[l];
             // d_stream holds dL/d(residual[l + 1]).
-            b.down.backward(ctx, rows(a.d_stream), a.z_down[l], rows(a.d_act), ws());
+            b.down.backward(ctx, rows(a.d_stream), rows(a.d_act), ws());
+            bring_back(a.stored_gate_up[l], rows(a.gate_up[l]));
             swiglu_backward<T>(ctx, rows(a.gate_up[l]), rows(a.d_act), rows(a.d_gate_up));
-            b.gate_up.backward(ctx, rows(a.d_gate_up), a.z_gate_up[l], rows(a.d_normed), ws());
+            b.gate_up.backward(ctx, rows(a.d_gate_up), rows(a.d_normed), ws());
+            bring_back(a.stored_mid[l], rows(a.mid[l]));
             rmsnorm_backward<T>(ctx, rows(a.mid[l]), a.rstd2[l].data, b.norm2.value.data(), rows(a.d_normed),
                                 rows(a.d_stream), true, b.norm2.grad.data());
             // d_stream now holds dL/d(mid[l]).
-            b.attn_out.backward(ctx, rows(a.d_stream), a.z_out[l], rows(a.d_attn), ws());
+            b.attn_out.backward(ctx, rows(a.d_stream), rows(a.d_attn), ws());
+            bring_back(a.stored_qkv[l], rows(a.qkv[l]));
             attention_backward<T>(ctx, rows(a.qkv[l]), rows(a.lse[l]), rows(a.d_attn), batch_, length_, cfg_.heads,
                                   rows(a.d_qkv), a.scores, a.d_scores);
-            b.qkv.backward(ctx, rows(a.d_qkv), a.z_qkv[l], rows(a.d_normed), ws());
+            b.qkv.backward(ctx, rows(a.d_qkv), rows(a.d_normed), ws());
+            bring_back(a.stored_residual[l], rows(a.residual[l]));
             rmsnorm_backward<T>(ctx, rows(a.residual[l]), a.rstd1[l].data, b.norm1.value.data(), rows(a.d_normed),
                                 rows(a.d_stream), true, b.norm1.grad.data());
         }
@@ -760,7 +1093,7 @@ public:
             out.push_back({std::move(name), p.value.data(), p.grad.data(), p.rows * p.cols});
         };
         auto linear = [&](const std::string& name, auto& group) {
-            if (group.rank() != group.in()) throw std::logic_error("parameters(): " + name + " is compressed");
+            if (group.compressed()) throw std::logic_error("parameters(): " + name + " is compressed");
             for (std::size_t k = 0; k < group.size(); ++k)
                 out.push_back({name + "." + std::to_string(k), group.weight(k).data, group.gradient(k).data,
                                group.weight(k).size()});
@@ -781,12 +1114,16 @@ public:
     }
 
 private:
-    // What a linear group keeps for backward: Z's bytes and the record of what forward wrote there (the
-    // same type for every rank policy).
-    using saved_z = typename linear_group<T, Policy>::saved_type;
-    static_assert(std::is_same_v<saved_z, typename linear_group<T, OutPolicy>::saved_type>);
+    // A tensor the program keeps for backward through an activation store (when `store` is set): forward
+    // encodes it into `saved`, backward decodes it into the tensor's scratch.
+    struct stored_tensor {
+        std::optional<compact::activation_store<T, cpu>> store;
+        compact::saved_tensor saved;
+    };
 
     // Everything the forward pass keeps for backward, and the scratch reused within a step; N = B T.
+    // With the plan's stores, residual, mid, qkv and gate_up hold one scratch buffer each, aliased by every
+    // layer, and the stored_* records keep their encodings; head=recompute makes final_normed scratch.
     struct activations {
         // Kept for backward by this program (vectors hold one per layer l < L unless noted).
         std::vector<mat<T>> residual;   // L + 1 of (N, C): the stream entering block l; [L] the final norm's input
@@ -799,11 +1136,9 @@ private:
         mat<T> final_rstd;              // (N, 1)
         mat<T> final_normed;            // (N, C): the tied head's input
         mat<T> logits;                  // (N, V): logits, then their gradient after the loss
-        // Kept for backward by the library: each linear group's Z = X P (r = n and Z = X with P = I).
-        std::vector<saved_z> z_qkv;     // (N, r_qkv)
-        std::vector<saved_z> z_out;     // (N, r_out)
-        std::vector<saved_z> z_gate_up; // (N, r_gate_up)
-        std::vector<saved_z> z_down;    // (N, r_down)
+        std::vector<stored_tensor> stored_residual, stored_mid, stored_qkv, stored_gate_up; // as above, L + 1 or L
+        // Kept for backward by the library: each linear group's saved activation (Z = X P (N, r) for the
+        // projection, Z = X with P = I; codes and metadata for a store; ...), bound to its group.
         // Scratch, reused by every block.
         mat<T> normed;                  // (N, C): a norm's output, the input of qkv or gate-up
         mat<T> attn;                    // (N, C): attention output, the input of attn-out
@@ -817,60 +1152,85 @@ private:
         mat<T> d_act;                   // (N, F)
         mat<T> scores;                  // (threads T, T): a (T, T) score block per thread
         mat<T> d_scores;                // (threads T, T)
-        buffer<T> memory;               // all of the above
+        buffer<T> kept = make_buffer<T>(memory_category::saved);       // all that is kept for backward
+        buffer<T> scratch = make_buffer<T>(memory_category::scratch);  // all the scratch
     };
 
     // The activation plan: one allocation, carved in two passes (count, then assign), with the bytes of
     // every kept tensor counted on the way. The Z sizes are the library's saved_bytes answers.
-    void plan_activations()
+    void plan_activations(const context& ctx)
     {
         const index_t n = cfg_.rows(), c = cfg_.channels, f = cfg_.hidden, layers = cfg_.layers;
         activations& a = acts_;
         for (int pass = 0; pass < 2; ++pass) {
-            T* base = pass == 0 ? nullptr : a.memory.data();
-            std::size_t used = 0;
+            // Two allocations: what is kept from forward to backward, and the scratch.
+            T* kept_base = pass == 0 ? nullptr : a.kept.data();
+            T* scratch_base = pass == 0 ? nullptr : a.scratch.data();
+            std::size_t kept_used = 0, scratch_used = 0;
             memory_ = memory_report{};
             auto take = [&](index_t rows, index_t cols, std::size_t& account) {
+                const bool is_scratch = &account == &memory_.scratch;
+                T* base = is_scratch ? scratch_base : kept_base;
+                std::size_t& used = is_scratch ? scratch_used : kept_used;
                 const auto count = static_cast<std::size_t>(rows * cols);
                 const mat<T> v(base ? base + used : nullptr, rows, cols);
                 used += (count + 15) / 16 * 16; // keeps every tensor 64-byte aligned in float
                 account += count * sizeof(T);
                 return v;
             };
-            auto take_z = [&](const auto& group) {
+            // A group's saved activation: saved_bytes(N) bytes, rounded up to whole T for the carving.
+            auto take_saved = [&](auto& group) {
                 const std::size_t bytes = group.saved_bytes(n);
-                if (bytes != static_cast<std::size_t>(n * group.rank()) * sizeof(T))
-                    throw std::logic_error("saved_bytes(N) disagrees with N r sizeof(T)");
                 std::size_t counted = 0;
-                const mat<T> v = take(n, group.rank(), counted);
+                const mat<T> v = take(static_cast<index_t>((bytes + sizeof(T) - 1) / sizeof(T)), 1, counted);
                 if (group.compressed()) {
                     memory_.saved_compressed += bytes;
                     memory_.saved_compressed_x += static_cast<std::size_t>(n * group.in()) * sizeof(T);
                 } else {
                     memory_.saved_uncompressed += bytes;
                 }
-                return compact::bind_saved<saved_z>(v.data, bytes);
+                memory_.compressor_state += group.compressor_state_bytes(n);
+                if (pass == 1) group.bind(ctx, reinterpret_cast<std::byte*>(v.data), bytes, n);
             };
             std::size_t& kept = memory_.saved_program;
             std::size_t& scratch = memory_.scratch;
-            a.residual.clear(), a.rstd1.clear(), a.qkv.clear(), a.lse.clear(), a.mid.clear(), a.rstd2.clear();
-            a.gate_up.clear(), a.z_qkv.clear(), a.z_out.clear(), a.z_gate_up.clear(), a.z_down.clear();
-            for (index_t l = 0; l <= layers; ++l) a.residual.push_back(take(n, c, kept));
+            // `count` tensors of (N, cols), kept whole, or through stores of `scheme` over one shared
+            // scratch buffer; each store's noise has its own tensor id.
+            std::uint64_t tensor_id = 1000;
+            auto take_kept = [&](std::vector<mat<T>>& views, std::vector<stored_tensor>& records, index_t count,
+                                 index_t cols, const std::optional<compact::store_scheme>& scheme) {
+                views.clear(), records.clear();
+                if (!scheme) {
+                    for (index_t l = 0; l < count; ++l) views.push_back(take(n, cols, kept)), records.emplace_back();
+                    return;
+                }
+                const mat<T> shared = take(n, cols, scratch);
+                for (index_t l = 0; l < count; ++l) {
+                    stored_tensor t;
+                    t.store.emplace(*scheme, seed_, tensor_id++);
+                    const std::size_t bytes = t.store->saved_bytes(n, cols);
+                    std::size_t counted = 0;
+                    const mat<T> v = take(static_cast<index_t>((bytes + sizeof(T) - 1) / sizeof(T)), 1, counted);
+                    t.saved = compact::saved_tensor(reinterpret_cast<std::byte*>(v.data), bytes);
+                    memory_.saved_stores += bytes;
+                    memory_.saved_stores_x += static_cast<std::size_t>(n * cols) * sizeof(T);
+                    views.push_back(shared), records.push_back(t);
+                }
+            };
+            take_kept(a.residual, a.stored_residual, layers + 1, c, plan_.norm);
+            take_kept(a.mid, a.stored_mid, layers, c, plan_.norm);
+            take_kept(a.qkv, a.stored_qkv, layers, 3 * c, plan_.attn);
+            take_kept(a.gate_up, a.stored_gate_up, layers, 2 * f, plan_.mlp);
+            a.rstd1.clear(), a.lse.clear(), a.rstd2.clear();
             for (index_t l = 0; l < layers; ++l) {
-                const block& b = blocks_[static_cast<std::size_t>(l)];
                 a.rstd1.push_back(take(n, 1, kept));
-                a.qkv.push_back(take(n, 3 * c, kept));
                 a.lse.push_back(take(n, cfg_.heads, kept));
-                a.mid.push_back(take(n, c, kept));
                 a.rstd2.push_back(take(n, 1, kept));
-                a.gate_up.push_back(take(n, 2 * f, kept));
-                a.z_qkv.push_back(take_z(b.qkv));
-                a.z_out.push_back(take_z(b.attn_out));
-                a.z_gate_up.push_back(take_z(b.gate_up));
-                a.z_down.push_back(take_z(b.down));
+                block& b = blocks_[static_cast<std::size_t>(l)];
+                take_saved(b.qkv), take_saved(b.attn_out), take_saved(b.gate_up), take_saved(b.down);
             }
             a.final_rstd = take(n, 1, kept);
-            a.final_normed = take(n, c, kept);
+            a.final_normed = take(n, c, plan_.recompute_head ? scratch : kept);
             a.logits = take(n, cfg_.vocab, kept);
             kept += static_cast<std::size_t>(n) * sizeof(int); // the token ids, for the embedding's backward
             a.normed = take(n, c, scratch);
@@ -885,7 +1245,7 @@ private:
             a.d_act = take(n, f, scratch);
             a.scores = take(threads_ * cfg_.context, cfg_.context, scratch);
             a.d_scores = take(threads_ * cfg_.context, cfg_.context, scratch);
-            if (pass == 0) a.memory.assign(used, T(0));
+            if (pass == 0) a.kept.assign(kept_used, T(0)), a.scratch.assign(scratch_used, T(0));
         }
         row_loss_.assign(static_cast<std::size_t>(n), 0.0);
         memory_.scratch += row_loss_.size() * sizeof(double);
@@ -955,13 +1315,15 @@ private:
     compact::workspace ws() { return {workspace_.data(), workspace_.size()}; }
 
     model_config cfg_;
+    compression_plan plan_;
+    std::uint64_t seed_ = 0;                // keys the stores' rounding noise
     dense_parameter<T> token_embedding_;    // E (V, C), also the output head
     dense_parameter<T> position_embedding_; // Pos (T, C)
     dense_parameter<T> final_norm_;         // (1, C)
     std::vector<block> blocks_;
     activations acts_;
-    std::vector<double> row_loss_;          // (N): per-row losses, summed in order
-    buffer<std::byte> workspace_;           // for P while it is regenerated (forward and optimizer)
+    buffer<double> row_loss_ = make_buffer<double>(memory_category::scratch); // (N): per-row losses, summed in order
+    buffer<std::byte> workspace_ = make_buffer<std::byte>(memory_category::scratch); // the library's workspace
     memory_report memory_;
     index_t threads_ = 1;
     index_t batch_ = 0, length_ = 0;        // of the last forward
@@ -985,6 +1347,8 @@ struct train_settings {
     int sample_chars = 400;
     double temperature = 0.8;
     std::string curves;
+    bool memory_only = false; // build each configuration and report its memory, without training
+    index_t final_windows = 0; // windows of the final evaluation (0: the whole validation split)
 };
 
 // Learning-rate multiplier: linear warm-up, then cosine decay to 0.1.
@@ -997,14 +1361,19 @@ double lr_factor(int step, const train_settings& s)
 
 // Summary of one configuration's run, passed from the child process to the parent as plain bytes.
 struct run_summary {
-    char name[32];
+    char name[80];
     std::int64_t in[4], rank[4];    // qkv, attn-out, gate-up, down
+    char compressor[4][24];         // their compressors' names
+    char stores[96];                // how the program keeps its own tensors
     std::int64_t parameters;
     double initial_val_loss, train_loss, val_loss, last_batch_loss;
     double train_seconds, tokens_per_second;
-    std::uint64_t saved_program, saved_compressed, saved_compressed_x, saved_uncompressed, scratch;
-    std::uint64_t parameter_bytes, optimizer_bytes;
+    std::uint64_t saved_program, saved_stores, saved_stores_x, saved_compressed, saved_compressed_x, saved_uncompressed;
+    std::uint64_t scratch;
+    std::uint64_t parameter_bytes, optimizer_bytes, compressor_state_bytes;
     long peak_rss_kib;
+    std::uint64_t tracked_peak;                                   // compact::memory_tracker: the total's peak
+    std::uint64_t tracked_at_peak[compact::memory_category_count]; // and its make-up
     char sample[1536];
 };
 
@@ -1092,23 +1461,96 @@ std::string sample_text(Model& model, const context& ctx, const corpus& c, const
     return out;
 }
 
-// Trains one configuration and returns its summary; prints progress as it goes.
-template <class Policy, class OutPolicy>
-run_summary train(const char* name, const char* tag, const model_config& cfg, const train_settings& s,
-                  const corpus& text)
+// How a plan keeps the program's own tensors: "whole", or e.g. "attn int8, mlp int4, norm int8, head recomputed".
+std::string stores_string(const compression_plan& plan)
 {
-    using model_type = transformer<float, Policy, OutPolicy>;
+    std::string s;
+    auto add = [&](const char* what, const std::optional<compact::store_scheme>& scheme) {
+        if (scheme) s += (s.empty() ? "" : ", ") + std::string(what) + " " + compact::to_string(*scheme);
+    };
+    add("attn", plan.attn), add("mlp", plan.mlp), add("norm", plan.norm);
+    if (plan.recompute_head) s += (s.empty() ? "" : ", ") + std::string("head recomputed");
+    return s.empty() ? "whole" : s;
+}
+
+// A progress bar on stderr while a run trains, when stderr is a terminal: the steps done, the mean batch
+// loss since the last evaluation, and the time left.
+class progress {
+public:
+    progress(const char* name, int steps) : name_(name), steps_(steps), tty_(isatty(STDERR_FILENO) == 1) {}
+
+    void step(int done, double loss, double seconds)
+    {
+        if (!tty_) return;
+        const int width = 30, filled = done * width / steps_;
+        if (filled == last_filled_ && done % 10 != 0 && done != steps_) return;
+        last_filled_ = filled;
+        const double left = seconds * static_cast<double>(steps_ - done) / static_cast<double>(done);
+        std::fprintf(stderr, "\r  %.24s [%s%s] %3d%%  step %d/%d  loss %.4f  %.0f s left ", name_,
+                     std::string(static_cast<std::size_t>(filled), '#').c_str(),
+                     std::string(static_cast<std::size_t>(width - filled), '.').c_str(), 100 * done / steps_, done,
+                     steps_, loss, left);
+        std::fflush(stderr);
+    }
+    /// Erases the bar before a line of output.
+    void clear()
+    {
+        if (tty_) std::fprintf(stderr, "\r\033[K"), std::fflush(stderr);
+        last_filled_ = -1;
+    }
+
+private:
+    const char* name_;
+    int steps_;
+    bool tty_;
+    int last_filled_ = -1;
+};
+
+// A plan's name as a file name part: n/4 -> n4, qkv=n/4,down=int4 -> qkv-n4_down-int4.
+std::string file_tag(const std::string& name)
+{
+    std::string tag;
+    for (char ch : name) {
+        if (ch == '/') continue;
+        tag += ch == '=' ? '-' : ch == ',' ? '_' : ch;
+    }
+    return tag;
+}
+
+// Trains one configuration and returns its summary; prints progress as it goes.
+run_summary train(const compression_plan& plan, const model_config& cfg, const train_settings& s, const corpus& text)
+{
     const context ctx{s.threads};
-    model_type model(cfg, s.seed, s.moments, compact::resampling{s.gap}, s.threads);
+    transformer<float> model(cfg, plan, s.seed, s.moments, compact::resampling{s.gap}, s.threads);
+    const char* name = plan.name.c_str();
 
     run_summary out{};
     std::snprintf(out.name, sizeof out.name, "%s", name);
     const auto& b0 = model.layer(0);
-    const std::int64_t ins[4] = {b0.qkv.in(), b0.attn_out.in(), b0.gate_up.in(), b0.down.in()};
-    const std::int64_t ranks[4] = {b0.qkv.rank(), b0.attn_out.rank(), b0.gate_up.rank(), b0.down.rank()};
-    std::copy(ins, ins + 4, out.in);
-    std::copy(ranks, ranks + 4, out.rank);
+    const any_linear_group<float>* groups[4] = {&b0.qkv, &b0.attn_out, &b0.gate_up, &b0.down};
+    for (int k = 0; k < 4; ++k) {
+        out.in[k] = groups[k]->in();
+        out.rank[k] = groups[k]->rank();
+        std::snprintf(out.compressor[k], sizeof out.compressor[k], "%s", groups[k]->choice().name.c_str());
+    }
+    std::snprintf(out.stores, sizeof out.stores, "%s", stores_string(plan).c_str());
     out.parameters = model.parameter_count();
+    const auto record_memory = [&] {
+        const memory_report& m = model.memory();
+        out.saved_program = m.saved_program, out.saved_compressed = m.saved_compressed;
+        out.saved_stores = m.saved_stores, out.saved_stores_x = m.saved_stores_x;
+        out.saved_compressed_x = m.saved_compressed_x, out.saved_uncompressed = m.saved_uncompressed;
+        out.scratch = m.scratch, out.parameter_bytes = m.parameters, out.optimizer_bytes = m.optimizer;
+        out.compressor_state_bytes = m.compressor_state;
+        out.peak_rss_kib = peak_rss_kib();
+        out.tracked_peak = tracker().peak_total();
+        const auto at_peak = tracker().at_peak();
+        std::copy(at_peak.begin(), at_peak.end(), out.tracked_at_peak);
+    };
+    if (s.memory_only) { // the plan allocates everything up front: the model's memory is known now
+        record_memory();
+        return out;
+    }
 
     const index_t b = cfg.batch, t = cfg.context;
     std::vector<int> tokens(static_cast<std::size_t>(b * t)), targets(static_cast<std::size_t>(b * t));
@@ -1116,13 +1558,14 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
     const auto val_periodic =
         spread_windows(text.train_end, text.ids.size(), t, static_cast<std::size_t>(s.eval_windows));
     // Final evaluation: as many windows as fit the validation split without overlap, and as many from train.
-    const std::size_t final_count = std::max<std::size_t>(1, n_val / static_cast<std::size_t>(t + 1));
+    std::size_t final_count = std::max<std::size_t>(1, n_val / static_cast<std::size_t>(t + 1));
+    if (s.final_windows > 0) final_count = std::min(final_count, static_cast<std::size_t>(s.final_windows));
     const auto val_final = spread_windows(text.train_end, text.ids.size(), t, final_count);
     const auto train_final = spread_windows(0, text.train_end, t, final_count);
 
     std::FILE* curve = nullptr;
     if (!s.curves.empty()) {
-        const std::string path = s.curves + "." + tag + ".csv";
+        const std::string path = s.curves + "." + file_tag(plan.name) + ".csv";
         curve = std::fopen(path.c_str(), "w");
         if (!curve) throw std::runtime_error("--curves: cannot write '" + path + "'");
         std::fprintf(curve, "step,train_loss,val_loss\n");
@@ -1132,6 +1575,7 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
     std::printf("  %-10s step %5d  val %.4f\n", name, 0, out.initial_val_loss);
     std::fflush(stdout);
 
+    progress bar(name, s.steps);
     std::mt19937_64 order(s.seed); // the same batches for every configuration
     std::vector<std::size_t> starts(static_cast<std::size_t>(b));
     const std::size_t positions = text.train_end - static_cast<std::size_t>(t) - 1;
@@ -1158,7 +1602,9 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
             throw std::runtime_error(std::string(name) + ": the loss is not finite at step " + std::to_string(step));
         since_eval += loss;
         ++count;
+        bar.step(step + 1, since_eval / count, seconds);
         if ((step + 1) % s.eval_every == 0 || step + 1 == s.steps) {
+            bar.clear();
             const double val = evaluate(model, ctx, text, val_periodic, tokens, targets);
             out.last_batch_loss = since_eval / count;
             std::printf("  %-10s step %5d  train %.4f  val %.4f (ppl %.2f)  %.0f tokens/s\n", name, step + 1,
@@ -1174,13 +1620,9 @@ run_summary train(const char* name, const char* tag, const model_config& cfg, co
     out.tokens_per_second = static_cast<double>(b * t) * s.steps / seconds;
     out.val_loss = evaluate(model, ctx, text, val_final, tokens, targets);
     out.train_loss = evaluate(model, ctx, text, train_final, tokens, targets);
-    const memory_report& m = model.memory();
-    out.saved_program = m.saved_program, out.saved_compressed = m.saved_compressed;
-    out.saved_compressed_x = m.saved_compressed_x, out.saved_uncompressed = m.saved_uncompressed;
-    out.scratch = m.scratch, out.parameter_bytes = m.parameters, out.optimizer_bytes = m.optimizer;
     const std::string sample = printable(sample_text(model, ctx, text, "%\n", s.sample_chars, s.temperature, s.seed));
     std::snprintf(out.sample, sizeof out.sample, "%s", sample.c_str());
-    out.peak_rss_kib = peak_rss_kib();
+    record_memory();
     return out;
 }
 
@@ -1240,10 +1682,9 @@ run_summary run_isolated(const std::function<run_summary()>& body)
 // above 1e-4.
 bool gradient_check(const corpus& text, model_config cfg)
 {
-    using model_type = transformer<double, compact::rank::full, compact::rank::full>;
     cfg.vocab = text.vocab();
     const context ctx{1};
-    model_type model(cfg, 7, compact::moment_policy::keep, compact::resampling{}, 1);
+    transformer<double> model(cfg, compression_plan{}, 7, compact::moment_policy::keep, compact::resampling{}, 1);
     const index_t b = cfg.batch, t = cfg.context;
     std::vector<int> tokens(static_cast<std::size_t>(b * t)), targets(static_cast<std::size_t>(b * t));
     const auto starts = spread_windows(0, text.ids.size(), t, static_cast<std::size_t>(b));
@@ -1292,16 +1733,34 @@ std::string mib(std::uint64_t bytes)
     return text;
 }
 
-std::string ranks_string(const run_summary& r)
+// Each group's compressor, with r/n for a projection: "n/4 (32/128), full, int4, velora/4".
+std::string compressors_string(const run_summary& r)
 {
     std::string s;
-    for (int k = 0; k < 4; ++k)
-        s += (k ? ", " : "") + std::to_string(r.rank[k]) + (r.rank[k] == r.in[k] ? "" : "/" + std::to_string(r.in[k]));
+    for (int k = 0; k < 4; ++k) {
+        s += (k ? ", " : "") + std::string(r.compressor[k]);
+        if (r.rank[k] != r.in[k]) s += " (" + std::to_string(r.rank[k]) + "/" + std::to_string(r.in[k]) + ")";
+    }
     return s;
 }
 
+std::uint64_t saved_total(const run_summary& r)
+{
+    return r.saved_program + r.saved_stores + r.saved_compressed + r.saved_uncompressed;
+}
+
+// "mib (whole: ratio)" for a part kept compressed, "-" when there is none.
+std::string compressed_part(std::uint64_t bytes, std::uint64_t whole)
+{
+    if (bytes == 0) return "-";
+    char ratio[64];
+    std::snprintf(ratio, sizeof ratio, " (%s: %.1fx)", mib(whole).c_str(),
+                  static_cast<double>(whole) / static_cast<double>(bytes));
+    return mib(bytes) + ratio;
+}
+
 void write_report(std::FILE* out, const model_config& cfg, const train_settings& s, const corpus& text,
-                  const std::vector<run_summary>& runs, const char* rank_name, bool compress_attn_out)
+                  const std::vector<run_summary>& runs)
 {
     const run_summary& r0 = runs.front();
     std::fprintf(out, "### Model and training\n\n");
@@ -1320,60 +1779,96 @@ void write_report(std::FILE* out, const model_config& cfg, const train_settings&
                  static_cast<long long>(cfg.batch), static_cast<long long>(cfg.rows()), s.steps, s.eval_every,
                  static_cast<long long>(s.eval_windows));
     std::fprintf(out, "- optimizer: AdamW (beta 0.9, 0.999, eps 1e-6), lr %g with %d warm-up steps and cosine decay "
-                      "to lr/10, weight decay %g on linear layers; compressed groups: lr %g, alpha %g, "
+                      "to lr/10, weight decay %g on linear layers; compressed groups: lr %g; projections: alpha %g, "
                       "a new P every %llu steps, moments %s\n",
                  s.lr, s.warmup, s.weight_decay, s.lr_compressed > 0 ? s.lr_compressed : s.lr, s.alpha,
                  static_cast<unsigned long long>(s.gap), compact::to_string(s.moments));
-    std::fprintf(out, "- compressed run: r = %s for q/k/v (one group), gate/up (one group) and down; attention output "
-                      "%s\n\n",
-                 rank_name, compress_attn_out ? "compressed too (--compress-attn-out)" : "not compressed");
+    std::fprintf(out, "- groups: q/k/v (one input group), the attention output, gate/up (one input group), down; "
+                      "compressors: n/R the seeded projection at r = n/R, intB B-bit group quantization (GACT's "
+                      "store, groups of 256), alam ALAM's average quantization, velora/S VeLoRA with sub-tokens of "
+                      "S values, wta/R WTA-CRS keeping R N rows\n\n");
 
     std::fprintf(out, "### Results\n\n");
-    std::fprintf(out, "Losses are mean cross-entropy (nats per character) at the end, on %zu validation windows "
-                      "(the whole validation split, without overlap) and as many training windows; "
-                      "perplexity = exp(loss).\n\n",
-                 std::max<std::size_t>(1, (text.ids.size() - text.train_end) /
-                                              static_cast<std::size_t>(cfg.context + 1)));
-    std::fprintf(out, "| run | ranks: qkv, attn-out, gate-up, down | train loss | train ppl | val loss | val ppl | "
-                      "tokens/s | time |\n|---|---|---|---|---|---|---|---|\n");
-    for (const auto& r : runs)
-        std::fprintf(out, "| %s | %s | %.4f | %.3f | %.4f | %.3f | %.0f | %.0f s |\n", r.name, ranks_string(r).c_str(),
-                     r.train_loss, std::exp(r.train_loss), r.val_loss, std::exp(r.val_loss), r.tokens_per_second,
-                     r.train_seconds);
-    std::fprintf(out, "\nMemory per training step (N = %lld tokens; from the activation plan, the linear groups' Z "
-                      "from saved_bytes):\n\n",
-                 static_cast<long long>(cfg.rows()));
-    std::fprintf(out, "| run | saved for backward, total | compressed groups' Z (uncompressed: n/r) | uncompressed groups' Z "
-                      "(= X) | the program's own | scratch | weights | optimizer state | peak RSS (VmHWM) |\n"
-                      "|---|---|---|---|---|---|---|---|---|\n");
-    for (const auto& r : runs) {
-        std::string compressed = "-";
-        if (r.saved_compressed > 0) {
-            char ratio[64];
-            std::snprintf(ratio, sizeof ratio, " (%s: %.1fx)", mib(r.saved_compressed_x).c_str(),
-                          static_cast<double>(r.saved_compressed_x) / static_cast<double>(r.saved_compressed));
-            compressed = mib(r.saved_compressed) + ratio;
-        }
-        std::fprintf(out, "| %s | %s | %s | %s | %s | %s | %s | %s | %.1f MiB |\n", r.name,
-                     mib(r.saved_program + r.saved_compressed + r.saved_uncompressed).c_str(), compressed.c_str(),
-                     mib(r.saved_uncompressed).c_str(), mib(r.saved_program).c_str(), mib(r.scratch).c_str(),
-                     mib(r.parameter_bytes).c_str(), mib(r.optimizer_bytes).c_str(),
-                     static_cast<double>(r.peak_rss_kib) / 1024.0);
+    if (s.memory_only) {
+        std::fprintf(out, "Memory only (--memory-only): each configuration was built, not trained.\n\n| run | "
+                          "compressors: qkv, attn-out, gate-up, down | other tensors |\n|---|---|---|\n");
+        for (const auto& r : runs) std::fprintf(out, "| %s | %s | %s |\n", r.name, compressors_string(r).c_str(), r.stores);
+    } else {
+        const std::size_t whole = std::max<std::size_t>(1, (text.ids.size() - text.train_end) /
+                                                               static_cast<std::size_t>(cfg.context + 1));
+        const std::size_t windows = s.final_windows > 0 ? std::min(whole, static_cast<std::size_t>(s.final_windows)) : whole;
+        std::fprintf(out, "Losses are mean cross-entropy (nats per character) at the end, on %zu validation windows "
+                          "(%s) and as many training windows; perplexity = exp(loss); the gap is the validation "
+                          "loss relative to the first row's.\n\n",
+                     windows, windows == whole ? "the whole validation split, without overlap" : "spread over the validation split");
+        std::fprintf(out, "| run | compressors: qkv, attn-out, gate-up, down | other tensors | train loss | val loss | "
+                          "val ppl | gap | tokens/s | time |\n|---|---|---|---|---|---|---|---|---|\n");
+        for (const auto& r : runs)
+            std::fprintf(out, "| %s | %s | %s | %.4f | %.4f | %.3f | %+.2f%% | %.0f | %.0f s |\n", r.name,
+                         compressors_string(r).c_str(), r.stores, r.train_loss, r.val_loss, std::exp(r.val_loss),
+                         100.0 * (r.val_loss - r0.val_loss) / r0.val_loss, r.tokens_per_second, r.train_seconds);
     }
-    if (runs.size() == 2) {
-        const double base = runs[0].val_loss, other = runs[1].val_loss;
-        const double gap = 100.0 * (other - base) / base;
-        std::fprintf(out, "\nValidation loss of %s relative to %s at equal steps: %+.2f%% (target: within 3%%: %s). "
-                          "Saved activations: %.1f%% of the uncompressed run's.\n",
-                     runs[1].name, runs[0].name, gap, std::fabs(gap) <= 3.0 ? "met" : "missed",
-                     100.0 * static_cast<double>(runs[1].saved_program + runs[1].saved_compressed +
-                                                 runs[1].saved_uncompressed) /
-                         static_cast<double>(runs[0].saved_program + runs[0].saved_compressed +
-                                             runs[0].saved_uncompressed));
+    std::fprintf(out, "\nMemory per training step (N = %lld tokens; from the activation plan, the linear groups' "
+                      "saved activations from the compressors' saved_bytes):\n\n",
+                 static_cast<long long>(cfg.rows()));
+    std::fprintf(out, "| run | saved for backward, total | compressed groups' saved (their X: ratio) | uncompressed "
+                      "groups' X | the program's own, whole | the program's own, stored (whole: ratio) | compressor "
+                      "state | scratch | weights | optimizer state | peak RSS (VmHWM) |\n"
+                      "|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const auto& r : runs)
+        std::fprintf(out, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.1f MiB |\n", r.name,
+                     mib(saved_total(r)).c_str(), compressed_part(r.saved_compressed, r.saved_compressed_x).c_str(),
+                     mib(r.saved_uncompressed).c_str(), mib(r.saved_program).c_str(),
+                     compressed_part(r.saved_stores, r.saved_stores_x).c_str(), mib(r.compressor_state_bytes).c_str(),
+                     mib(r.scratch).c_str(), mib(r.parameter_bytes).c_str(), mib(r.optimizer_bytes).c_str(),
+                     static_cast<double>(r.peak_rss_kib) / 1024.0);
+    std::fprintf(out, "\nPeak training memory, tracked: every buffer of the model is allocated through "
+                      "compact::tracking_allocator under its category; the bytes live at the peak (the token batches "
+                      "and the text are not counted):\n\n| run | peak |");
+    for (std::size_t k = 0; k < compact::memory_category_count - 1; ++k)
+        std::fprintf(out, " %s |", compact::to_string(static_cast<memory_category>(k)));
+    std::fprintf(out, " against the first row |\n|---|---|");
+    for (std::size_t k = 0; k + 1 < compact::memory_category_count; ++k) std::fprintf(out, "---|");
+    std::fprintf(out, "---|\n");
+    for (const auto& r : runs) {
+        std::fprintf(out, "| %s | %s |", r.name, mib(r.tracked_peak).c_str());
+        for (std::size_t k = 0; k + 1 < compact::memory_category_count; ++k)
+            std::fprintf(out, " %s |", mib(r.tracked_at_peak[k]).c_str());
+        std::fprintf(out, " %.1f%% |\n", 100.0 * static_cast<double>(r.tracked_peak) / static_cast<double>(r0.tracked_peak));
+    }
+    if (s.memory_only) return;
+    if (runs.size() >= 2) {
+        std::fprintf(out, "\n");
+        for (std::size_t k = 1; k < runs.size(); ++k) {
+            const double gap = 100.0 * (runs[k].val_loss - r0.val_loss) / r0.val_loss;
+            std::fprintf(out, "- %s against %s at equal steps: validation loss %+.2f%% (target: within 3%%: %s); saved "
+                              "for backward %.1f%% of %s's; peak training memory %.1f%%; step time %.2fx\n",
+                         runs[k].name, r0.name, gap, gap <= 3.0 ? "met" : "missed",
+                         100.0 * static_cast<double>(saved_total(runs[k])) / static_cast<double>(saved_total(r0)),
+                         r0.name, 100.0 * static_cast<double>(runs[k].tracked_peak) / static_cast<double>(r0.tracked_peak),
+                         r0.tokens_per_second / runs[k].tokens_per_second);
+        }
     }
     std::fprintf(out, "\n### Samples\n\nTemperature %.2f, seed %llu, %d characters after the prompt \"%%\\n\".\n",
                  s.temperature, static_cast<unsigned long long>(s.seed), s.sample_chars);
     for (const auto& r : runs) std::fprintf(out, "\n%s:\n\n```text\n%s\n```\n", r.name, r.sample);
+}
+
+// One line per run, for plots: the plan, its compressors, the final losses, bytes and speed.
+void write_csv(const std::string& path, const std::vector<run_summary>& runs)
+{
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) throw std::runtime_error("--csv: cannot write '" + path + "'");
+    std::fprintf(f, "run,compressors,train_loss,val_loss,saved_bytes,linear_saved_bytes,optimizer_bytes,"
+                    "compressor_state_bytes,peak_rss_bytes,tokens_per_second,tracked_peak_bytes\n");
+    for (const auto& r : runs)
+        std::fprintf(f, "\"%s\",\"%s\",%.6f,%.6f,%llu,%llu,%llu,%llu,%lld,%.1f,%llu\n", r.name, compressors_string(r).c_str(),
+                     r.train_loss, r.val_loss, static_cast<unsigned long long>(saved_total(r)),
+                     static_cast<unsigned long long>(r.saved_compressed + r.saved_uncompressed),
+                     static_cast<unsigned long long>(r.optimizer_bytes),
+                     static_cast<unsigned long long>(r.compressor_state_bytes), static_cast<long long>(r.peak_rss_kib) * 1024,
+                     r.tokens_per_second, static_cast<unsigned long long>(r.tracked_peak));
+    std::fclose(f);
 }
 
 // ---------------------------------------------------------------------------------------------- main
@@ -1382,24 +1877,16 @@ int usage(const char* program, const std::string& problem)
 {
     if (!problem.empty()) std::fprintf(stderr, "%s: %s\n", program, problem.c_str());
     std::fprintf(stderr,
-                 "usage: %s [--text PATH] [--steps S] [--rank n/2|n/4|n/8] [--runs both|full|compressed]\n"
+                 "usage: %s [--text PATH] [--steps S] [--compress PLAN]... [--runs both|full|compressed]\n"
                  "  [--compress-attn-out] [--lr X] [--lr-compressed X] [--alpha X] [--gap T]\n"
                  "  [--moments keep|reset|transfer] [--wd X] [--warmup S] [--channels C] [--layers L] [--heads H]\n"
-                 "  [--hidden F] [--context T] [--batch B] [--eval-every S] [--eval-windows W] [--threads N]\n"
-                 "  [--seed S] [--sample N] [--temperature X] [--markdown PATH] [--curves PREFIX] [--gradcheck]\n"
-                 "  [--smoke]\n",
+                 "  [--hidden F] [--context T] [--batch B] [--eval-every S] [--eval-windows W] [--final-windows W]\n"
+                 "  [--threads N]"
+                 " [--seed S] [--sample N] [--temperature X] [--markdown PATH] [--csv PATH] [--memory-only]\n"
+                 "  [--curves PREFIX]"
+                 " [--gradcheck] [--smoke]\n",
                  program);
     return 2;
-}
-
-template <class Policy>
-run_summary run_compressed(const char* name, const model_config& cfg, const train_settings& s, const corpus& text,
-                           bool compress_attn_out)
-{
-    return run_isolated([&] {
-        return compress_attn_out ? train<Policy, Policy>(name, "compressed", cfg, s, text)
-                                 : train<Policy, compact::rank::full>(name, "compressed", cfg, s, text);
-    });
 }
 
 } // namespace
@@ -1408,7 +1895,14 @@ int main(int argc, char** argv)
 {
     model_config cfg;
     train_settings s;
-    std::string text_path, markdown, rank_name = "n/4", runs_wanted = "both";
+    std::string text_path, markdown, csv, runs_wanted = "both";
+    std::vector<std::string> compress_specs;
+    bool plans_given = false;
+    // --smoke trains every compressor, and the stores: at full precision (which must change no bit of
+    // training) and quantized.
+    const std::vector<std::string> smoke_plans = {
+        "n/4", "velora", "wta", "int4", "alam", "attn=full,mlp=full,norm=full,head=recompute",
+        "linear=n/4,attn=int8,mlp=int4,norm=int8,head=recompute"};
     bool smoke = false, gradcheck_only = false, compress_attn_out = false, threads_given = false;
     try {
         for (int i = 1; i < argc; ++i) {
@@ -1437,7 +1931,7 @@ int main(int argc, char** argv)
             else if (arg == "--compress-attn-out") compress_attn_out = true;
             else if (arg == "--text") text_path = value();
             else if (arg == "--steps") s.steps = static_cast<int>(integer(1));
-            else if (arg == "--rank") rank_name = value();
+            else if (arg == "--rank" || arg == "--compress") compress_specs.push_back(value());
             else if (arg == "--runs") runs_wanted = value();
             else if (arg == "--lr") s.lr = number();
             else if (arg == "--lr-compressed") s.lr_compressed = number();
@@ -1458,6 +1952,9 @@ int main(int argc, char** argv)
             else if (arg == "--sample") s.sample_chars = static_cast<int>(integer(0));
             else if (arg == "--temperature") s.temperature = number();
             else if (arg == "--markdown") markdown = value();
+            else if (arg == "--csv") csv = value();
+            else if (arg == "--memory-only") s.memory_only = true;
+            else if (arg == "--final-windows") s.final_windows = integer(1);
             else if (arg == "--curves") s.curves = value();
             else if (arg == "--moments") {
                 const std::string m = value();
@@ -1469,8 +1966,9 @@ int main(int argc, char** argv)
                 throw std::invalid_argument("unknown argument '" + arg + "'");
             }
         }
-        if (rank_name != "n/2" && rank_name != "n/4" && rank_name != "n/8")
-            throw std::invalid_argument("--rank expects n/2, n/4 or n/8, got '" + rank_name + "'");
+        plans_given = !compress_specs.empty();
+        if (!plans_given) compress_specs.push_back("n/4");
+        for (const auto& spec : compress_specs) parse_plan(spec, compress_attn_out); // rejects bad ones now
         if (runs_wanted != "both" && runs_wanted != "full" && runs_wanted != "compressed")
             throw std::invalid_argument("--runs expects both, full or compressed, got '" + runs_wanted + "'");
         if (s.lr <= 0 || s.lr_compressed < 0 || s.alpha <= 0 || s.temperature <= 0 || s.weight_decay < 0)
@@ -1500,6 +1998,7 @@ int main(int argc, char** argv)
             cfg = model_config{0, 32, 32, 2, 2, 88, 8};
             s.steps = 200, s.warmup = 10, s.lr = 1e-2, s.eval_every = 20, s.eval_windows = 16, s.sample_chars = 80;
             if (!threads_given) s.threads = 1;
+            if (!plans_given) compress_specs = smoke_plans;
         }
 
         corpus text;
@@ -1529,27 +2028,22 @@ int main(int argc, char** argv)
 
         std::vector<run_summary> runs;
         if (runs_wanted != "compressed")
-            runs.push_back(run_isolated(
-                [&] { return train<compact::rank::full, compact::rank::full>("full", "full", cfg, s, text); }));
-        if (runs_wanted != "full") {
-            const std::string name = "r=" + rank_name;
-            const char* n = name.c_str();
-            if (rank_name == "n/2")
-                runs.push_back(run_compressed<compact::rank::ratio<1, 2>>(n, cfg, s, text, compress_attn_out));
-            else if (rank_name == "n/4")
-                runs.push_back(run_compressed<compact::rank::ratio<1, 4>>(n, cfg, s, text, compress_attn_out));
-            else
-                runs.push_back(run_compressed<compact::rank::ratio<1, 8>>(n, cfg, s, text, compress_attn_out));
-        }
+            runs.push_back(run_isolated([&] { return train(compression_plan{}, cfg, s, text); }));
+        if (runs_wanted != "full")
+            for (const auto& spec : compress_specs) {
+                const compression_plan plan = parse_plan(spec, compress_attn_out);
+                runs.push_back(run_isolated([&] { return train(plan, cfg, s, text); }));
+            }
 
         std::printf("\n");
-        write_report(stdout, cfg, s, text, runs, rank_name.c_str(), compress_attn_out);
+        write_report(stdout, cfg, s, text, runs);
         if (!markdown.empty()) {
             std::FILE* f = std::fopen(markdown.c_str(), "w");
             if (!f) throw std::runtime_error("--markdown: cannot write '" + markdown + "'");
-            write_report(f, cfg, s, text, runs, rank_name.c_str(), compress_attn_out);
+            write_report(f, cfg, s, text, runs);
             std::fclose(f);
         }
+        if (!csv.empty()) write_csv(csv, runs);
 
         if (smoke) {
             // Training must have taken the loss below the unigram entropy: it learned from context.
@@ -1563,6 +2057,19 @@ int main(int argc, char** argv)
                 }
             std::printf("smoke: every configuration's training loss fell from about ln V to below the text's unigram "
                         "entropy %.4f\n", floor);
+            // Stores at full precision and a recomputed head keep or recompute the same values: training
+            // must be bit-identical to the uncompressed run's.
+            for (const auto& r : runs)
+                if (std::string(r.name) == smoke_plans[5] && !runs.empty() && std::string(runs[0].name) == "full") {
+                    if (r.train_loss != runs[0].train_loss || r.val_loss != runs[0].val_loss) {
+                        std::fprintf(stderr, "smoke: %s ends at losses %.17g / %.17g, not the uncompressed run's "
+                                             "%.17g / %.17g\n",
+                                     r.name, r.train_loss, r.val_loss, runs[0].train_loss, runs[0].val_loss);
+                        return 1;
+                    }
+                    std::printf("smoke: full-precision stores and the recomputed head train bit-identically to the "
+                                "uncompressed run\n");
+                }
         }
         return 0;
     } catch (const compact::error& e) {
