@@ -16,6 +16,9 @@
 //   optim/     AdamW, subspace AdamW, the optimizer of a compressed layer's weight, and loss scaling
 //   nn/        compressed_linear and input_group (caller memory), linear_layer (owning)
 //   io/        checkpoints: a versioned, checksummed section file; linear_layer and allocation save/load
+// Two optional folders come after them, each with its own umbrella, and nothing here includes them:
+//   distributed/  data parallelism over MPI and NCCL (compact/distributed.hpp; needs MPI or NCCL)
+//   torch/        the libtorch integration: Linear, masks, SubspaceAdamW (compact/torch.hpp; needs libtorch)
 #pragma once
 
 #include "compact/core/config.hpp"
