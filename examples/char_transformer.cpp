@@ -734,7 +734,6 @@ struct compression_plan {
         return *all[k];
     }
     compressor_choice& operator[](int k) { return const_cast<compressor_choice&>(std::as_const(*this)[k]); }
-    bool stores_any() const { return attn || mlp || norm || recompute_head; }
 };
 
 constexpr const char* group_names[4] = {"qkv", "out", "gate_up", "down"};
