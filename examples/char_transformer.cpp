@@ -534,8 +534,6 @@ public:
     index_t out() const { return members_.back().offset + members_.back().out; }
     /// Columns of each weight gradient: r for the projection, n for every other compressor.
     index_t rank() const { return group_.rank(); }
-    /// False only for rank::full (P = I): the group then keeps X itself and computes exact gradients.
-    bool compressed() const { return !std::is_same_v<Policy, compact::rank::full>; }
     std::size_t size() const { return members_.size(); }
     mat<T> weight(std::size_t k) { return members_[k].w(); }
     cmat<T> gradient(std::size_t k) const { return members_[k].grads.weight; }
