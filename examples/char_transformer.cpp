@@ -34,6 +34,8 @@
 // Memory is planned once (plan_activations): every tensor the forward pass keeps for backward, and
 // every scratch tensor, is carved from two allocations (kept, scratch), and the byte counts reported are
 // those of the plan (the linear groups' saved activations from the compressors' saved_bytes queries).
+// Scratch that only forward uses and scratch that only backward uses share memory, and SwiGLU's backward
+// writes its gradient over its input, so the scratch is what the busier pass needs.
 // Every buffer of the model is allocated through compact::tracking_allocator under its category
 // (weights, gradients, optimizer state, saved for backward, compressor state, scratch), so the report
 // also gives the exact peak of training memory and what it was made of. Attention keeps only Q, K, V and
@@ -341,7 +343,8 @@ void swiglu_forward(const context& ctx, cmat<T> gate_up, mat<T> act)
 }
 
 // d gate = d act * up * s (1 + g (1 - s)), d up = d act * g s, with s = sigmoid(gate).
-// gate_up, d_gate_up: (N, 2F); d_act: (N, F).
+// gate_up, d_gate_up: (N, 2F); d_act: (N, F). d_gate_up may be gate_up itself (in place: each gate and up
+// value is read before its gradient is written over it).
 template <class T>
 void swiglu_backward(const context& ctx, cmat<T> gate_up, cmat<T> d_act, mat<T> d_gate_up)
 {
@@ -354,9 +357,10 @@ void swiglu_backward(const context& ctx, cmat<T> gate_up, cmat<T> d_act, mat<T> 
             T* dg = d_gate_up.row(i);
             T* du = dg + f;
             for (index_t j = 0; j < f; ++j) {
-                const T s = T(1) / (T(1) + std::exp(-g[j]));
-                dg[j] = da[j] * u[j] * s * (T(1) + g[j] * (T(1) - s));
-                du[j] = da[j] * g[j] * s;
+                const T gj = g[j], uj = u[j];
+                const T s = T(1) / (T(1) + std::exp(-gj));
+                dg[j] = da[j] * uj * s * (T(1) + gj * (T(1) - s));
+                du[j] = da[j] * gj * s;
             }
         }
     });
@@ -1021,41 +1025,45 @@ public:
         const index_t n = batch_ * length_;
         const auto rows = [n](mat<T> m) { return m.row_block(0, n); };
         activations& a = acts_;
-        // A tensor kept through a store is decoded into its scratch just before backward reads it.
-        const auto bring_back = [&](const stored_tensor& t, mat<T> x) {
-            if (t.store) t.store->restore(ctx, t.saved, x);
+        // The tensor forward kept: `kept` itself, or, kept through a store, its approximation decoded into
+        // the restore buffer just before backward reads it (the buffer serves one tensor at a time).
+        const auto bring_back = [&](const stored_tensor& t, mat<T> kept) {
+            if (!t.store) return rows(kept);
+            const mat<T> x(a.restored.data, n, kept.cols);
+            t.store->restore(ctx, t.saved, x);
+            return x;
         };
 
-        bring_back(a.stored_residual.back(), rows(a.residual.back()));
+        const mat<T> x_final = bring_back(a.stored_residual.back(), a.residual.back());
         if (plan_.recompute_head) // Hf = RMSNorm(X_L) gf, as forward computed it
-            rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), rows(a.final_normed),
-                               a.final_rstd.data);
+            rmsnorm_forward<T>(ctx, x_final, final_norm_.value.data(), rows(a.final_normed), a.final_rstd.data);
         // Head (tied): dHf = dlogits E (N, C); dE = dlogits^T Hf (V, C), overwritten here, and the
         // embedding's own gradient is added at the end.
         cpu::gemm<T>(ctx, op::none, op::none, 1.0, rows(a.logits), token_embedding_.w(), 0.0, rows(a.d_normed));
         cpu::gemm<T>(ctx, op::transpose, op::none, 1.0, rows(a.logits), rows(a.final_normed), 0.0,
                      token_embedding_.g());
-        rmsnorm_backward<T>(ctx, rows(a.residual.back()), a.final_rstd.data, final_norm_.value.data(),
-                            rows(a.d_normed), rows(a.d_stream), false, final_norm_.grad.data());
+        rmsnorm_backward<T>(ctx, x_final, a.final_rstd.data, final_norm_.value.data(), rows(a.d_normed),
+                            rows(a.d_stream), false, final_norm_.grad.data());
         for (std::size_t l = blocks_.size(); l-- > 0;) {
             block& b = blocks_[l];
             // d_stream holds dL/d(residual[l + 1]).
             b.down.backward(ctx, rows(a.d_stream), rows(a.d_act), ws());
-            bring_back(a.stored_gate_up[l], rows(a.gate_up[l]));
-            swiglu_backward<T>(ctx, rows(a.gate_up[l]), rows(a.d_act), rows(a.d_gate_up));
-            b.gate_up.backward(ctx, rows(a.d_gate_up), rows(a.d_normed), ws());
-            bring_back(a.stored_mid[l], rows(a.mid[l]));
-            rmsnorm_backward<T>(ctx, rows(a.mid[l]), a.rstd2[l].data, b.norm2.value.data(), rows(a.d_normed),
-                                rows(a.d_stream), true, b.norm2.grad.data());
+            // SwiGLU's backward writes d(gate_up) over gate_up, its last reader.
+            const mat<T> gate_up = bring_back(a.stored_gate_up[l], a.gate_up[l]);
+            swiglu_backward<T>(ctx, gate_up, rows(a.d_act), gate_up);
+            b.gate_up.backward(ctx, gate_up, rows(a.d_normed), ws());
+            const mat<T> mid = bring_back(a.stored_mid[l], a.mid[l]);
+            rmsnorm_backward<T>(ctx, mid, a.rstd2[l].data, b.norm2.value.data(), rows(a.d_normed), rows(a.d_stream),
+                                true, b.norm2.grad.data());
             // d_stream now holds dL/d(mid[l]).
             b.attn_out.backward(ctx, rows(a.d_stream), rows(a.d_attn), ws());
-            bring_back(a.stored_qkv[l], rows(a.qkv[l]));
-            attention_backward<T>(ctx, rows(a.qkv[l]), rows(a.lse[l]), rows(a.d_attn), batch_, length_, cfg_.heads,
+            const mat<T> qkv = bring_back(a.stored_qkv[l], a.qkv[l]);
+            attention_backward<T>(ctx, qkv, rows(a.lse[l]), rows(a.d_attn), batch_, length_, cfg_.heads,
                                   rows(a.d_qkv), a.scores, a.d_scores);
             b.qkv.backward(ctx, rows(a.d_qkv), rows(a.d_normed), ws());
-            bring_back(a.stored_residual[l], rows(a.residual[l]));
-            rmsnorm_backward<T>(ctx, rows(a.residual[l]), a.rstd1[l].data, b.norm1.value.data(), rows(a.d_normed),
-                                rows(a.d_stream), true, b.norm1.grad.data());
+            const mat<T> x = bring_back(a.stored_residual[l], a.residual[l]);
+            rmsnorm_backward<T>(ctx, x, a.rstd1[l].data, b.norm1.value.data(), rows(a.d_normed), rows(a.d_stream),
+                                true, b.norm1.grad.data());
         }
         embed_backward(tokens, rows(a.d_stream));
     }
@@ -1120,7 +1128,9 @@ private:
 
     // Everything the forward pass keeps for backward, and the scratch reused within a step; N = B T.
     // With the plan's stores, residual, mid, qkv and gate_up hold one scratch buffer each, aliased by every
-    // layer, and the stored_* records keep their encodings; head=recompute makes final_normed scratch.
+    // layer, the stored_* records keep their encodings, and backward decodes each into `restored`;
+    // head=recompute makes final_normed scratch. Scratch that only forward uses and scratch that only
+    // backward uses share memory (see plan_activations).
     struct activations {
         // Kept for backward by this program (vectors hold one per layer l < L unless noted).
         std::vector<mat<T>> residual;   // L + 1 of (N, C): the stream entering block l; [L] the final norm's input
@@ -1145,41 +1155,54 @@ private:
         mat<T> d_normed;                // (N, C)
         mat<T> d_attn;                  // (N, C)
         mat<T> d_qkv;                   // (N, 3C)
-        mat<T> d_gate_up;               // (N, 2F)
-        mat<T> d_act;                   // (N, F)
+        mat<T> d_act;                   // (N, F); d(gate_up) is written over gate_up
+        mat<T> restored;                // (N, the widest stored tensor): a stored tensor decoded for backward
         mat<T> scores;                  // (threads T, T): a (T, T) score block per thread
         mat<T> d_scores;                // (threads T, T)
         buffer<T> kept = make_buffer<T>(memory_category::saved);       // all that is kept for backward
         buffer<T> scratch = make_buffer<T>(memory_category::scratch);  // all the scratch
     };
 
-    // The activation plan: one allocation, carved in two passes (count, then assign), with the bytes of
-    // every kept tensor counted on the way. The Z sizes are the library's saved_bytes answers.
+    // The activation plan: two allocations (kept, scratch), carved in two passes (count, then assign),
+    // with the bytes of every kept tensor counted on the way. The Z sizes are the library's saved_bytes
+    // answers. Scratch has three regions: one for tensors both passes use, and one each for the tensors
+    // only forward uses and only backward uses, which start at the same address (forward's scratch is
+    // dead once backward begins, and backward's is written before it is read), so the scratch is the
+    // shared region plus the larger of the other two.
     void plan_activations(const context& ctx)
     {
         const index_t n = cfg_.rows(), c = cfg_.channels, f = cfg_.hidden, layers = cfg_.layers;
         activations& a = acts_;
+        enum region { kept_region, both_region, forward_region, backward_region, regions };
+        std::size_t both_size = 0; // the shared scratch region, from the first pass
         for (int pass = 0; pass < 2; ++pass) {
-            // Two allocations: what is kept from forward to backward, and the scratch.
-            T* kept_base = pass == 0 ? nullptr : a.kept.data();
-            T* scratch_base = pass == 0 ? nullptr : a.scratch.data();
-            std::size_t kept_used = 0, scratch_used = 0;
+            std::size_t used[regions] = {};
             memory_ = memory_report{};
-            auto take = [&](index_t rows, index_t cols, std::size_t& account) {
-                const bool is_scratch = &account == &memory_.scratch;
-                T* base = is_scratch ? scratch_base : kept_base;
-                std::size_t& used = is_scratch ? scratch_used : kept_used;
+            auto take = [&](index_t rows, index_t cols, region r) {
+                T* base = nullptr;
+                if (pass == 1)
+                    base = r == kept_region ? a.kept.data()
+                         : r == both_region ? a.scratch.data()
+                                            : a.scratch.data() + both_size;
                 const auto count = static_cast<std::size_t>(rows * cols);
-                const mat<T> v(base ? base + used : nullptr, rows, cols);
-                used += (count + 15) / 16 * 16; // keeps every tensor 64-byte aligned in float
-                account += count * sizeof(T);
+                const mat<T> v(base ? base + used[r] : nullptr, rows, cols);
+                used[r] += (count + 15) / 16 * 16; // keeps every tensor 64-byte aligned in float
                 return v;
             };
-            // A group's saved activation: saved_bytes(N) bytes, rounded up to whole T for the carving.
+            // Kept whole by this program's own code.
+            auto keep_whole = [&](index_t rows, index_t cols) {
+                memory_.saved_program += static_cast<std::size_t>(rows * cols) * sizeof(T);
+                return take(rows, cols, kept_region);
+            };
+            // `bytes` of kept memory, rounded up to whole T for the carving.
+            auto take_bytes = [&](std::size_t bytes) {
+                return reinterpret_cast<std::byte*>(
+                    take(static_cast<index_t>((bytes + sizeof(T) - 1) / sizeof(T)), 1, kept_region).data);
+            };
+            // A group's saved activation: saved_bytes(N) bytes.
             auto take_saved = [&](auto& group) {
                 const std::size_t bytes = group.saved_bytes(n);
-                std::size_t counted = 0;
-                const mat<T> v = take(static_cast<index_t>((bytes + sizeof(T) - 1) / sizeof(T)), 1, counted);
+                std::byte* data = take_bytes(bytes);
                 if (group.compressed()) {
                     memory_.saved_compressed += bytes;
                     memory_.saved_compressed_x += static_cast<std::size_t>(n * group.in()) * sizeof(T);
@@ -1187,28 +1210,26 @@ private:
                     memory_.saved_uncompressed += bytes;
                 }
                 memory_.compressor_state += group.compressor_state_bytes(n);
-                if (pass == 1) group.bind(ctx, reinterpret_cast<std::byte*>(v.data), bytes, n);
+                if (pass == 1) group.bind(ctx, data, bytes, n);
             };
-            std::size_t& kept = memory_.saved_program;
-            std::size_t& scratch = memory_.scratch;
             // `count` tensors of (N, cols), kept whole, or through stores of `scheme` over one shared
-            // scratch buffer; each store's noise has its own tensor id.
+            // forward buffer (backward decodes into `restored`); each store's noise has its own tensor id.
             std::uint64_t tensor_id = 1000;
+            index_t widest_stored = 0;
             auto take_kept = [&](std::vector<mat<T>>& views, std::vector<stored_tensor>& records, index_t count,
                                  index_t cols, const std::optional<compact::store_scheme>& scheme) {
                 views.clear(), records.clear();
                 if (!scheme) {
-                    for (index_t l = 0; l < count; ++l) views.push_back(take(n, cols, kept)), records.emplace_back();
+                    for (index_t l = 0; l < count; ++l) views.push_back(keep_whole(n, cols)), records.emplace_back();
                     return;
                 }
-                const mat<T> shared = take(n, cols, scratch);
+                widest_stored = std::max(widest_stored, cols);
+                const mat<T> shared = take(n, cols, forward_region);
                 for (index_t l = 0; l < count; ++l) {
                     stored_tensor t;
                     t.store.emplace(*scheme, seed_, tensor_id++);
                     const std::size_t bytes = t.store->saved_bytes(n, cols);
-                    std::size_t counted = 0;
-                    const mat<T> v = take(static_cast<index_t>((bytes + sizeof(T) - 1) / sizeof(T)), 1, counted);
-                    t.saved = compact::saved_tensor(reinterpret_cast<std::byte*>(v.data), bytes);
+                    t.saved = compact::saved_tensor(take_bytes(bytes), bytes);
                     memory_.saved_stores += bytes;
                     memory_.saved_stores_x += static_cast<std::size_t>(n * cols) * sizeof(T);
                     views.push_back(shared), records.push_back(t);
@@ -1220,29 +1241,34 @@ private:
             take_kept(a.gate_up, a.stored_gate_up, layers, 2 * f, plan_.mlp);
             a.rstd1.clear(), a.lse.clear(), a.rstd2.clear();
             for (index_t l = 0; l < layers; ++l) {
-                a.rstd1.push_back(take(n, 1, kept));
-                a.lse.push_back(take(n, cfg_.heads, kept));
-                a.rstd2.push_back(take(n, 1, kept));
+                a.rstd1.push_back(keep_whole(n, 1));
+                a.lse.push_back(keep_whole(n, cfg_.heads));
+                a.rstd2.push_back(keep_whole(n, 1));
                 block& b = blocks_[static_cast<std::size_t>(l)];
                 take_saved(b.qkv), take_saved(b.attn_out), take_saved(b.gate_up), take_saved(b.down);
             }
-            a.final_rstd = take(n, 1, kept);
-            a.final_normed = take(n, c, plan_.recompute_head ? scratch : kept);
-            a.logits = take(n, cfg_.vocab, kept);
-            kept += static_cast<std::size_t>(n) * sizeof(int); // the token ids, for the embedding's backward
-            a.normed = take(n, c, scratch);
-            a.attn = take(n, c, scratch);
-            a.act = take(n, f, scratch);
-            a.proj = take(n, c, scratch);
-            a.d_stream = take(n, c, scratch);
-            a.d_normed = take(n, c, scratch);
-            a.d_attn = take(n, c, scratch);
-            a.d_qkv = take(n, 3 * c, scratch);
-            a.d_gate_up = take(n, 2 * f, scratch);
-            a.d_act = take(n, f, scratch);
-            a.scores = take(threads_ * cfg_.context, cfg_.context, scratch);
-            a.d_scores = take(threads_ * cfg_.context, cfg_.context, scratch);
-            if (pass == 0) a.kept.assign(kept_used, T(0)), a.scratch.assign(scratch_used, T(0));
+            a.final_rstd = keep_whole(n, 1);
+            a.final_normed = plan_.recompute_head ? take(n, c, both_region) : keep_whole(n, c);
+            a.logits = keep_whole(n, cfg_.vocab);
+            memory_.saved_program += static_cast<std::size_t>(n) * sizeof(int); // the token ids, for the embedding's backward
+            a.scores = take(threads_ * cfg_.context, cfg_.context, both_region);
+            a.normed = take(n, c, forward_region);
+            a.attn = take(n, c, forward_region);
+            a.act = take(n, f, forward_region);
+            a.proj = take(n, c, forward_region);
+            a.d_stream = take(n, c, backward_region);
+            a.d_normed = take(n, c, backward_region);
+            a.d_attn = take(n, c, backward_region);
+            a.d_qkv = take(n, 3 * c, backward_region);
+            a.d_act = take(n, f, backward_region);
+            a.d_scores = take(threads_ * cfg_.context, cfg_.context, backward_region);
+            a.restored = widest_stored > 0 ? take(n, widest_stored, backward_region) : mat<T>();
+            const std::size_t scratch = used[both_region] + std::max(used[forward_region], used[backward_region]);
+            memory_.scratch = scratch * sizeof(T);
+            if (pass == 0) {
+                both_size = used[both_region];
+                a.kept.assign(used[kept_region], T(0)), a.scratch.assign(scratch, T(0));
+            }
         }
         row_loss_.assign(static_cast<std::size_t>(n), 0.0);
         memory_.scratch += row_loss_.size() * sizeof(double);
