@@ -317,3 +317,199 @@ TEST_CASE("errors name the function and the argument")
     CHECK(wrong_grad.find("compact::torch::SubspaceAdamW::step") != std::string::npos);
     CHECK(wrong_grad.find("is (8, 16) but (8, 4) was expected") != std::string::npos);
 }
+
+TEST_CASE("GELU and SiLU: torch's forward; backward equal to torch's with the input kept whole, close with 8-bit codes")
+{
+    torch::manual_seed(11);
+    for (const bool gelu : {true, false}) {
+        CAPTURE(gelu);
+        const auto reference = [&](const at::Tensor& x) { return gelu ? torch::gelu(x) : torch::silu(x); };
+        auto apply = [&](const compact::store_scheme& s, const at::Tensor& x) {
+            if (gelu) return ct::GELU(ct::StoredActivationOptions(s).seed(5))(x);
+            return ct::SiLU(ct::StoredActivationOptions(s).seed(5))(x);
+        };
+        const auto x0 = torch::randn({3, 40, 64}, torch::kDouble) * 3;
+        const auto dy = torch::randn({3, 40, 64}, torch::kDouble);
+        auto xr = x0.clone().requires_grad_(true);
+        reference(xr).backward(dy);
+
+        // Whole input: forward bit-equal, backward to 1e-12 (torch's formula, another order of operations).
+        auto xf = x0.clone().requires_grad_(true);
+        auto yf = apply(compact::store_scheme::full_precision(), xf);
+        CHECK(max_diff(yf, reference(x0)) == 0);
+        CHECK(ct::saved_for_backward(yf.sum()).activation_bytes == std::size_t(3 * 40 * 64 * 8));
+        yf.backward(dy);
+        CHECK(rel_diff(xf.grad(), xr.grad()) < 1e-12);
+
+        // 8-bit codes (groups of 256): the graph keeps 8 bits and the group metadata per value. dX moves by
+        // dY f''(x) times the rounding error: x ~ N(0, 9) gives a group range near 20, a step near 0.08, an
+        // rms rounding error below 0.04, and |f''| <= 0.8: about 1% of dX in norm, and not zero.
+        auto x8 = x0.clone().requires_grad_(true);
+        auto y8 = apply(compact::store_scheme::quantized(8), x8);
+        CHECK(max_diff(y8, reference(x0)) == 0);
+        const std::size_t kept = ct::saved_for_backward(y8.sum()).activation_bytes;
+        CHECK(kept == (compact::stored_bytes<double>(compact::store_scheme::quantized(8), 3 * 40 * 64) + 3) / 4 * 4);
+        CHECK(kept < std::size_t(3 * 40 * 64 * 8) / 7);
+        y8.backward(dy);
+        const double err = (x8.grad() - xr.grad()).norm().item<double>() / xr.grad().norm().item<double>();
+        CHECK(err > 0);
+        CHECK(err < 3e-2);
+    }
+    // float, the default 8-bit codes; without grad nothing is recorded (nor counted as a call).
+    ct::GELU g;
+    auto xf = torch::randn({8, 300}).requires_grad_(true);
+    g(xf).sum().backward();
+    auto xr = xf.detach().clone().requires_grad_(true);
+    torch::gelu(xr).sum().backward();
+    CHECK((xf.grad() - xr.grad()).norm().item<double>() / xr.grad().norm().item<double>() < 1e-2);
+    {
+        torch::NoGradGuard guard;
+        CHECK_FALSE(g(xf).grad_fn());
+    }
+    CHECK(g->calls.item<int64_t>() == 1);
+}
+
+namespace {
+
+// x (leaf input) -> mm W -> SiLU -> h * h -> mm W2 -> sum: torch's own nodes keep h0 (SiLU's input), h1
+// (both operands of the product: one tensor) and h2 (the second mm's input); x and W2 are leaves.
+struct small_model {
+    at::Tensor w = (torch::randn({32, 48}, torch::kDouble) / 6).requires_grad_(true);
+    at::Tensor w2 = (torch::randn({48, 10}, torch::kDouble) / 7).requires_grad_(true);
+    at::Tensor forward(const at::Tensor& x) const
+    {
+        const auto h1 = torch::silu(torch::mm(x, w));
+        return torch::mm(h1 * h1, w2).sum();
+    }
+    void zero_grad()
+    {
+        for (auto* p : {&w, &w2})
+            if (p->grad().defined()) p->mutable_grad().zero_();
+    }
+};
+
+} // namespace
+
+TEST_CASE("SavedTensors: torch's saved tensors go through the stores; whole values are bit-identical")
+{
+    torch::manual_seed(12);
+    small_model m;
+    const auto x = torch::randn({64, 32}, torch::kDouble);
+    m.forward(x).backward();
+    const at::Tensor gw = m.w.grad().clone(), gw2 = m.w2.grad().clone();
+    const std::size_t tensor_bytes = 64 * 48 * 8;
+
+    // Full precision: three tensors (h0, h1 once although saved twice, h2), bit-identical gradients.
+    ct::SavedTensors whole(ct::SavedTensorsOptions(compact::store_scheme::full_precision()).min_numel(16));
+    m.zero_grad();
+    at::Tensor loss;
+    {
+        auto scope = whole.scope(0);
+        loss = m.forward(x);
+    }
+    CHECK(whole.slots() == 3);
+    CHECK(whole.live_bytes() == 3 * tensor_bytes);
+    CHECK(whole.live_original_bytes() == 3 * tensor_bytes);
+    loss.backward();
+    CHECK(whole.live_bytes() == 0);
+    CHECK(max_diff(m.w.grad(), gw) == 0);
+    CHECK(max_diff(m.w2.grad(), gw2) == 0);
+
+    // 8-bit codes: the graph walk sees the codes; gradients within 1%; outside a scope nothing changes.
+    ct::SavedTensors int8(ct::SavedTensorsOptions(compact::store_scheme::quantized(8)).min_numel(16).seed(3));
+    m.zero_grad();
+    {
+        auto scope = int8.scope(0);
+        loss = m.forward(x);
+    }
+    const auto plain = ct::saved_for_backward(m.forward(x));
+    const auto coded = ct::saved_for_backward(loss);
+    const std::size_t codes = 3 * ((compact::stored_bytes<double>(compact::store_scheme::quantized(8), 64 * 48) + 3) / 4 * 4);
+    CHECK(int8.live_bytes() == codes);
+    CHECK(plain.activation_bytes == 64 * 32 * 8 + 3 * tensor_bytes); // x, h0, h1, h2
+    CHECK(coded.activation_bytes == 64 * 32 * 8 + codes);
+    loss.backward();
+    CHECK(int8.live_bytes() == 0);
+    const double err = (m.w.grad() - gw).norm().item<double>() / gw.norm().item<double>();
+    CHECK(err > 0);
+    CHECK(err < 1e-2);
+    // Small tensors are kept as they are: nothing encoded, nothing changed.
+    ct::SavedTensors none(ct::SavedTensorsOptions(compact::store_scheme::quantized(1)).min_numel(1 << 20));
+    m.zero_grad();
+    {
+        auto scope = none.scope(0);
+        loss = m.forward(x);
+    }
+    loss.backward();
+    CHECK(none.slots() == 0);
+    CHECK(max_diff(m.w.grad(), gw) == 0);
+}
+
+TEST_CASE("SavedTensors with GACT's allocator: bits per tensor from probed sensitivities, within the budget")
+{
+    torch::manual_seed(13);
+    small_model m;
+    const auto x = torch::randn({64, 32}, torch::kDouble);
+    ct::SavedTensors saves(ct::SavedTensorsOptions(compact::store_scheme::quantized(8)).min_numel(16));
+    {
+        auto scope = saves.scope(0);
+        m.forward(x).backward();
+    }
+    REQUIRE(saves.slots() == 3);
+    compact::allocation_options o;
+    o.average_bits = 2;
+    o.full_bits = 64;
+    compact::bit_allocator alloc(o, compact::sensitivity_method::gact, compact::allocation_schedule::every(100));
+    saves.register_with(alloc);
+    int reruns = 0;
+    CHECK(alloc.update(0, [&](compact::gradient_probe& probe) {
+        ++reruns;
+        m.zero_grad();
+        at::Tensor loss;
+        {
+            auto scope = saves.scope(0);
+            loss = m.forward(x);
+        }
+        loss.backward();
+        ct::add_gradients(probe, {m.w, m.w2});
+    }));
+    CHECK(reruns == 9); // three probes per tensor
+    double bits = 0, values = 0;
+    for (std::size_t i = 0; i < saves.slots(); ++i) {
+        CAPTURE(i);
+        CHECK(alloc.sensitivities()[i] > 0);
+        CHECK(saves.settings(i).scheme == alloc.schemes()[i]);
+        bits += compact::nominal_bits<double>(saves.settings(i).scheme) * static_cast<double>(saves.numel(i));
+        values += static_cast<double>(saves.numel(i));
+    }
+    CHECK(bits <= 2 * values);
+    CHECK_FALSE(alloc.update(1, [](compact::gradient_probe&) {}));
+}
+
+TEST_CASE("SavedTensors, GELU and SiLU: errors name the function and the argument")
+{
+    auto message = [&](auto&& f) {
+        try {
+            f();
+        } catch (const std::exception& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    const auto min = message([] { ct::SavedTensors s(ct::SavedTensorsOptions().min_numel(0)); });
+    CHECK(min.find("compact::torch::SavedTensors") != std::string::npos);
+    CHECK(min.find("min_numel=0") != std::string::npos);
+    ct::SavedTensors s;
+    const auto step = message([&] { auto scope = s.scope(std::uint64_t{1} << 33); });
+    CHECK(step.find("compact::torch::SavedTensors::scope") != std::string::npos);
+    const auto slot = message([&] { s.settings(0); });
+    CHECK(slot.find("slot 0 of 0") != std::string::npos);
+    compact::bit_allocator alloc({}, compact::sensitivity_method::gact, compact::allocation_schedule::every(1));
+    CHECK(message([&] { s.register_with(alloc); }).find("run one forward under a scope first") != std::string::npos);
+    ct::GELU g;
+    const auto dtype = message([&] { g(torch::ones({4}, torch::kInt32)); });
+    CHECK(dtype.find("compact::torch::GELU::forward") != std::string::npos);
+    CHECK(dtype.find("input has dtype Int") != std::string::npos);
+    const auto scheme = message([] { ct::SiLU bad(compact::store_scheme::quantized(3)); });
+    CHECK(scheme.find("compact::torch::SiLU: ") != std::string::npos);
+}

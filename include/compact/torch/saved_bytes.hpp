@@ -8,7 +8,8 @@
 // Dropout) say so; torch's generated nodes are read through their SavedVariables for the kinds a dense
 // network uses (addmm, mm, relu, threshold, gelu, silu, dropout, mul, log_softmax, nll_loss), and any
 // other node kind is listed in `unknown` (its bytes, if any, are not counted; the report says it is
-// incomplete). Storages are counted once however many nodes keep them; the parameters (the variables of
+// incomplete). Tensors encoded under a compact::torch::SavedTensors scope count as their encodings' bytes.
+// Storages are counted once however many nodes keep them; the parameters (the variables of
 // the graph's AccumulateGrad nodes) are counted apart, in parameter_bytes, since they are not activations.
 #pragma once
 
@@ -92,6 +93,11 @@ inline saved_report saved_for_backward(const ::at::Tensor& output)
     saved_report report;
     const auto root = output.grad_fn();
     if (!root) return report;
+    // Tensors compact's saved-tensor scope encoded unpack as their encodings during the walk.
+    struct walking {
+        walking() { detail::walking_graph() = true; }
+        ~walking() { detail::walking_graph() = false; }
+    } walk;
     std::vector<std::shared_ptr<::torch::autograd::Node>> stack{root};
     std::unordered_set<const ::torch::autograd::Node*> seen{root.get()};
     std::vector<::at::Tensor> kept;

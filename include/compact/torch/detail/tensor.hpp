@@ -134,6 +134,15 @@ inline std::uint64_t next_layer_id()
     return next.fetch_add(1);
 }
 
+/// Set while torch/saved_bytes.hpp walks a graph: a saved tensor compact encoded (torch/saved_tensors.hpp)
+/// then unpacks as its encoding (a float tensor over its bytes), so that the walk counts what is kept
+/// rather than a decoded copy.
+inline bool& walking_graph()
+{
+    thread_local bool walking = false;
+    return walking;
+}
+
 /// A node of ours reports what it keeps for backward (the graph walk in torch/saved_bytes.hpp asks).
 struct reports_saved {
     virtual ~reports_saved() = default;
