@@ -55,9 +55,11 @@
 //                       WTA-CRS keeping R N rows, default 0.25), or a list of KEY=VALUE: qkv, out,
 //                       gate_up, down (a compressor for that group), linear (one for qkv, gate_up and
 //                       down), attn, mlp, norm (a store for Q K V, the SwiGLU pre-activations, the norm
-//                       inputs: full, int8, int4, int2, int1 or alam), head=recompute; what a list does
-//                       not name stays uncompressed. Example: linear=n/4,attn=int8,mlp=int4,norm=int8,
-//                       head=recompute. --rank R is --compress R.
+//                       inputs: full, int8, int4, int2, int1 or alam), head=recompute, bits=B (GACT's
+//                       allocator picks the stored kinds' schemes under B bits per value on average,
+//                       from probed sensitivities, at the first step and at 10% of the steps); what a
+//                       list does not name stays uncompressed. Example: linear=n/4,attn=int8,mlp=int4,
+//                       norm=int8,head=recompute. --rank R is --compress R.
 //   --runs both|full|compressed   the uncompressed run, the compressed ones, or both (default both)
 //   --compress-attn-out a one-compressor PLAN also compresses the attention output projection
 //   --lr X              peak learning rate of every uncompressed parameter, the baseline's linear
@@ -728,6 +730,7 @@ struct compression_plan {
     compressor_choice qkv, attn_out, gate_up, down;
     std::optional<compact::store_scheme> attn, mlp, norm;
     bool recompute_head = false;
+    double bits = 0; // > 0: GACT's allocator picks the stores' schemes, per kind, under this average
     std::string name = "full";
 
     const compressor_choice& operator[](int k) const
@@ -743,7 +746,10 @@ constexpr const char* group_names[4] = {"qkv", "out", "gate_up", "down"};
 // A plan from `C` (qkv, gate_up and down use compressor C; the attention output stays uncompressed as in
 // the paper, unless `attn_out`) or from a list of KEY=VALUE items: qkv, out, gate_up, down = a compressor
 // for that group; linear = one for qkv, gate_up and down; attn, mlp, norm = a store scheme for those
-// tensors; head = recompute or keep. Groups and tensors not named stay uncompressed. Example:
+// tensors; head = recompute or keep; bits = B: GACT's allocator re-picks the schemes of the stored kinds
+// (attn, mlp, norm: one scheme per kind) under an average of B bits per value, at the first step and at
+// 10% of the steps, from sensitivities probed on the batch of that step (three reruns per kind; their
+// time counts). Groups and tensors not named stay uncompressed. Example:
 // linear=n/4,attn=int8,mlp=int4,norm=int8,head=recompute.
 compression_plan parse_plan(const std::string& text, bool attn_out)
 {
@@ -774,15 +780,23 @@ compression_plan parse_plan(const std::string& text, bool attn_out)
             plan.mlp = parse_scheme(value, key);
         } else if (key == "norm") {
             plan.norm = parse_scheme(value, key);
+        } else if (key == "bits") {
+            char* end = nullptr;
+            plan.bits = std::strtod(value.c_str(), &end);
+            if (value.empty() || *end != '\0' || !(plan.bits >= 0.5 && plan.bits <= 32))
+                throw std::invalid_argument("bits=" + value + ": expected an average width in [0.5, 32]");
         } else if (key == "head") {
             if (value != "recompute" && value != "keep")
                 throw std::invalid_argument("head=" + value + ": expected recompute or keep");
             plan.recompute_head = value == "recompute";
         } else {
             throw std::invalid_argument("unknown key '" + key + "' in '" + text +
-                                        "' (qkv, out, gate_up, down, linear, attn, mlp, norm, head)");
+                                        "' (qkv, out, gate_up, down, linear, attn, mlp, norm, head, bits)");
         }
     }
+    if (plan.bits > 0 && !plan.attn && !plan.mlp && !plan.norm)
+        throw std::invalid_argument("'" + text + "': bits= allocates the stores' bits, but attn, mlp and norm keep "
+                                    "their tensors whole (name at least one)");
     return plan;
 }
 
@@ -956,6 +970,74 @@ public:
 
     const model_config& config() const { return cfg_; }
     const memory_report& memory() const { return memory_; }
+
+    /// Registers each stored kind's settings (one scheme for all its tensors) with a bit allocator, with
+    /// the values the kind holds per step.
+    void register_stores(compact::bit_allocator& allocator)
+    {
+        index_t values[stored_kinds] = {};
+        for_each_stored([&](const stored_tensor& t) { values[t.kind] += cfg_.rows() * t.cols; });
+        for (int k = 0; k < stored_kinds; ++k)
+            if (values[k] > 0) allocator.add(kinds_[k], values[k]);
+    }
+
+    /// Lays the stores' encodings out one after another in the codes buffer, each with room for its
+    /// kind's current scheme, or for `at_least` if that needs more (a bit allocator's 8-bit probes).
+    /// Called after planning and around every bit allocation.
+    void carve_codes(const std::optional<compact::store_scheme>& at_least = std::nullopt)
+    {
+        const index_t n = cfg_.rows();
+        auto bytes_of = [&](const stored_tensor& t) {
+            const std::size_t b = compact::stored_bytes<T>(kinds_[t.kind].scheme, n * t.cols);
+            return at_least ? std::max(b, compact::stored_bytes<T>(*at_least, n * t.cols)) : b;
+        };
+        auto floats = [](std::size_t bytes) { return (bytes + sizeof(T) - 1) / sizeof(T) / 16 * 16 + 16; };
+        std::size_t total = 0;
+        for_each_stored([&](const stored_tensor& t) { total += floats(bytes_of(t)); });
+        acts_.codes.clear(), acts_.codes.shrink_to_fit(); // released before the new size is taken
+        acts_.codes.assign(total, T(0));
+        memory_.saved_stores = memory_.saved_stores_x = 0;
+        std::size_t used = 0;
+        for_each_stored([&](stored_tensor& t) {
+            const std::size_t bytes = bytes_of(t);
+            t.saved = compact::saved_tensor(reinterpret_cast<std::byte*>(acts_.codes.data() + used), bytes);
+            used += floats(bytes);
+            t.store->settings() = kinds_[t.kind];
+            memory_.saved_stores += t.store->saved_bytes(n, t.cols);
+            memory_.saved_stores_x += static_cast<std::size_t>(n * t.cols) * sizeof(T);
+        });
+    }
+
+    /// Every gradient of the last backward, in a fixed order (a bit allocator's probe).
+    void add_gradients(compact::gradient_probe& probe) const
+    {
+        auto dense = [&](const dense_parameter<T>& p) { probe.add(p.grad.data(), p.grad.size()); };
+        auto linear = [&](const auto& g) {
+            for (std::size_t k = 0; k < g.size(); ++k) probe.add(g.gradient(k));
+        };
+        dense(token_embedding_), dense(position_embedding_), dense(final_norm_);
+        for (const auto& b : blocks_) {
+            dense(b.norm1), dense(b.norm2);
+            linear(b.qkv), linear(b.attn_out), linear(b.gate_up), linear(b.down);
+        }
+    }
+
+    /// The stored kinds' schemes now, and the head: "attn int8/g256, mlp int4/g256, ..." or "whole".
+    std::string stores_now() const
+    {
+        std::string s;
+        const std::optional<compact::store_scheme>* planned[stored_kinds] = {&plan_.norm, &plan_.attn, &plan_.mlp};
+        for (int k : {attn_kind, mlp_kind, norm_kind})
+            if (*planned[k])
+                s += (s.empty() ? "" : ", ") + std::string(kind_names[k]) + " " + compact::to_string(kinds_[k].scheme);
+        if (plan_.bits > 0) {
+            char budget[32];
+            std::snprintf(budget, sizeof budget, " (GACT, %g bits)", plan_.bits);
+            s += budget;
+        }
+        if (plan_.recompute_head) s += (s.empty() ? "" : ", ") + std::string("head recomputed");
+        return s.empty() ? "whole" : s;
+    }
     const block& layer(index_t l) const { return blocks_[static_cast<std::size_t>(l)]; }
 
     index_t parameter_count() const
@@ -986,7 +1068,9 @@ public:
         // In training, a tensor kept through a store is encoded as soon as it is complete: its memory is
         // scratch that the next block overwrites (the residual stream's two buffers, Q K V, gate/up).
         const auto keep = [&](stored_tensor& t, mat<T> x) {
-            if (training && t.store) t.store->compress(ctx, x, step, t.saved);
+            if (!training || !t.store) return;
+            t.store->settings() = kinds_[t.kind]; // the kind's scheme (a bit allocator may change it)
+            t.store->compress(ctx, x, step, t.saved);
         };
         embed(tokens, rows(a.residual[0]));
         for (std::size_t l = 0; l < blocks_.size(); ++l) {
@@ -1124,7 +1208,20 @@ private:
     struct stored_tensor {
         std::optional<compact::activation_store<T, cpu>> store;
         compact::saved_tensor saved;
+        index_t cols = 0;
+        int kind = 0; // the index into kinds_ of its settings
     };
+    // The stored kinds, each with one scheme for all its tensors: norm inputs, Q K V, SwiGLU's gate/up.
+    enum stored_kind { norm_kind, attn_kind, mlp_kind, stored_kinds };
+    static constexpr const char* kind_names[stored_kinds] = {"norm", "attn", "mlp"};
+
+    template <class F>
+    void for_each_stored(F&& f)
+    {
+        for (auto* list : {&acts_.stored_residual, &acts_.stored_mid, &acts_.stored_qkv, &acts_.stored_gate_up})
+            for (stored_tensor& t : *list)
+                if (t.store) f(t);
+    }
 
     // Everything the forward pass keeps for backward, and the scratch reused within a step; N = B T.
     // With the plan's stores, residual, mid, qkv and gate_up hold one scratch buffer each, aliased by every
@@ -1159,7 +1256,8 @@ private:
         mat<T> restored;                // (N, the widest stored tensor): a stored tensor decoded for backward
         mat<T> scores;                  // (threads T, T): a (T, T) score block per thread
         mat<T> d_scores;                // (threads T, T)
-        buffer<T> kept = make_buffer<T>(memory_category::saved);       // all that is kept for backward
+        buffer<T> kept = make_buffer<T>(memory_category::saved);       // all that is kept for backward...
+        buffer<T> codes = make_buffer<T>(memory_category::saved);      // ...but the stores' encodings
         buffer<T> scratch = make_buffer<T>(memory_category::scratch);  // all the scratch
     };
 
@@ -1175,6 +1273,9 @@ private:
         activations& a = acts_;
         enum region { kept_region, both_region, forward_region, backward_region, regions };
         std::size_t both_size = 0; // the shared scratch region, from the first pass
+        const std::optional<compact::store_scheme> planned[stored_kinds] = {plan_.norm, plan_.attn, plan_.mlp};
+        for (int k = 0; k < stored_kinds; ++k)
+            if (planned[k]) kinds_[k] = compact::store_settings{*planned[k], 0};
         for (int pass = 0; pass < 2; ++pass) {
             std::size_t used[regions] = {};
             memory_ = memory_report{};
@@ -1212,14 +1313,15 @@ private:
                 memory_.compressor_state += group.compressor_state_bytes(n);
                 if (pass == 1) group.bind(ctx, data, bytes, n);
             };
-            // `count` tensors of (N, cols), kept whole, or through stores of `scheme` over one shared
-            // forward buffer (backward decodes into `restored`); each store's noise has its own tensor id.
+            // `count` tensors of (N, cols), kept whole, or through stores of their kind's scheme over one
+            // shared forward buffer (backward decodes into `restored`; carve_codes places the encodings);
+            // each store's noise has its own tensor id.
             std::uint64_t tensor_id = 1000;
             index_t widest_stored = 0;
             auto take_kept = [&](std::vector<mat<T>>& views, std::vector<stored_tensor>& records, index_t count,
-                                 index_t cols, const std::optional<compact::store_scheme>& scheme) {
+                                 index_t cols, int kind) {
                 views.clear(), records.clear();
-                if (!scheme) {
+                if (!planned[kind]) {
                     for (index_t l = 0; l < count; ++l) views.push_back(keep_whole(n, cols)), records.emplace_back();
                     return;
                 }
@@ -1227,18 +1329,15 @@ private:
                 const mat<T> shared = take(n, cols, forward_region);
                 for (index_t l = 0; l < count; ++l) {
                     stored_tensor t;
-                    t.store.emplace(*scheme, seed_, tensor_id++);
-                    const std::size_t bytes = t.store->saved_bytes(n, cols);
-                    t.saved = compact::saved_tensor(take_bytes(bytes), bytes);
-                    memory_.saved_stores += bytes;
-                    memory_.saved_stores_x += static_cast<std::size_t>(n * cols) * sizeof(T);
+                    t.store.emplace(*planned[kind], seed_, tensor_id++);
+                    t.cols = cols, t.kind = kind;
                     views.push_back(shared), records.push_back(t);
                 }
             };
-            take_kept(a.residual, a.stored_residual, layers + 1, c, plan_.norm);
-            take_kept(a.mid, a.stored_mid, layers, c, plan_.norm);
-            take_kept(a.qkv, a.stored_qkv, layers, 3 * c, plan_.attn);
-            take_kept(a.gate_up, a.stored_gate_up, layers, 2 * f, plan_.mlp);
+            take_kept(a.residual, a.stored_residual, layers + 1, c, norm_kind);
+            take_kept(a.mid, a.stored_mid, layers, c, norm_kind);
+            take_kept(a.qkv, a.stored_qkv, layers, 3 * c, attn_kind);
+            take_kept(a.gate_up, a.stored_gate_up, layers, 2 * f, mlp_kind);
             a.rstd1.clear(), a.lse.clear(), a.rstd2.clear();
             for (index_t l = 0; l < layers; ++l) {
                 a.rstd1.push_back(keep_whole(n, 1));
@@ -1270,6 +1369,7 @@ private:
                 a.kept.assign(used[kept_region], T(0)), a.scratch.assign(scratch, T(0));
             }
         }
+        carve_codes();
         row_loss_.assign(static_cast<std::size_t>(n), 0.0);
         memory_.scratch += row_loss_.size() * sizeof(double);
 
@@ -1348,6 +1448,7 @@ private:
     buffer<double> row_loss_ = make_buffer<double>(memory_category::scratch); // (N): per-row losses, summed in order
     buffer<std::byte> workspace_ = make_buffer<std::byte>(memory_category::scratch); // the library's workspace
     memory_report memory_;
+    compact::store_settings kinds_[stored_kinds]; // each stored kind's scheme (and a probe's noise variant)
     index_t threads_ = 1;
     index_t batch_ = 0, length_ = 0;        // of the last forward
 };
@@ -1558,6 +1659,16 @@ run_summary train(const compression_plan& plan, const model_config& cfg, const t
     }
     std::snprintf(out.stores, sizeof out.stores, "%s", stores_string(plan).c_str());
     out.parameters = model.parameter_count();
+    // bits=B: GACT's allocator re-picks the stored kinds' schemes at the first step and at 10% of the steps.
+    std::optional<compact::bit_allocator> allocator;
+    if (plan.bits > 0) {
+        compact::allocation_options o;
+        o.average_bits = plan.bits;
+        o.full_bits = 8 * sizeof(float);
+        allocator.emplace(o, compact::sensitivity_method::gact,
+                          compact::allocation_schedule::start_and_fraction(static_cast<std::uint64_t>(s.steps), 0.1));
+        model.register_stores(*allocator);
+    }
     const auto record_memory = [&] {
         const memory_report& m = model.memory();
         out.saved_program = m.saved_program, out.saved_compressed = m.saved_compressed;
@@ -1608,6 +1719,17 @@ run_summary train(const compression_plan& plan, const model_config& cfg, const t
         const auto start = clock_type::now();
         for (auto& p : starts) p = static_cast<std::size_t>(order() % positions);
         fill_windows(text, starts.data(), b, t, tokens, targets);
+        if (allocator && allocator->schedule().due(static_cast<std::uint64_t>(step))) {
+            // Probes encode a kind in 1 and 8 bits on this batch (forward and backward again, no update):
+            // the codes buffer holds 8-bit encodings meanwhile, then the chosen schemes' sizes.
+            model.carve_codes(compact::store_scheme::quantized(8));
+            allocator->update(static_cast<std::uint64_t>(step), [&](compact::gradient_probe& probe) {
+                model.forward(ctx, tokens.data(), targets.data(), b, t, true, static_cast<std::uint64_t>(step));
+                model.backward(ctx, tokens.data());
+                model.add_gradients(probe);
+            });
+            model.carve_codes();
+        }
         // The step (completed updates) selects each group's P: a new one every s.gap updates.
         const double loss = model.forward(ctx, tokens.data(), targets.data(), b, t, true,
                                           static_cast<std::uint64_t>(step));
@@ -1643,6 +1765,7 @@ run_summary train(const compression_plan& plan, const model_config& cfg, const t
     out.tokens_per_second = static_cast<double>(b * t) * s.steps / seconds;
     out.val_loss = evaluate(model, ctx, text, val_final, tokens, targets);
     out.train_loss = evaluate(model, ctx, text, train_final, tokens, targets);
+    std::snprintf(out.stores, sizeof out.stores, "%s", model.stores_now().c_str());
     const std::string sample = printable(sample_text(model, ctx, text, "%\n", s.sample_chars, s.temperature, s.seed));
     std::snprintf(out.sample, sizeof out.sample, "%s", sample.c_str());
     record_memory();
@@ -1925,7 +2048,8 @@ int main(int argc, char** argv)
     // training) and quantized.
     const std::vector<std::string> smoke_plans = {
         "n/4", "velora", "wta", "int4", "alam", "attn=full,mlp=full,norm=full,head=recompute",
-        "linear=n/4,attn=int8,mlp=int4,norm=int8,head=recompute"};
+        "linear=n/4,attn=int8,mlp=int4,norm=int8,head=recompute",
+        "linear=int8,attn=int8,mlp=int8,norm=int8,head=recompute,bits=4"};
     bool smoke = false, gradcheck_only = false, compress_attn_out = false, threads_given = false;
     try {
         for (int i = 1; i < argc; ++i) {

@@ -239,6 +239,8 @@ public:
     const std::vector<double>& sensitivities() const noexcept { return sensitivity_; }
     const allocation_options& options() const noexcept { return options_; }
     sensitivity_method method() const noexcept { return method_; }
+    /// When update() re-estimates (a trainer may prepare memory for the probes at those steps).
+    const allocation_schedule& schedule() const noexcept { return schedule_; }
     /// The schemes the registered stores hold now.
     std::vector<store_scheme> schemes() const
     {
