@@ -26,6 +26,12 @@
 // module's buffer `compact_key` (saved and restored by torch::save / torch::load with the parameters), so
 // a resumed model regenerates the same P.
 //
+// CUDA tensors: with COMPACT_TORCH_CUDA defined (the translation unit compiled by nvcc, torch built with
+// CUDA), a Linear whose weight and input are on a CUDA device compresses and computes G through
+// compact::cuda on ATen's current stream and cuBLAS handle; Y, dX and db are torch's, as on the CPU. The
+// optimizer's P comes from the host (kept or generated there) and is copied at every step. Without the
+// macro a CUDA tensor is an error that says so.
+//
 // Errors: a wrong dtype, device or shape throws compact::error (a std::runtime_error) naming the function
 // (compact::torch::Linear::forward), the argument and the shapes, like the rest of compact.
 #pragma once
@@ -44,6 +50,12 @@
 
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/torch.h>
+
+#ifdef COMPACT_TORCH_CUDA
+#include "compact/backend/cuda/cuda.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -80,6 +92,14 @@ namespace detail {
 template <class Policy>
 class linear_state;
 
+#ifdef COMPACT_TORCH_CUDA
+/// compact's CUDA context on ATen's current stream and cuBLAS handle (ATen binds the handle to the stream).
+inline compact::cuda::context aten_cuda_context()
+{
+    return {::at::cuda::getCurrentCUDAStream().stream(), ::at::cuda::getCurrentCUDABlasHandle()};
+}
+#endif
+
 /// The backward of one Linear call: keeps the compressor's saved activation (Z for a projection) and a
 /// reference to W (a parameter: no copy).
 template <class Policy>
@@ -113,6 +133,26 @@ class linear_state : public compressed_weight, public std::enable_shared_from_th
 public:
     template <class T>
     using layer_type = compressed_linear<T, Policy, compact::cpu>;
+#ifdef COMPACT_TORCH_CUDA
+    template <class T>
+    using cuda_layer_type = compressed_linear<T, Policy, compact::cuda>;
+
+    /// The CUDA layer for dtype T (its P regenerated on the device when needed), rebuilt like layer().
+    template <class T>
+    const cuda_layer_type<T>& cuda_layer()
+    {
+        auto& slot = cuda_slot_of<T>();
+        const std::uint64_t s = key_seed(), id = key_layer();
+        const int k = std::is_same_v<T, double> ? 1 : 0;
+        if (!slot || cuda_seeds_[k] != s || cuda_layers_[k] != id) {
+            slot.emplace(in_features{in_}, out_features{out_}, s, id, policy_, dist_, resample_,
+                         "compact::torch::Linear");
+            cuda_seeds_[k] = s;
+            cuda_layers_[k] = id;
+        }
+        return *slot;
+    }
+#endif
 
     linear_state(const LinearOptions& o, const Policy& policy, ::at::Tensor key, ::at::Tensor weight)
         : in_(o.in_features()), out_(o.out_features()), policy_(policy), dist_(o.dist()),
@@ -227,59 +267,88 @@ private:
     std::optional<layer_type<double>> double_;
     std::uint64_t seeds_[2] = {0, 0};
     std::uint64_t layers_[2] = {0, 0};
+#ifdef COMPACT_TORCH_CUDA
+    template <class T>
+    std::optional<cuda_layer_type<T>>& cuda_slot_of()
+    {
+        if constexpr (std::is_same_v<T, double>) return cuda_double_;
+        else return cuda_float_;
+    }
+    std::optional<cuda_layer_type<float>> cuda_float_;
+    std::optional<cuda_layer_type<double>> cuda_double_;
+    std::uint64_t cuda_seeds_[2] = {0, 0};
+    std::uint64_t cuda_layers_[2] = {0, 0};
+#endif
 };
+
+/// The weight gradient of one backward, by `fc` (the CPU or the CUDA layer) on its context, into weight.grad.
+template <class Policy, class T, class Layer, class Context>
+void weight_gradient(LinearBackward<Policy>& node, const Layer& fc, const Context& ctx, ::at::Tensor& w,
+                     const ::at::Tensor& dy2)
+{
+    constexpr const char* where = "compact::torch::Linear (backward)";
+    auto& st = *node.state;
+    const int64_t m = st.out();
+    const int64_t rows = dy2.size(0);
+    ::at::Tensor dy_keep;
+    const const_matrix_view<T> dy = rows_view<T>(dy2, dy_keep);
+    using saved_type = typename Layer::saved_type;
+    COMPACT_REQUIRE(node.record.size() == sizeof(saved_type), where, "the saved record (", node.record.size(),
+                    " bytes) was written by a layer of another backend (", sizeof(saved_type), " expected)");
+    // weight.grad: accumulate onto it when a backward of this update wrote it, else start afresh.
+    ::at::Tensor& wg = w.mutable_grad();
+    const int64_t r = fc.rank();
+    saved_type saved{};
+    std::memcpy(static_cast<void*>(&saved), node.record.data(), sizeof(saved_type));
+    write_mode mode = write_mode::overwrite;
+    ::at::Tensor g;
+    if (wg.defined()) {
+        COMPACT_REQUIRE(wg.dim() == 2 && wg.size(0) == m && wg.size(1) == r && wg.scalar_type() == w.scalar_type(),
+                        where, "weight.grad is ", sizes_string(wg), " of ", wg.scalar_type(), " but the layer's ",
+                        "gradient is (", m, ", ", r, ") of ", w.scalar_type());
+        const bool consumed = st.grad_version_after_step >= 0 &&
+                              static_cast<int64_t>(wg._version()) == st.grad_version_after_step;
+        COMPACT_REQUIRE(!consumed || st.grad_epoch == saved.epoch, where,
+                        "weight.grad still holds the gradient of epoch ", st.grad_epoch,
+                        " that the optimizer applied; call zero_grad() after step() before this backward (epoch ",
+                        saved.epoch, ")");
+        g = wg.is_contiguous() ? wg : wg.contiguous();
+        mode = write_mode::accumulate;
+    } else {
+        g = ::at::empty({m, r}, w.options());
+    }
+    ::at::Tensor ws = ::at::empty({static_cast<int64_t>(fc.workspace_bytes(rows))},
+                                  ::at::TensorOptions().dtype(::at::kByte).device(dy2.device()));
+    saved.data = static_cast<std::byte*>(node.kept.data_ptr());
+    fc.compressor().weight_gradient(ctx, dy, saved, matrix_view<T>(g.template data_ptr<T>(), m, r), mode,
+                                    {ws.data_ptr(), static_cast<std::size_t>(ws.numel())});
+    if (!wg.defined() || !wg.is_same(g)) wg = g;
+    st.grad_written = true;
+    st.grad_epoch = saved.epoch;
+    st.grad_version_after_step = -1;
+}
 
 template <class Policy, class T>
 ::torch::autograd::variable_list linear_backward(LinearBackward<Policy>& node, ::at::Tensor dy_in)
 {
-    constexpr const char* where = "compact::torch::Linear (backward)";
     auto& st = *node.state;
-    const auto& fc = st.template layer<T>();
     ::at::Tensor w = node.weight.unpack();
-    const int64_t n = st.in(), m = st.out();
+    const int64_t m = st.out();
     const int64_t rows = m == 0 ? 0 : dy_in.numel() / m;
     const ::at::Tensor dy2 = dy_in.reshape({rows, m});
-    ::at::Tensor dy_keep;
-    const const_matrix_view<T> dy = rows_view<T>(dy2, dy_keep);
-    const auto ctx = cpu_context();
-    using saved_type = typename linear_state<Policy>::template layer_type<T>::saved_type;
 
     // dX = dY W and db = column sums of dY are exact and do not depend on the compressor: torch computes
     // them (its BLAS, as nn::Linear's backward); the compressor computes the weight gradient.
     ::at::Tensor dx = node.should_compute_output(0) ? dy2.mm(w) : ::at::Tensor();
     ::at::Tensor db = node.has_bias && node.should_compute_output(1) ? dy2.sum(0) : ::at::Tensor();
-    (void)n;
     if (node.kept.defined()) {
-        // weight.grad: accumulate onto it when a backward of this update wrote it, else start afresh.
-        ::at::Tensor& wg = w.mutable_grad();
-        const int64_t r = fc.rank();
-        saved_type saved{};
-        std::memcpy(static_cast<void*>(&saved), node.record.data(), sizeof(saved_type));
-        write_mode mode = write_mode::overwrite;
-        ::at::Tensor g;
-        if (wg.defined()) {
-            COMPACT_REQUIRE(wg.dim() == 2 && wg.size(0) == m && wg.size(1) == r && wg.scalar_type() == w.scalar_type(),
-                            where, "weight.grad is ", sizes_string(wg), " of ", wg.scalar_type(), " but the layer's ",
-                            "gradient is (", m, ", ", r, ") of ", w.scalar_type());
-            const bool consumed = st.grad_version_after_step >= 0 &&
-                                  static_cast<int64_t>(wg._version()) == st.grad_version_after_step;
-            COMPACT_REQUIRE(!consumed || st.grad_epoch == saved.epoch, where,
-                            "weight.grad still holds the gradient of epoch ", st.grad_epoch,
-                            " that the optimizer applied; call zero_grad() after step() before this backward (epoch ",
-                            saved.epoch, ")");
-            g = wg.is_contiguous() ? wg : wg.contiguous();
-            mode = write_mode::accumulate;
+        if (dy2.is_cuda()) {
+#ifdef COMPACT_TORCH_CUDA
+            weight_gradient<Policy, T>(node, st.template cuda_layer<T>(), aten_cuda_context(), w, dy2);
+#endif
         } else {
-            g = ::at::empty({m, r}, w.options());
+            weight_gradient<Policy, T>(node, st.template layer<T>(), cpu_context(), w, dy2);
         }
-        ::at::Tensor ws = ::at::empty({static_cast<int64_t>(fc.workspace_bytes(rows))}, ::at::kByte);
-        saved.data = static_cast<std::byte*>(node.kept.data_ptr());
-        fc.compressor().weight_gradient(ctx, dy, saved, matrix_view<T>(g.template data_ptr<T>(), m, r), mode,
-                                        {ws.data_ptr(), static_cast<std::size_t>(ws.numel())});
-        if (!wg.defined() || !wg.is_same(g)) wg = g;
-        st.grad_written = true;
-        st.grad_epoch = saved.epoch;
-        st.grad_version_after_step = -1;
     }
     if (dx.defined()) dx = dx.view(node.input_sizes);
     return {dx, db};
@@ -374,7 +443,6 @@ private:
     ::at::Tensor run(const ::at::Tensor& input)
     {
         constexpr const char* where = "compact::torch::Linear::forward";
-        const auto& fc = state_->template layer<T>();
         const int64_t m = options.out_features();
         const bool grad_mode = ::torch::GradMode::is_enabled();
         const bool need_weight = grad_mode && is_training() && weight.requires_grad();
@@ -386,23 +454,37 @@ private:
         std::vector<int64_t> out_sizes = input.sizes().vec();
         out_sizes.back() = m;
         ::at::Tensor y = ::at::empty({x.rows, m}, weight.options().requires_grad(false));
-        const auto ctx = detail::cpu_context();
 
-        using saved_type = typename detail::linear_state<Policy>::template layer_type<T>::saved_type;
-        static_assert(std::is_trivially_copyable_v<saved_type>, "compact::torch: a saved_type must be trivially copyable");
+        // The compressor's saved activation, on the input's device, by the CPU or the CUDA layer.
         ::at::Tensor kept;
-        saved_type saved{};
-        if (need_weight) {
-            kept = ::at::empty({static_cast<int64_t>(fc.saved_bytes(x.rows))}, ::at::TensorOptions().dtype(::at::kByte));
-            saved = bind_saved<saved_type>(kept.data_ptr(), static_cast<std::size_t>(kept.numel()));
-            ::at::Tensor ws = ::at::empty({static_cast<int64_t>(fc.workspace_bytes(x.rows))}, ::at::kByte);
+        std::vector<std::byte> record;
+        auto compress = [&](const auto& fc, const auto& ctx) {
+            using saved_type = typename std::decay_t<decltype(fc)>::saved_type;
+            static_assert(std::is_trivially_copyable_v<saved_type>,
+                          "compact::torch: a saved_type must be trivially copyable");
+            const auto bytes = ::at::TensorOptions().dtype(::at::kByte).device(input.device());
+            kept = ::at::empty({static_cast<int64_t>(fc.saved_bytes(x.rows))}, bytes);
+            saved_type saved = bind_saved<saved_type>(kept.data_ptr(), static_cast<std::size_t>(kept.numel()));
+            ::at::Tensor ws = ::at::empty({static_cast<int64_t>(fc.workspace_bytes(x.rows))}, bytes);
             fc.compressor().compress(ctx, x, state_->updates(), saved,
                                      {ws.data_ptr(), static_cast<std::size_t>(ws.numel())});
+            record.resize(sizeof(saved_type));
+            std::memcpy(record.data(), static_cast<const void*>(&saved), sizeof(saved_type));
+        };
+        if (need_weight) {
+            if (input.is_cuda()) {
+#ifdef COMPACT_TORCH_CUDA
+                compress(state_->template cuda_layer<T>(), detail::aten_cuda_context());
+#endif
+            } else {
+                compress(state_->template layer<T>(), detail::cpu_context());
+            }
         }
         // Y = X W^T + b exactly, by torch (its BLAS, as nn::Linear): it does not depend on the compressor.
         {
             ::torch::NoGradGuard guard;
-            const ::at::Tensor x2 = input.reshape({x.rows, options.in_features()});
+            const std::vector<int64_t> flat{x.rows, options.in_features()};
+            const ::at::Tensor x2 = input.reshape(flat);
             if (bias.defined()) ::at::addmm_out(y, bias, x2, weight.t());
             else ::at::mm_out(y, x2, weight.t());
         }
@@ -414,8 +496,7 @@ private:
         node->state = state_;
         node->weight = ::torch::autograd::SavedVariable(weight, false);
         node->kept = kept;
-        node->record.resize(sizeof(saved_type));
-        std::memcpy(node->record.data(), static_cast<const void*>(&saved), sizeof(saved_type));
+        node->record = std::move(record);
         node->input_sizes = input.sizes().vec();
         node->dtype = weight.scalar_type();
         node->has_bias = bias.defined();
