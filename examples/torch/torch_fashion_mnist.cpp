@@ -1,13 +1,14 @@
 // torch_fashion_mnist: a libtorch MLP (784-1024-1024-10) on Fashion-MNIST, trained twice on the same
 // data: with torch::nn::Linear, torch::relu and torch::optim::AdamW, then with compact::torch::Linear
-// (r = n/4), compact::torch::ReLU (1-bit masks) and compact::torch::SubspaceAdamW. Prints, for each, the
-// test accuracy, the time per training step, and the bytes the autograd graph keeps for backward (found
-// by walking the graph: compact::torch::saved_for_backward).
+// (r = n/4, a new P every 50 optimizer updates: --resample T), compact::torch::ReLU (1-bit masks) and
+// compact::torch::SubspaceAdamW. Prints, for each, the test accuracy, the time per training step, and the
+// bytes the autograd graph keeps for backward (found by walking the graph:
+// compact::torch::saved_for_backward).
 //
 // Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, gzip'd IDX files, read with
 // `gzip -dc`), or --data DIR. --smoke: a few steps on random data when the files are absent (CTest).
 //
-// Usage: torch_fashion_mnist [--epochs E] [--batch N] [--threads T] [--data DIR] [--smoke]
+// Usage: torch_fashion_mnist [--epochs E] [--batch N] [--threads T] [--resample T] [--data DIR] [--smoke]
 #include <compact/torch.hpp>
 
 #include <torch/torch.h>
@@ -23,6 +24,9 @@
 namespace ct = compact::torch;
 
 namespace {
+
+// Optimizer updates between two projections of a compressed layer (--resample).
+std::uint64_t resample_gap = 50;
 
 struct split {
     torch::Tensor images; // (count, 784) float in [0, 1]
@@ -65,7 +69,7 @@ struct Mlp : torch::nn::Module {
     static L make(int64_t n, int64_t m)
     {
         if constexpr (std::is_same_v<L, torch::nn::Linear>) return L(torch::nn::LinearOptions(n, m));
-        else return L(ct::LinearOptions(n, m).seed(42));
+        else return L(ct::LinearOptions(n, m).seed(42).resample_gap(resample_gap));
     }
     torch::Tensor forward(torch::Tensor x)
     {
@@ -141,9 +145,10 @@ int main(int argc, char** argv)
         else if (a == "--batch") batch = std::stoll(next());
         else if (a == "--threads") threads = std::stoi(next());
         else if (a == "--data") data = next();
+        else if (a == "--resample") resample_gap = std::stoull(next());
         else if (a == "--smoke") smoke = true;
         else {
-            std::fprintf(stderr, "usage: %s [--epochs E] [--batch N] [--threads T] [--data DIR] [--smoke]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--epochs E] [--batch N] [--threads T] [--resample T] [--data DIR] [--smoke]\n", argv[0]);
             return 2;
         }
     }

@@ -132,7 +132,7 @@ template <class Policy>
 class linear_state : public compressed_weight, public std::enable_shared_from_this<linear_state<Policy>> {
 public:
     template <class T>
-    using layer_type = compressed_linear<T, Policy, compact::cpu>;
+    using layer_type = compressed_linear<T, Policy, torch_cpu>;
 #ifdef COMPACT_TORCH_CUDA
     template <class T>
     using cuda_layer_type = compressed_linear<T, Policy, compact::cuda>;

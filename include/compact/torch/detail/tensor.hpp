@@ -48,6 +48,51 @@ inline void check_tensor(const ::at::Tensor& t, const ::at::Tensor& like, const 
                     t.scalar_type(), ": compact::torch computes in float or double");
 }
 
+/// compact's CPU backend with torch's BLAS for its products: the compressor's X P and dY^T Z run on the
+/// library torch's own matrix products use (OpenBLAS, MKL), on torch's intra-op threads, so that compact
+/// and nn::Linear compare like with like. Everything else (projections, stores, masks) is compact::cpu's.
+struct torch_cpu : compact::cpu {
+    static constexpr const char* name = "torch-cpu";
+
+    /// C (M, N) = alpha op(A) op(B) + beta C, as compact::cpu::gemm (beta == 0 never reads C).
+    template <class T>
+    static void gemm(const context& ctx, op ta, op tb, double alpha, const_matrix_view<T> a, const_matrix_view<T> b,
+                     double beta, matrix_view<T> c)
+    {
+        constexpr const char* where = "compact::torch::detail::torch_cpu::gemm";
+        (void)ctx; // torch's threads: the context is compact::cpu's, made from them (cpu_context)
+        compact::detail::check_view(a, where, "A");
+        compact::detail::check_view(b, where, "B");
+        compact::detail::check_view(c, where, "C");
+        compact::detail::check_no_overlap(c, "C", a, "A", where);
+        compact::detail::check_no_overlap(c, "C", b, "B", where);
+        const index_t m = c.rows, n = c.cols;
+        const index_t k = ta == op::none ? a.cols : a.rows;
+        COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == m && (tb == op::none ? b.rows : b.cols) == k &&
+                            (tb == op::none ? b.cols : b.rows) == n,
+                        where, "op(A) ", shape_string(a), ", op(B) ", shape_string(b), " and C ", shape_string(c),
+                        " do not agree");
+        if (m == 0 || n == 0) return;
+        const auto dtype = ::c10::CppTypeToScalarType<T>::value;
+        auto wrap = [&](const auto& v) {
+            return ::at::from_blob(const_cast<T*>(v.data), {v.rows, v.cols}, {std::max<index_t>(v.ld, 1), 1},
+                                   ::at::TensorOptions().dtype(dtype));
+        };
+        ::at::Tensor ta_ = wrap(a), tb_ = wrap(b), tc = wrap(c);
+        if (ta == op::transpose) ta_ = ta_.t();
+        if (tb == op::transpose) tb_ = tb_.t();
+        if (k == 0) {
+            // An empty sum: C = beta C (beta == 0 writes zeros).
+            if (beta == 0) tc.zero_();
+            else tc.mul_(beta);
+            return;
+        }
+        // addmm ignores C when beta == 0 (no NaN from it propagates), as compact's contract says.
+        ::at::NoGradGuard no_grad;
+        tc.addmm_(ta_, tb_, beta, alpha);
+    }
+};
+
 /// A (rows, cols) row-major view of t without copying when its strides allow (unit column stride, rows
 /// at a common distance: any contiguous tensor, a row slice, the leading dimensions of a strided batch);
 /// otherwise `keep` receives a contiguous copy and the view is of that. cols: the last dimension.
