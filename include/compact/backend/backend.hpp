@@ -108,6 +108,21 @@ using non_deduced_t = typename non_deduced<T>::type;
 /// Operand transposition for gemm.
 enum class op : unsigned char { none, transpose };
 
+namespace detail {
+/// The check every backend's gemm makes: op(A) (M, K), op(B) (K, N) and C (M, N) agree. Returns K.
+template <class T>
+index_t check_gemm_shapes(op ta, op tb, const matrix_view<const T>& a, const matrix_view<const T>& b,
+                          const matrix_view<T>& c, const char* where)
+{
+    const index_t k = ta == op::none ? a.cols : a.rows;
+    COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == c.rows && (tb == op::none ? b.rows : b.cols) == k &&
+                        (tb == op::none ? b.cols : b.rows) == c.cols,
+                    where, "op(A) ", shape_string(a), ", op(B) ", shape_string(b), " and C ", shape_string(c),
+                    " do not agree");
+    return k;
+}
+} // namespace detail
+
 /// The per-step scalars of one (subspace) AdamW update, computed once on the host.
 struct adam_coefficients {
     double beta1 = 0.9;

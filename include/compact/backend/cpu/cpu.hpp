@@ -168,11 +168,7 @@ struct cpu {
         detail::check_no_overlap(c, "C", b, "B", where);
         const T alpha = static_cast<T>(alpha_d), beta = static_cast<T>(beta_d);
         const index_t m = c.rows, n = c.cols;
-        const index_t k = ta == op::none ? a.cols : a.rows;
-        COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == m && (tb == op::none ? b.rows : b.cols) == k &&
-                            (tb == op::none ? b.cols : b.rows) == n,
-                        "cpu::gemm", "op(A) ", shape_string(a), ", op(B) ", shape_string(b), " and C ",
-                        shape_string(c), " do not agree");
+        detail::check_gemm_shapes<T>(ta, tb, a, b, c, where);
         if (m == 0 || n == 0) return;
         // Splitting the longer side of C keeps each part's product large enough for the packed kernel.
         const bool split_rows = m >= n;

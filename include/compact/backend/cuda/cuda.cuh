@@ -100,11 +100,7 @@ struct cuda {
                           std::is_same_v<T, __nv_bfloat16>,
                       "cuda::gemm supports float, double, __half and __nv_bfloat16");
         const index_t m = c.rows, n = c.cols;
-        const index_t k = ta == op::none ? a.cols : a.rows;
-        COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == m && (tb == op::none ? b.rows : b.cols) == k &&
-                            (tb == op::none ? b.cols : b.rows) == n,
-                        where, "op(A) ", shape_string(a), ", op(B) ", shape_string(b), " and C ", shape_string(c),
-                        " do not agree");
+        const index_t k = detail::check_gemm_shapes<T>(ta, tb, a, b, c, where);
         COMPACT_REQUIRE(detail::fits_int(m) && detail::fits_int(n) && detail::fits_int(k) &&
                             detail::fits_int(a.ld) && detail::fits_int(b.ld) && detail::fits_int(c.ld),
                         where, "A ", shape_string(a), ", B ", shape_string(b), ", C ", shape_string(c),

@@ -67,11 +67,7 @@ struct torch_cpu : compact::cpu {
         compact::detail::check_no_overlap(c, "C", a, "A", where);
         compact::detail::check_no_overlap(c, "C", b, "B", where);
         const index_t m = c.rows, n = c.cols;
-        const index_t k = ta == op::none ? a.cols : a.rows;
-        COMPACT_REQUIRE((ta == op::none ? a.rows : a.cols) == m && (tb == op::none ? b.rows : b.cols) == k &&
-                            (tb == op::none ? b.cols : b.rows) == n,
-                        where, "op(A) ", shape_string(a), ", op(B) ", shape_string(b), " and C ", shape_string(c),
-                        " do not agree");
+        const index_t k = compact::detail::check_gemm_shapes<T>(ta, tb, a, b, c, where);
         if (m == 0 || n == 0) return;
         const auto dtype = ::c10::CppTypeToScalarType<T>::value;
         auto wrap = [&](const auto& v) {
