@@ -15,6 +15,18 @@ namespace ct = compact::torch;
 namespace {
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// The message f throws, or "no error".
+template <class F>
+std::string message(F&& f)
+{
+    try {
+        f();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "no error";
+}
 double rel_diff(const at::Tensor& a, const at::Tensor& b)
 {
     return max_diff(a, b) / std::max(1e-300, b.abs().max().item<double>());
@@ -294,14 +306,6 @@ TEST_CASE("Dropout keeps a mask and matches its own backward")
 TEST_CASE("errors name the function and the argument")
 {
     auto fc = make_double<compact::rank::ratio<1, 4>>(16, 8);
-    auto message = [&](auto&& f) {
-        try {
-            f();
-        } catch (const std::exception& e) {
-            return std::string(e.what());
-        }
-        return std::string("no error");
-    };
     const auto wrong_dtype = message([&] { fc(torch::randn({4, 16})); });
     CHECK(wrong_dtype.find("compact::torch::Linear::forward") != std::string::npos);
     CHECK(wrong_dtype.find("input has dtype Float") != std::string::npos);
@@ -488,14 +492,6 @@ TEST_CASE("SavedTensors with GACT's allocator: bits per tensor from probed sensi
 
 TEST_CASE("SavedTensors, GELU and SiLU: errors name the function and the argument")
 {
-    auto message = [&](auto&& f) {
-        try {
-            f();
-        } catch (const std::exception& e) {
-            return std::string(e.what());
-        }
-        return std::string("no error");
-    };
     const auto min = message([] { ct::SavedTensors s(ct::SavedTensorsOptions().min_numel(0)); });
     CHECK(min.find("compact::torch::SavedTensors") != std::string::npos);
     CHECK(min.find("min_numel=0") != std::string::npos);
