@@ -8,7 +8,10 @@
 // Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, gzip'd IDX files, read with
 // `gzip -dc`), or --data DIR. --smoke: a few steps on random data when the files are absent (CTest).
 //
-// Usage: torch_fashion_mnist [--epochs E] [--batch N] [--threads T] [--resample T] [--data DIR] [--smoke]
+// Usage: torch_fashion_mnist [--epochs E] [--batch N] [--threads T] [--resample T] [--lr-compressed X]
+//                            [--alpha A] [--data DIR] [--smoke]
+// (--lr-compressed, --alpha: the compressed weights' learning rate and subspace scale; default the
+// paper's 1e-2 and 0.25.)
 #include <compact/torch.hpp>
 
 #include <torch/torch.h>
@@ -133,6 +136,7 @@ int main(int argc, char** argv)
 {
     int epochs = 2, threads = 0;
     int64_t batch = 256, max_steps = INT64_MAX;
+    double lr_compressed = 1e-2, alpha = 0.25; // the paper's, for the compressed weights
     bool smoke = false;
     std::string data = "/usr/share/datasets/fashion-mnist";
     for (int i = 1; i < argc; ++i) {
@@ -146,9 +150,12 @@ int main(int argc, char** argv)
         else if (a == "--threads") threads = std::stoi(next());
         else if (a == "--data") data = next();
         else if (a == "--resample") resample_gap = std::stoull(next());
+        else if (a == "--lr-compressed") lr_compressed = std::stod(next());
+        else if (a == "--alpha") alpha = std::stod(next());
         else if (a == "--smoke") smoke = true;
         else {
-            std::fprintf(stderr, "usage: %s [--epochs E] [--batch N] [--threads T] [--resample T] [--data DIR] [--smoke]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--epochs E] [--batch N] [--threads T] [--resample T] [--lr-compressed X] [--alpha A] "
+                                 "[--data DIR] [--smoke]\n", argv[0]);
             return 2;
         }
     }
@@ -185,7 +192,7 @@ int main(int argc, char** argv)
     // Compressed weights: the paper's lr 1e-2 with the subspace scale alpha 0.25; biases: lr 1e-3.
     std::vector<torch::optim::OptimizerParamGroup> groups;
     groups.emplace_back(std::vector<torch::Tensor>{compressed.fc1->weight, compressed.fc2->weight, compressed.fc3->weight},
-                        std::make_unique<ct::SubspaceAdamWOptions>(ct::SubspaceAdamWOptions(1e-2).alpha(0.25)));
+                        std::make_unique<ct::SubspaceAdamWOptions>(ct::SubspaceAdamWOptions(lr_compressed).alpha(alpha)));
     groups.emplace_back(std::vector<torch::Tensor>{compressed.fc1->bias, compressed.fc2->bias, compressed.fc3->bias},
                         std::make_unique<ct::SubspaceAdamWOptions>(ct::SubspaceAdamWOptions(1e-3)));
     ct::SubspaceAdamW compressed_opt(std::move(groups));
