@@ -1585,18 +1585,6 @@ std::string sample_text(Model& model, const context& ctx, const corpus& c, const
     return out;
 }
 
-// How a plan keeps the program's own tensors: "whole", or e.g. "attn int8, mlp int4, norm int8, head recomputed".
-std::string stores_string(const compression_plan& plan)
-{
-    std::string s;
-    auto add = [&](const char* what, const std::optional<compact::store_scheme>& scheme) {
-        if (scheme) s += (s.empty() ? "" : ", ") + std::string(what) + " " + compact::to_string(*scheme);
-    };
-    add("attn", plan.attn), add("mlp", plan.mlp), add("norm", plan.norm);
-    if (plan.recompute_head) s += (s.empty() ? "" : ", ") + std::string("head recomputed");
-    return s.empty() ? "whole" : s;
-}
-
 // A progress bar on stderr while a run trains, when stderr is a terminal: the steps done, the mean batch
 // loss since the last evaluation, and the time left.
 class progress {
@@ -1657,7 +1645,7 @@ run_summary train(const compression_plan& plan, const model_config& cfg, const t
         out.rank[k] = groups[k]->rank();
         std::snprintf(out.compressor[k], sizeof out.compressor[k], "%s", groups[k]->choice().name.c_str());
     }
-    std::snprintf(out.stores, sizeof out.stores, "%s", stores_string(plan).c_str());
+    std::snprintf(out.stores, sizeof out.stores, "%s", model.stores_now().c_str());
     out.parameters = model.parameter_count();
     // bits=B: GACT's allocator re-picks the stored kinds' schemes at the first step and at 10% of the steps.
     std::optional<compact::bit_allocator> allocator;
