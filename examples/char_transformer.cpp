@@ -1092,9 +1092,10 @@ public:
             add<T>(ctx, rows(a.mid[l]), rows(a.proj), rows(a.residual[l + 1]));
         }
         keep(a.stored_residual.back(), rows(a.residual.back()));
-        rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), rows(a.final_normed),
-                           a.final_rstd.data);
-        cpu::gemm<T>(ctx, op::none, op::transpose, 1.0, rows(a.final_normed), token_embedding_.w(), 0.0,
+        // Hf: kept, or (head=recompute) written into `normed`, forward's scratch, free after the last block.
+        const mat<T> head_in = rows(plan_.recompute_head ? a.normed : a.final_normed);
+        rmsnorm_forward<T>(ctx, rows(a.residual.back()), final_norm_.value.data(), head_in, a.final_rstd.data);
+        cpu::gemm<T>(ctx, op::none, op::transpose, 1.0, head_in, token_embedding_.w(), 0.0,
                      rows(a.logits)); // logits = Hf E^T (N, V)
         if (!targets) return 0.0;
         return cross_entropy<T>(ctx, rows(a.logits), targets, row_loss_.data());
@@ -1119,12 +1120,15 @@ public:
         };
 
         const mat<T> x_final = bring_back(a.stored_residual.back(), a.residual.back());
-        if (plan_.recompute_head) // Hf = RMSNorm(X_L) gf, as forward computed it
-            rmsnorm_forward<T>(ctx, x_final, final_norm_.value.data(), rows(a.final_normed), a.final_rstd.data);
+        // head=recompute: Hf = RMSNorm(X_L) gf, as forward computed it, into d_attn (backward's scratch,
+        // not written before the last block's backward).
+        const mat<T> head_in = rows(plan_.recompute_head ? a.d_attn : a.final_normed);
+        if (plan_.recompute_head)
+            rmsnorm_forward<T>(ctx, x_final, final_norm_.value.data(), head_in, a.final_rstd.data);
         // Head (tied): dHf = dlogits E (N, C); dE = dlogits^T Hf (V, C), overwritten here, and the
         // embedding's own gradient is added at the end.
         cpu::gemm<T>(ctx, op::none, op::none, 1.0, rows(a.logits), token_embedding_.w(), 0.0, rows(a.d_normed));
-        cpu::gemm<T>(ctx, op::transpose, op::none, 1.0, rows(a.logits), rows(a.final_normed), 0.0,
+        cpu::gemm<T>(ctx, op::transpose, op::none, 1.0, rows(a.logits), head_in, 0.0,
                      token_embedding_.g());
         rmsnorm_backward<T>(ctx, x_final, a.final_rstd.data, final_norm_.value.data(), rows(a.d_normed),
                             rows(a.d_stream), false, final_norm_.grad.data());
@@ -1226,8 +1230,9 @@ private:
     // Everything the forward pass keeps for backward, and the scratch reused within a step; N = B T.
     // With the plan's stores, residual, mid, qkv and gate_up hold one scratch buffer each, aliased by every
     // layer, the stored_* records keep their encodings, and backward decodes each into `restored`;
-    // head=recompute makes final_normed scratch. Scratch that only forward uses and scratch that only
-    // backward uses share memory (see plan_activations).
+    // head=recompute keeps no final_normed (forward writes Hf into normed, backward recomputes it into
+    // d_attn). Scratch that only forward uses and scratch that only backward uses share memory (see
+    // plan_activations).
     struct activations {
         // Kept for backward by this program (vectors hold one per layer l < L unless noted).
         std::vector<mat<T>> residual;   // L + 1 of (N, C): the stream entering block l; [L] the final norm's input
@@ -1238,7 +1243,7 @@ private:
         std::vector<mat<T>> rstd2;      // (N, 1): 1 / rms of mid[l]
         std::vector<mat<T>> gate_up;    // (N, 2F): [gate | up], SwiGLU's pre-activations
         mat<T> final_rstd;              // (N, 1)
-        mat<T> final_normed;            // (N, C): the tied head's input
+        mat<T> final_normed;            // (N, C): the tied head's input (empty with head=recompute)
         mat<T> logits;                  // (N, V): logits, then their gradient after the loss
         std::vector<stored_tensor> stored_residual, stored_mid, stored_qkv, stored_gate_up; // as above, L + 1 or L
         // Kept for backward by the library: each linear group's saved activation (Z = X P (N, r) for the
@@ -1347,7 +1352,7 @@ private:
                 take_saved(b.qkv), take_saved(b.attn_out), take_saved(b.gate_up), take_saved(b.down);
             }
             a.final_rstd = keep_whole(n, 1);
-            a.final_normed = plan_.recompute_head ? take(n, c, both_region) : keep_whole(n, c);
+            a.final_normed = plan_.recompute_head ? mat<T>() : keep_whole(n, c);
             a.logits = keep_whole(n, cfg_.vocab);
             memory_.saved_program += static_cast<std::size_t>(n) * sizeof(int); // the token ids, for the embedding's backward
             a.scores = take(threads_ * cfg_.context, cfg_.context, both_region);
