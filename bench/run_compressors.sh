@@ -18,30 +18,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-command_line="bash bench/run_compressors.sh${*:+ $*}"
+source bench/char_transformer_setup.sh
 steps=1000
-threads=2
-out_dir=bench/results
-build=build/char-transformer
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --steps) steps="$2"; shift 2 ;;
-    --threads) threads="$2"; shift 2 ;;
-    --out) out_dir="$2"; shift 2 ;;
-    --build) build="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "run_compressors.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
-
-bash .ci/deps fortunes gnuplot-nox
-
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-march=native -DCOMPACT_BUILD_CUDA=OFF \
-  -DCOMPACT_BUILD_TESTS=OFF -DCOMPACT_BUILD_BENCH=OFF >/dev/null
-cmake --build "$build" --target char_transformer -j2
-
-# libgomp spins waiting threads by default, which starves other jobs on a shared machine.
-export OMP_WAIT_POLICY=passive
+ct_setup run_compressors.sh 18 "$@"
 
 # The compressed configurations: the projection at r = n/4 and n/8; VeLoRA with sub-tokens of 4 values
 # (G = n/4 coefficients per row, the bytes of n/4); WTA-CRS keeping a quarter of the rows (about the bytes
@@ -61,23 +40,15 @@ flags=(--steps "$steps" --threads "$threads" --lr 3e-3 --alpha 1 --gap 50 --mome
 for plan in "${plans[@]}"; do flags+=(--compress "$plan"); done
 
 run_dir="$build/compressors-run"
-mkdir -p "$run_dir" "$out_dir"
+mkdir -p "$run_dir"
 md="$out_dir/compressors.md"
 png="$out_dir/compressors.png"
 
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-started=$(date +%s)
-"$build/examples/char_transformer" "${flags[@]}" --markdown "$run_dir/report.md" --csv "$run_dir/runs.csv" \
-  --curves "$run_dir/curve" | tee "$run_dir/log.txt"
-finished=$(date +%s)
-load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+ct_train --markdown "$run_dir/report.md" --csv "$run_dir/runs.csv" --curves "$run_dir/curve"
 
 gnuplot -e "prefix='$run_dir/curve'; runs='${tags[*]}'; titles='${titles[*]}'; summary='$run_dir/runs.csv'; \
             out='$png'" bench/plot_compressors.gp
 
-cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-flags_used=$(sed -n 's/^CXX_FLAGS = //p' "$build/examples/CMakeFiles/char_transformer.dir/flags.make")
-compiler=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
 {
   echo "# One model, every compressor: CompAct, VeLoRA, WTA-CRS, GACT and ALAM, $(date -u +%F)"
   echo
@@ -86,11 +57,7 @@ compiler=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
   echo "batches for the same steps; only the \`--compress\` plan differs between the rows. Switching compressors"
   echo "is one template argument of the layer (the program maps each plan to one)."
   echo
-  echo "- command: \`$command_line\`, which runs \`char_transformer ${flags[*]}\`"
-  echo "- machine: $cpu_model, $(nproc) logical CPUs; $threads OpenMP threads; load average $load_before before,"
-  echo "  $load_after after; $((finished - started)) s for all runs, evaluations and sampling included"
-  echo "- build: $("$compiler" --version | head -1); flags \`$flags_used\`"
-  echo "- date: $(date -u '+%F %T') UTC"
+  ct_machine_lines "all runs"
   echo
   cat "$run_dir/report.md"
   echo

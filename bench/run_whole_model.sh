@@ -18,30 +18,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-command_line="bash bench/run_whole_model.sh${*:+ $*}"
+source bench/char_transformer_setup.sh
 steps=1000
-threads=2
-out_dir=bench/results
-build=build/char-transformer
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --steps) steps="$2"; shift 2 ;;
-    --threads) threads="$2"; shift 2 ;;
-    --out) out_dir="$2"; shift 2 ;;
-    --build) build="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "run_whole_model.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
-
-bash .ci/deps fortunes gnuplot-nox
-
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-march=native -DCOMPACT_BUILD_CUDA=OFF \
-  -DCOMPACT_BUILD_TESTS=OFF -DCOMPACT_BUILD_BENCH=OFF -DCOMPACT_USE_MPI=OFF -DCOMPACT_USE_TORCH=OFF >/dev/null
-cmake --build "$build" --target char_transformer -j2
-
-# libgomp spins waiting threads by default, which starves other jobs on a shared machine.
-export OMP_WAIT_POLICY=passive
+ct_setup run_whole_model.sh 18 "$@"
 
 model=(--channels 256 --heads 8 --hidden 688)
 # The whole model: every linear input compressed (by the seeded projection at r = n/4, or by 8-bit
@@ -59,7 +38,7 @@ flags=(--steps "$steps" --threads "$threads" "${model[@]}" --lr 3e-3 --alpha 1 -
        --warmup 100 --eval-every 100 --sample 300 --compress "$whole_n4" --compress "$whole_int8")
 
 run_dir="$build/whole-model-run"
-mkdir -p "$run_dir" "$out_dir"
+mkdir -p "$run_dir"
 md="$out_dir/whole_model.md"
 png="$out_dir/whole_model.png"
 
@@ -67,12 +46,7 @@ memory_flags=(--memory-only "${model[@]}")
 for plan in "${steps_of_strategy[@]}"; do memory_flags+=(--compress "$plan"); done
 "$build/examples/char_transformer" "${memory_flags[@]}" --markdown "$run_dir/memory.md" >/dev/null
 
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-started=$(date +%s)
-"$build/examples/char_transformer" "${flags[@]}" --markdown "$run_dir/report.md" --csv "$run_dir/runs.csv" \
-  --curves "$run_dir/curve" | tee "$run_dir/log.txt"
-finished=$(date +%s)
-load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+ct_train --markdown "$run_dir/report.md" --csv "$run_dir/runs.csv" --curves "$run_dir/curve"
 
 gnuplot -e "set terminal pngcairo size 900,520 font 'sans,10'; set output '$png'; set datafile separator ','; \
   set datafile missing 'NaN'; set grid; set key top right; set yrange [*:3.0]; \
@@ -89,9 +63,6 @@ targets=$(awk -F, -v names="linear=n/4 linear=int8" 'BEGIN { split(names, name, 
     printf "| whole model, %s | %+.2f%% %s | %.1f%% %s | %.3fx %s |\n", name[NR - 2], g, (g <= 3 ? "(met)" : "(missed)"),
       p, (p <= 60 ? "(met)" : "(missed)"), s, (s >= 0.95 ? "(met)" : "(missed)") }' "$run_dir/runs.csv")
 
-cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-flags_used=$(sed -n 's/^CXX_FLAGS = //p' "$build/examples/CMakeFiles/char_transformer.dir/flags.make")
-compiler=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
 {
   echo "# The whole model compressed: C = 256 character transformer, $(date -u +%F)"
   echo
@@ -99,11 +70,7 @@ compiler=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
   echo "every tensor it keeps for backward compressed, from the same initial weights on the same batches for"
   echo "the same steps; only the \`--compress\` plan differs between the rows."
   echo
-  echo "- command: \`$command_line\`, which runs \`char_transformer ${flags[*]}\`"
-  echo "- machine: $cpu_model, $(nproc) logical CPUs; $threads OpenMP threads; load average $load_before before,"
-  echo "  $load_after after; $((finished - started)) s for the three runs, evaluations and sampling included"
-  echo "- build: $("$compiler" --version | head -1); flags \`$flags_used\`"
-  echo "- date: $(date -u '+%F %T') UTC"
+  ct_machine_lines "the three runs"
   echo
   echo "## Targets"
   echo
