@@ -1,17 +1,23 @@
 // torch_fashion_mnist: a libtorch MLP (784-1024-1024-10) on Fashion-MNIST, trained twice on the same
-// data: with torch::nn::Linear, torch::relu and torch::optim::AdamW, then with compact::torch::Linear
-// (r = n/4, a new P every 50 optimizer updates: --resample T), compact::torch::ReLU (1-bit masks) and
-// compact::torch::SubspaceAdamW. Prints, for each, the test accuracy, the time per training step, and the
-// bytes the autograd graph keeps for backward (found by walking the graph:
+// data from the same initial weights: with torch::nn::Linear, torch::relu and torch::optim::AdamW, then
+// with compact::torch::Linear, compact::torch::ReLU (1-bit masks) and compact::torch::SubspaceAdamW. The
+// two hidden layers keep Z = X P at r = n/4 (a new P every 50 optimizer updates: --resample T); the output
+// layer keeps its input at 8 bits (as many bytes as Z at r = n/4) and trains on its exact gradient
+// (--head project: projected like the others). Prints, for each model, the test accuracy, the time per
+// training step, and the bytes the autograd graph keeps for backward (found by walking the graph:
 // compact::torch::saved_for_backward).
 //
 // Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, gzip'd IDX files, read with
 // `gzip -dc`), or --data DIR. --smoke: a few steps on random data when the files are absent (CTest).
+// --validation: train on the first 50,000 training images and report the accuracy on the last 10,000
+// instead of the test set (for choosing settings without looking at the test set).
 //
-// Usage: torch_fashion_mnist [--epochs E] [--batch N] [--threads T] [--resample T] [--lr-compressed X]
-//                            [--alpha A] [--data DIR] [--smoke]
-// (--lr-compressed, --alpha: the compressed weights' learning rate and subspace scale; default the
-// paper's 1e-2 and 0.25.)
+// Usage: torch_fashion_mnist [--epochs E] [--batch N] [--threads T] [--seed S] [--resample T]
+//                            [--lr-compressed X] [--alpha A] [--moments keep|reset|transfer]
+//                            [--head int8|project] [--validation] [--data DIR] [--smoke]
+// (--lr-compressed, --alpha: the projected weights' learning rate and subspace scale, default the paper's
+// 1e-2 and 0.25; --moments: what their Adam moments do when P changes, default reset. --seed: the initial
+// weights and the order of the batches, the same for both models.)
 #include <compact/torch.hpp>
 
 #include <torch/torch.h>
@@ -30,6 +36,12 @@ namespace {
 
 // Optimizer updates between two projections of a compressed layer (--resample).
 std::uint64_t resample_gap = 50;
+
+// --head int8 (default): the output layer keeps its input at 8 bits (1 byte a value, as many bytes as Z at
+// r = n/4 in float) and so trains on its exact gradient; the CompAct paper too projects only the layers
+// inside a model's attention and MLP blocks, not its head.
+using int8_head = ct::Linear<compact::quantized>;
+const compact::quantized int8_input{compact::store_scheme::quantized(8, 256)};
 
 struct split {
     torch::Tensor images; // (count, 784) float in [0, 1]
@@ -61,10 +73,10 @@ split load(const std::string& dir, const std::string& prefix)
     return s;
 }
 
-// The two models differ only in their layer types.
-template <class Linear, class ReLU>
+// The two models differ only in their layer types: Hidden for fc1 and fc2, Head for fc3.
+template <class Hidden, class Head, class ReLU>
 struct Mlp : torch::nn::Module {
-    Mlp() : fc1(make<Linear>(784, 1024)), fc2(make<Linear>(1024, 1024)), fc3(make<Linear>(1024, 10))
+    Mlp() : fc1(make<Hidden>(784, 1024)), fc2(make<Hidden>(1024, 1024)), fc3(make<Head>(1024, 10))
     {
         register_module("fc1", fc1), register_module("fc2", fc2), register_module("fc3", fc3);
     }
@@ -72,6 +84,7 @@ struct Mlp : torch::nn::Module {
     static L make(int64_t n, int64_t m)
     {
         if constexpr (std::is_same_v<L, torch::nn::Linear>) return L(torch::nn::LinearOptions(n, m));
+        else if constexpr (std::is_same_v<L, int8_head>) return L(ct::LinearOptions(n, m), int8_input);
         else return L(ct::LinearOptions(n, m).seed(42).resample_gap(resample_gap));
     }
     torch::Tensor forward(torch::Tensor x)
@@ -80,7 +93,8 @@ struct Mlp : torch::nn::Module {
         x = relu(fc2(x));
         return torch::log_softmax(fc3(x), 1);
     }
-    Linear fc1, fc2, fc3;
+    Hidden fc1, fc2;
+    Head fc3;
     ReLU relu;
 };
 
@@ -96,14 +110,14 @@ struct result {
 
 template <class Model, class Optimizer>
 result train(Model& model, Optimizer& opt, const split& train_set, const split& test_set, int epochs, int64_t batch,
-             int64_t max_steps)
+             int64_t max_steps, std::uint64_t seed)
 {
     result r;
     const int64_t count = train_set.images.size(0);
     double seconds = 0;
     int64_t steps = 0;
     for (int epoch = 0; epoch < epochs && steps < max_steps; ++epoch) {
-        torch::manual_seed(1000 + epoch); // the same batches for both models
+        torch::manual_seed(1000 * seed + epoch); // the same batches for both models
         const auto order = torch::randperm(count);
         for (int64_t start = 0; start + batch <= count && steps < max_steps; start += batch, ++steps) {
             const auto index = order.narrow(0, start, batch);
@@ -132,12 +146,14 @@ result train(Model& model, Optimizer& opt, const split& train_set, const split& 
 
 } // namespace
 
-int main(int argc, char** argv)
+int run(int argc, char** argv)
 {
-    int epochs = 2, threads = 0;
+    int epochs = 10, threads = 0;
     int64_t batch = 256, max_steps = INT64_MAX;
     double lr_compressed = 1e-2, alpha = 0.25; // the paper's, for the compressed weights
-    bool smoke = false;
+    std::uint64_t seed = 7;
+    bool smoke = false, validation = false, head_int8 = true;
+    compact::moment_policy moments = compact::moment_policy::reset; // chosen on the validation split
     std::string data = "/usr/share/datasets/fashion-mnist";
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
@@ -152,10 +168,23 @@ int main(int argc, char** argv)
         else if (a == "--resample") resample_gap = std::stoull(next());
         else if (a == "--lr-compressed") lr_compressed = std::stod(next());
         else if (a == "--alpha") alpha = std::stod(next());
-        else if (a == "--smoke") smoke = true;
+        else if (a == "--seed") seed = std::stoull(next());
+        else if (a == "--validation") validation = true;
+        else if (a == "--head") {
+            const std::string h = next();
+            if (h != "int8" && h != "project") throw std::runtime_error("--head is '" + h + "'; expected int8 or project");
+            head_int8 = h == "int8";
+        } else if (a == "--moments") {
+            const std::string m = next();
+            if (m == "keep") moments = compact::moment_policy::keep;
+            else if (m == "reset") moments = compact::moment_policy::reset;
+            else if (m == "transfer") moments = compact::moment_policy::transfer;
+            else throw std::runtime_error("--moments is '" + m + "'; expected keep, reset or transfer");
+        } else if (a == "--smoke") smoke = true;
         else {
-            std::fprintf(stderr, "usage: %s [--epochs E] [--batch N] [--threads T] [--resample T] [--lr-compressed X] [--alpha A] "
-                                 "[--data DIR] [--smoke]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--epochs E] [--batch N] [--threads T] [--seed S] [--resample T] "
+                                 "[--lr-compressed X] [--alpha A] [--moments keep|reset|transfer] [--head int8|project] "
+                                 "[--validation] [--data DIR] [--smoke]\n", argv[0]);
             return 2;
         }
     }
@@ -173,37 +202,68 @@ int main(int argc, char** argv)
         train_set = {torch::rand({4 * batch, 784}), torch::randint(10, {4 * batch})};
         test_set = {torch::rand({batch, 784}), torch::randint(10, {batch})};
     }
+    if (validation) { // tune on the last 10,000 training images; the test set stays unseen
+        const int64_t held = std::min<int64_t>(10000, train_set.images.size(0) / 6);
+        const int64_t kept = train_set.images.size(0) - held;
+        test_set = {train_set.images.narrow(0, kept, held), train_set.labels.narrow(0, kept, held)};
+        train_set = {train_set.images.narrow(0, 0, kept), train_set.labels.narrow(0, 0, kept)};
+    }
     if (smoke) {
         epochs = 1, max_steps = 4;
         test_set = {test_set.images.narrow(0, 0, 1000 < test_set.images.size(0) ? 1000 : test_set.images.size(0)),
                     test_set.labels.narrow(0, 0, 1000 < test_set.labels.size(0) ? 1000 : test_set.labels.size(0))};
     }
-    std::printf("torch_fashion_mnist: %lld training images, batch %lld, %d epoch(s), %d thread(s)\n",
+    std::printf("torch_fashion_mnist: %lld training images, batch %lld, %d epoch(s), %d thread(s), seed %llu, "
+                "head %s, moments %s\n",
                 static_cast<long long>(train_set.images.size(0)), static_cast<long long>(batch), epochs,
-                torch::get_num_threads());
+                torch::get_num_threads(), static_cast<unsigned long long>(seed), head_int8 ? "int8" : "project",
+                compact::to_string(moments));
 
-    torch::manual_seed(7);
-    Mlp<torch::nn::Linear, torch_relu> reference;
+    torch::manual_seed(seed);
+    Mlp<torch::nn::Linear, torch::nn::Linear, torch_relu> reference;
     torch::optim::AdamW reference_opt(reference.parameters(), torch::optim::AdamWOptions(1e-3).weight_decay(0));
-    const result a = train(reference, reference_opt, train_set, test_set, epochs, batch, max_steps);
+    const result a = train(reference, reference_opt, train_set, test_set, epochs, batch, max_steps, seed);
 
-    torch::manual_seed(7);
-    Mlp<ct::Linear<compact::rank::ratio<1, 4>>, ct::ReLU> compressed;
-    // Compressed weights: the paper's lr 1e-2 with the subspace scale alpha 0.25; biases: lr 1e-3.
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(std::vector<torch::Tensor>{compressed.fc1->weight, compressed.fc2->weight, compressed.fc3->weight},
-                        std::make_unique<ct::SubspaceAdamWOptions>(ct::SubspaceAdamWOptions(lr_compressed).alpha(alpha)));
-    groups.emplace_back(std::vector<torch::Tensor>{compressed.fc1->bias, compressed.fc2->bias, compressed.fc3->bias},
-                        std::make_unique<ct::SubspaceAdamWOptions>(ct::SubspaceAdamWOptions(1e-3)));
-    ct::SubspaceAdamW compressed_opt(std::move(groups));
-    const result b = train(compressed, compressed_opt, train_set, test_set, epochs, batch, max_steps);
+    // Projected weights: the paper's lr 1e-2 with the subspace scale alpha 0.25; every parameter trained on
+    // its exact gradient (biases, an int8 head) takes the reference's lr 1e-3.
+    const auto run_compressed = [&](auto& model) {
+        std::vector<torch::Tensor> projected{model.fc1->weight, model.fc2->weight}, exact{model.fc1->bias, model.fc2->bias, model.fc3->bias};
+        (head_int8 ? exact : projected).push_back(model.fc3->weight);
+        std::vector<torch::optim::OptimizerParamGroup> groups;
+        groups.emplace_back(projected, std::make_unique<ct::SubspaceAdamWOptions>(
+                                           ct::SubspaceAdamWOptions(lr_compressed).alpha(alpha).moments(moments)));
+        groups.emplace_back(exact, std::make_unique<ct::SubspaceAdamWOptions>(ct::SubspaceAdamWOptions(1e-3)));
+        ct::SubspaceAdamW opt(std::move(groups));
+        return train(model, opt, train_set, test_set, epochs, batch, max_steps, seed);
+    };
+    using hidden = ct::Linear<compact::rank::ratio<1, 4>>;
+    torch::manual_seed(seed);
+    result b;
+    if (head_int8) {
+        Mlp<hidden, int8_head, ct::ReLU> compressed;
+        b = run_compressed(compressed);
+    } else {
+        Mlp<hidden, hidden, ct::ReLU> compressed;
+        b = run_compressed(compressed);
+    }
 
-    std::printf("\n| model | test accuracy | step time | saved for backward |\n|---|---|---|---|\n");
+    std::printf("\n| model | %s accuracy | step time | saved for backward |\n|---|---|---|---|\n",
+                validation ? "validation" : "test");
     std::printf("| nn::Linear + AdamW | %.2f%% | %.2f ms | %zu bytes%s |\n", a.accuracy, a.step_ms, a.saved,
                 a.complete ? "" : " (incomplete)");
-    std::printf("| compact r = n/4 + masks + SubspaceAdamW | %.2f%% | %.2f ms | %zu bytes%s |\n", b.accuracy, b.step_ms,
-                b.saved, b.complete ? "" : " (incomplete)");
+    std::printf("| compact r = n/4%s + masks + SubspaceAdamW | %.2f%% | %.2f ms | %zu bytes%s |\n",
+                head_int8 ? ", int8 head" : "", b.accuracy, b.step_ms, b.saved, b.complete ? "" : " (incomplete)");
     std::printf("\nratios compact / nn::Linear: saved bytes %.3f, step time %.3f; accuracy %+.2f points\n",
                 double(b.saved) / double(a.saved), b.step_ms / a.step_ms, b.accuracy - a.accuracy);
     return 0;
+}
+
+int main(int argc, char** argv)
+{
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) { // a bad option value, or compact's own errors
+        std::fprintf(stderr, "torch_fashion_mnist: %s\n", e.what());
+        return 1;
+    }
 }
