@@ -208,6 +208,10 @@ int run(int argc, char** argv)
         test_set = {train_set.images.narrow(0, kept, held), train_set.labels.narrow(0, kept, held)};
         train_set = {train_set.images.narrow(0, 0, kept), train_set.labels.narrow(0, 0, kept)};
     }
+    if (epochs < 1) throw std::runtime_error("--epochs is " + std::to_string(epochs) + "; expected at least 1");
+    if (batch < 1 || batch > train_set.images.size(0))
+        throw std::runtime_error("--batch is " + std::to_string(batch) + "; expected 1 to the " +
+                                 std::to_string(train_set.images.size(0)) + " training images");
     if (smoke) {
         epochs = 1, max_steps = 4;
         test_set = {test_set.images.narrow(0, 0, 1000 < test_set.images.size(0) ? 1000 : test_set.images.size(0)),
@@ -227,7 +231,8 @@ int run(int argc, char** argv)
     // Projected weights: the paper's lr 1e-2 with the subspace scale alpha 0.25; every parameter trained on
     // its exact gradient (biases, an int8 head) takes the reference's lr 1e-3.
     const auto run_compressed = [&](auto& model) {
-        std::vector<torch::Tensor> projected{model.fc1->weight, model.fc2->weight}, exact{model.fc1->bias, model.fc2->bias, model.fc3->bias};
+        std::vector<torch::Tensor> projected{model.fc1->weight, model.fc2->weight};
+        std::vector<torch::Tensor> exact{model.fc1->bias, model.fc2->bias, model.fc3->bias};
         (head_int8 ? exact : projected).push_back(model.fc3->weight);
         std::vector<torch::optim::OptimizerParamGroup> groups;
         groups.emplace_back(projected, std::make_unique<ct::SubspaceAdamWOptions>(

@@ -323,7 +323,8 @@ TEST_CASE("Linear with a store: the full weight gradient, exact at full precisio
     CHECK(err8 < 3e-2);
     // A store layer's weight is an ordinary parameter to SubspaceAdamW (P = I): with torch's gradients,
     // its torch-compatible steps are torch::optim::AdamW's, bit for bit.
-    ct::SubspaceAdamW opt(whole->parameters(), ct::SubspaceAdamWOptions(1e-2).eps(1e-8).weight_decay(1e-2).torch_compatible(true));
+    ct::SubspaceAdamW opt(whole->parameters(),
+                          ct::SubspaceAdamWOptions(1e-2).eps(1e-8).weight_decay(1e-2).torch_compatible(true));
     torch::optim::AdamW ref_opt(ref->parameters(), torch::optim::AdamWOptions(1e-2).eps(1e-8).weight_decay(1e-2));
     for (int step = 0; step < 10; ++step) {
         opt.zero_grad(), ref_opt.zero_grad();
