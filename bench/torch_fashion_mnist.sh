@@ -11,7 +11,7 @@
 # depends on the batch, since the optimizer's m r n projection back does not shrink with it; default
 # seeds 1 2 3 and 10 epochs: one run's accuracy on 10,000 test images moves by about 0.3 points, the gap
 # between two models by more) and reports, per batch size, the mean and the spread of the accuracy gap
-# and of the step-time ratio. With the defaults it takes about 20 minutes on an idle 2-core machine.
+# and of the step-time ratio. With the defaults it takes about 15 minutes on an idle 2-core machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 command_line="bash bench/torch_fashion_mnist.sh${*:+ $*}"
